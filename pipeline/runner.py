@@ -1,0 +1,181 @@
+"""Run one stage outside any orchestrator: cache key, inputs, atomic output, manifest.
+
+The Prefect flow (pipeline.flow) is a thin layer over `execute_stage`; tests call it directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import platform
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.storage import IntegrityError, RunStore, StageReader, StageWriter
+from schemas.base import canonical_json, sha256_text
+from schemas.config import AlolConfig
+from schemas.manifest import StageOutput
+
+log = logging.getLogger("alol.runner")
+
+StageName = Literal["ingest", "score", "reference", "advantage", "train", "evaluate"]
+ALL_STAGES: tuple[str, ...] = StageName.__args__  # type: ignore[attr-defined]
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage: its function (`module:function`), the config it reads and the stages it reads from.
+
+    `sections` are section names, or `section.field` for a single field (e.g. `run.seed`): exactly
+    what goes into the cache key, so a stage must read nothing else from the config.
+    """
+
+    function: str
+    sections: tuple[str, ...]
+    upstream: tuple[str, ...]
+    accelerator: bool = False
+
+
+STAGES: dict[str, StageSpec] = {
+    "ingest": StageSpec("stages.ingest:run", ("data",), ()),
+    "score": StageSpec("stages.score:run", ("score", "run.cache_dir"), ("ingest",)),
+    "reference": StageSpec(
+        "stages.reference:run", ("reference", "value", "score", "run.seed", "run.cache_dir"), ("ingest", "score"), True
+    ),
+    "advantage": StageSpec("stages.advantage:run", ("advantage",), ("score", "reference")),
+    "train": StageSpec(
+        "stages.train:run", ("train", "reference", "score", "run.seed", "run.cache_dir"),
+        ("ingest", "score", "reference", "advantage"), True,
+    ),
+    "evaluate": StageSpec(
+        "stages.evaluate:run", ("evaluate", "reference", "score", "run.seed", "run.cache_dir"),
+        ("ingest", "reference", "train"), True,
+    ),
+}
+
+
+class MissingUpstreamError(RuntimeError):
+    """A stage was asked to run alone but an upstream stage has no output in this run."""
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """alol's version plus a hash of every source file in stages/ and schemas/: any edit invalidates the caches."""
+    digest = hashlib.sha256(_alol_version().encode())
+    for package in ("stages", "schemas"):
+        for path in sorted((PACKAGE_ROOT / package).rglob("*.py")):
+            digest.update(path.relative_to(PACKAGE_ROOT).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _alol_version() -> str:
+    try:
+        return metadata.version("alol")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "alol": _alol_version()}
+    for pkg in ("torch", "transformers", "accelerate", "duckdb", "pyarrow", "pydantic", "prefect"):
+        try:
+            found[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def section_values(cfg: AlolConfig, stage: str) -> dict[str, Any]:
+    """The config values a stage reads, keyed by section (or section.field)."""
+    dumped = cfg.model_dump(mode="json")
+    values: dict[str, Any] = {}
+    for name in STAGES[stage].sections:
+        section, _, field = name.partition(".")
+        values[name] = dumped[section][field] if field else dumped[section]
+    return values
+
+
+def stage_fingerprints(cfg: AlolConfig, stage: str) -> dict[str, str]:
+    return {name: sha256_text(canonical_json(value)) for name, value in section_values(cfg, stage).items()}
+
+
+def cache_key(cfg: AlolConfig, stage: str, inputs: dict[str, StageOutput]) -> str:
+    """sha256 of (stage, the fingerprints of the config it reads, its inputs' content hashes, code version)."""
+    missing = set(STAGES[stage].upstream) - set(inputs)
+    if missing:
+        raise MissingUpstreamError(f"stage {stage!r} needs the output of {sorted(missing)}")
+    payload = {
+        "stage": stage,
+        "config": stage_fingerprints(cfg, stage),
+        "inputs": {name: inputs[name].content_hash for name in STAGES[stage].upstream},
+        "code": code_version(),
+    }
+    return sha256_text(canonical_json(payload))
+
+
+def load_stage_function(stage: str):
+    module, _, func = STAGES[stage].function.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def reusable_output(store: RunStore, stage: str, key: str) -> StageOutput | None:
+    """The committed output for this exact key, if it is present and intact."""
+    folder = store.stage_dir(stage, key)
+    if not folder.exists():
+        return None
+    try:
+        reader = StageReader(folder)
+    except IntegrityError as exc:
+        log.warning("recomputing %s: %s", stage, exc)
+        return None
+    return reader.output() if reader.manifest.cache_key == key else None
+
+
+def execute_stage(
+    cfg: AlolConfig, stage: str, inputs: dict[str, StageOutput], *, refresh: bool = False
+) -> tuple[StageOutput, bool]:
+    """Run `stage` on its upstream outputs, or reuse the intact output with the same cache key.
+
+    Returns the output handle and whether it was reused. Does not touch run.json (the caller records).
+    """
+    store = RunStore(cfg.run.root, cfg.run.name)
+    key = cache_key(cfg, stage, inputs)
+    if not refresh:
+        existing = reusable_output(store, stage, key)
+        if existing is not None:
+            return existing, True
+    readers = {name: StageReader(inputs[name].path) for name in STAGES[stage].upstream}
+    writer = StageWriter(store.stage_dir(stage, key))
+    try:
+        result = load_stage_function(stage)(cfg, readers, writer)
+        writer.commit(
+            stage=stage,
+            cache_key=key,
+            result=result,
+            config_fingerprints=stage_fingerprints(cfg, stage),
+            config=section_values(cfg, stage),
+            inputs={name: reader.content_hash for name, reader in readers.items()},
+            code_version=code_version(),
+            versions=versions(),
+        )
+    except BaseException:
+        writer.abort()
+        raise
+    return StageReader(store.stage_dir(stage, key), verify=False).output(), False
+
+
+def upstream_from_run(store: RunStore, stage: str) -> StageOutput:
+    """The output a stage that is not being run contributes: what run.json says, checked against its manifest."""
+    current = store.current(stage)
+    if current is None:
+        raise MissingUpstreamError(
+            f"run {store.name!r} has no output of stage {stage!r} yet; run it first (alol run --stages {stage})"
+        )
+    reader = StageReader(current.path)
+    return reader.output()

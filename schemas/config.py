@@ -1,0 +1,145 @@
+"""The run configuration: one section per stage, loaded from a profile or YAML file plus overrides."""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from schemas.advantage import AdvantageConfig
+from schemas.base import Section
+from schemas.evaluate import EvaluateConfig
+from schemas.ingest import DataConfig
+from schemas.reference import ReferenceConfig, ValueConfig
+from schemas.score import ScoreConfig
+from schemas.train import TrainConfig
+
+PROFILES = ("default", "smoke", "quality")
+
+
+class RunConfig(Section):
+    """Where a run's outputs live and the seed every stage derives its randomness from."""
+
+    root: str = Field("data/runs", description="Folder holding all runs (relative paths resolve against the working directory).")
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name: outputs go to <root>/<name>/.")
+    seed: int = Field(0, description="Seed for splits of sampling, training and generation.")
+    cache_dir: str = Field("data/cache", description="Shared cache for converted models and per-component scores.")
+
+
+class AlolConfig(Section):
+    """The whole configuration. Each stage's cache key uses the sections it reads (pipeline.stages)."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    value: ValueConfig = Field(default_factory=ValueConfig)
+    advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used. `problems` lists (dotted path, message) pairs."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source = source
+        self.problems = problems
+        lines = [f"invalid configuration ({source}):"] + [f"  {path}: {msg}" for path, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "<root>"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.field=value`; the value is read as YAML (`1e-5`, `true`, `[a, b]`, `{k: v}`)."""
+    if "=" not in text:
+        raise ConfigError("--set", [(text, "expected section.field=value")])
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if len(path) < 2:
+        raise ConfigError("--set", [(key, "expected a dotted path such as train.algorithm")])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError("--set", [(key, f"value is not valid YAML: {exc}")]) from None
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict. Accepts `["a.b=1"]` or `{"a.b": 1}` (deployment parameters)."""
+    items = (
+        [parse_override(o) for o in overrides]
+        if isinstance(overrides, list)
+        else [([p for p in k.split(".") if p], v) for k, v in overrides.items()]
+    )
+    for path, value in items:
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def profile_path(name: str) -> Path:
+    """A shipped profile's YAML file (pipeline/profiles/<name>.yaml)."""
+    if name not in PROFILES:
+        raise ConfigError("--profile", [("profile", f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")])
+    return Path(str(importlib.resources.files("pipeline") / "profiles" / f"{name}.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [("<file>", f"cannot read: {exc.strerror}")]) from None
+    try:
+        loaded = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "<file>"
+        raise ConfigError(str(path), [(where, f"not valid YAML: {getattr(exc, 'problem', exc)}")]) from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(str(path), [("<root>", "expected a mapping of sections")])
+    return loaded
+
+
+def load_config(
+    profile: str | None = "default",
+    config_file: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> AlolConfig:
+    """Profile, then a user YAML file on top (section by section, field by field), then `--set` overrides."""
+    data: dict[str, Any] = {}
+    sources = []
+    if profile:
+        data = _read_yaml(profile_path(profile))
+        sources.append(f"profile {profile}")
+    if config_file:
+        _deep_merge(data, _read_yaml(Path(config_file)))
+        sources.append(str(config_file))
+    if overrides:
+        apply_overrides(data, overrides)
+        sources.append("--set")
+    try:
+        return AlolConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = [(_dotted(err["loc"]), err["msg"]) for err in exc.errors()]
+        raise ConfigError(" + ".join(sources) or "defaults", problems) from None
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value

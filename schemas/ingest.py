@@ -1,0 +1,107 @@
+"""Ingest stage: its configuration section (`data`) and the tables it writes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from schemas.base import Section
+
+SPLITS = ("train", "validation", "test")
+
+
+class ColumnMapping(Section):
+    """Which source columns hold which field. Unmapped source columns are kept as JSON in `meta`."""
+
+    prompt: str = Field("prompt", description="Column holding the prompt (text or a list of chat messages).")
+    response: str = Field(
+        "response", description="Column holding the response; `completion` is accepted when this column is absent."
+    )
+    messages: str = Field("messages", description="Column holding a conversation as a list of {role, content}.")
+    chosen: str = Field("chosen", description="Column holding the preferred response (or HH-RLHF transcript).")
+    rejected: str = Field("rejected", description="Column holding the dispreferred response (or HH-RLHF transcript).")
+    split: str = Field("split", description="Column naming the split of a row, when the source has one.")
+
+
+class SplitFractions(Section):
+    """Fractions used when the source has no split column: a hash of the prompt picks the split."""
+
+    train: float = Field(0.8, ge=0, le=1, description="Share of prompts in the training split.")
+    validation: float = Field(0.1, ge=0, le=1, description="Share of prompts in the validation split (value targets, checkpoint choice).")
+    test: float = Field(0.1, ge=0, le=1, description="Share of prompts in the test split (evaluation only).")
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitFractions:
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must sum to 1, got {total:g}")
+        return self
+
+
+class DataConfig(Section):
+    """Where the offline data comes from and how each row is read and checked."""
+
+    source: Literal["chatterbot", "file", "datasets"] = Field(
+        "chatterbot",
+        description="`chatterbot`: the English chatterbot-corpus (embedded default); `file`: a local JSONL, "
+        "JSON, CSV or Parquet file; `datasets`: anything `datasets.load_dataset` accepts (hub name or saved folder).",
+    )
+    path: str | None = Field(
+        None, description="File path (source=file), or hub name / saved dataset folder (source=datasets)."
+    )
+    dataset_config: str | None = Field(None, description="Dataset configuration name for `datasets.load_dataset`.")
+    dataset_split: str | None = Field(
+        None, description="Only this split of a `datasets` source (all splits when unset)."
+    )
+    format: Literal["auto", "prompt_response", "messages", "hh", "preference"] = Field(
+        "auto",
+        description="Row format: prompt/response pairs, chat `messages` lists, Anthropic HH-RLHF transcripts, "
+        "or prompt/chosen/rejected preference pairs. `auto` picks from the columns present.",
+    )
+    columns: ColumnMapping = Field(default_factory=ColumnMapping, description="Source column names.")
+    split_fractions: SplitFractions = Field(default_factory=SplitFractions, description="Used when the source has no splits.")
+    max_rows_per_split: int | None = Field(
+        None, gt=0, description="Keep at most this many rows per split (the first by id order), for small runs."
+    )
+    max_prompt_chars: int = Field(20_000, gt=0, description="Rows whose prompt text is longer are rejected.")
+    max_response_chars: int = Field(8_000, gt=0, description="Rows whose response is longer are rejected.")
+    on_invalid: Literal["quarantine", "fail"] = Field(
+        "quarantine",
+        description="`quarantine`: invalid rows go to the `ingest_rejected` table and the stage goes on; "
+        "`fail`: the first invalid row stops the stage with an error naming file, row and field.",
+    )
+    batch_rows: int = Field(8192, gt=0, description="Rows per Arrow record batch while reading and writing.")
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataConfig:
+        if self.source in ("file", "datasets") and not self.path:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        return self
+
+
+MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+
+INGEST_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("split", pa.string()),
+        ("prompt", pa.list_(MESSAGE_TYPE)),
+        ("response", pa.string()),
+        ("pair_id", pa.string()),
+        ("preference", pa.string()),
+        ("source", pa.string()),
+        ("meta", pa.string()),
+    ]
+)
+
+REJECTED_SCHEMA = pa.schema(
+    [
+        ("source_file", pa.string()),
+        ("source_row", pa.int64()),
+        ("field", pa.string()),
+        ("reason", pa.string()),
+        ("raw", pa.string()),
+    ]
+)

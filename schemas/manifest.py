@@ -1,0 +1,83 @@
+"""What a stage produced: the manifest written next to its outputs, and the handle tasks pass on."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.base import canonical_json, sha256_text
+
+
+class OutputFile(BaseModel):
+    """One file a stage wrote, relative to the stage folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(..., description="Path relative to the stage folder.")
+    table: str | None = Field(None, description="Table this Parquet part belongs to; None for other files.")
+    rows: int | None = Field(None, description="Rows in a Parquet part.")
+    bytes: int
+    sha256: str
+
+
+class StageResult(BaseModel):
+    """What a stage function returns: counts and stage-specific metrics (the rest is added by the pipeline)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rows_in: int
+    rows_out: int
+    rows_rejected: int = 0
+    metrics: dict[str, Any] = Field(default_factory=dict, description="Stage-specific statistics (JSON).")
+
+
+class StageManifest(BaseModel):
+    """`manifest.json` of one stage output folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    cache_key: str = Field(..., description="sha256 of the config fingerprints, input content hashes and code version.")
+    config_fingerprints: dict[str, str] = Field(..., description="Fingerprint of each config section the stage reads.")
+    config: dict[str, Any] = Field(..., description="The config sections the stage read, as JSON.")
+    inputs: dict[str, str] = Field(..., description="Upstream stage -> content hash of the output it read.")
+    code_version: str
+    rows_in: int
+    rows_out: int
+    rows_rejected: int
+    outputs: list[OutputFile]
+    columns: dict[str, dict[str, str]] = Field(..., description="Table -> column -> Arrow type.")
+    metrics: dict[str, Any]
+    started: datetime
+    finished: datetime
+    seconds: float
+    versions: dict[str, str] = Field(..., description="Versions of python, torch, transformers, alol and friends.")
+
+    def content_hash(self) -> str:
+        """Hash of the output files only: equal outputs give equal hashes, whatever the timings."""
+        return content_hash(self.outputs)
+
+    def table_rows(self) -> dict[str, int]:
+        rows: dict[str, int] = {}
+        for f in self.outputs:
+            if f.table is not None:
+                rows[f.table] = rows.get(f.table, 0) + (f.rows or 0)
+        return rows
+
+
+def content_hash(outputs: list[OutputFile]) -> str:
+    return sha256_text(canonical_json(sorted((f.path, f.sha256) for f in outputs)))
+
+
+class StageOutput(BaseModel):
+    """The small handle a stage task returns (and Prefect caches as JSON): where the output is and its hash."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    cache_key: str
+    path: str = Field(..., description="Absolute path of the stage output folder.")
+    content_hash: str
+    rows: dict[str, int] = Field(default_factory=dict, description="Table -> rows.")
