@@ -1,0 +1,95 @@
+"""Metrics on hand-made generations: every expected value is worked out by hand in the test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stages.metrics import (
+    bootstrap_mean,
+    distinct_n,
+    mean_length_words,
+    model_metrics,
+    paired_difference,
+    win_rate,
+)
+
+
+def test_distinct_n_counts_corpus_ngrams_lower_cased():
+    texts = ["The cat sat", "the cat ran", "A dog"]
+    # unigrams: the cat sat the cat ran a dog -> 8 total, unique {the, cat, sat, ran, a, dog} = 6
+    assert distinct_n(texts, 1) == pytest.approx(6 / 8)
+    # bigrams: (the cat) (cat sat) (the cat) (cat ran) (a dog) -> 5 total, 4 unique
+    assert distinct_n(texts, 2) == pytest.approx(4 / 5)
+    # trigrams: (the cat sat) (the cat ran) -> 2 total, 2 unique; "A dog" has none
+    assert distinct_n(texts, 3) == pytest.approx(1.0)
+
+
+def test_distinct_n_does_not_join_texts_and_handles_empty():
+    # Joining the two texts would create the bigram (b c); per-text n-grams must not.
+    assert distinct_n(["a b", "c d"], 2) == pytest.approx(1.0)
+    assert distinct_n(["a a", "a a"], 2) == pytest.approx(1 / 2)
+    assert distinct_n(["", "   "], 1) == 0.0
+    assert distinct_n([], 2) == 0.0
+    with pytest.raises(ValueError):
+        distinct_n(["a"], 0)
+
+
+def test_mean_length_words():
+    assert mean_length_words(["one two three", " four ", ""]) == pytest.approx(4 / 3)
+    assert mean_length_words([]) == 0.0
+
+
+def test_bootstrap_interval_contains_the_mean_and_is_seeded():
+    values = np.random.default_rng(3).normal(0.4, 0.2, size=200)
+    first = bootstrap_mean(values, samples=500, seed=7)
+    assert first.mean == pytest.approx(values.mean())
+    assert first.low < first.mean < first.high
+    # About 1.96 standard errors each side for a normal sample.
+    se = values.std(ddof=1) / np.sqrt(values.size)
+    assert first.high - first.low == pytest.approx(2 * 1.96 * se, rel=0.2)
+    assert bootstrap_mean(values, samples=500, seed=7) == first
+    assert bootstrap_mean(values, samples=500, seed=8) != first
+
+
+def test_bootstrap_of_a_constant_is_a_point():
+    interval = bootstrap_mean(np.full(10, 0.25), samples=50, seed=0)
+    assert (interval.mean, interval.low, interval.high) == pytest.approx((0.25, 0.25, 0.25))
+
+
+def test_bootstrap_rejects_empty():
+    with pytest.raises(ValueError):
+        bootstrap_mean(np.array([]), samples=10, seed=0)
+
+
+def test_paired_difference_resamples_pairs():
+    reference = np.linspace(0.0, 1.0, 50)
+    policy = reference + 0.1
+    diff = paired_difference(policy, reference, samples=200, seed=0)
+    # Every pair differs by exactly 0.1: pairing removes the spread between prompts entirely.
+    assert (diff.mean, diff.low, diff.high) == pytest.approx((0.1, 0.1, 0.1))
+    with pytest.raises(ValueError):
+        paired_difference(policy[:3], reference, samples=10, seed=0)
+
+
+def test_win_rate_counts_ties_apart():
+    policy = np.array([0.9, 0.5, 0.2, 0.7, 0.3])
+    reference = np.array([0.1, 0.5, 0.4, 0.7 + 1e-12, 0.2])
+    result = win_rate(policy, reference)
+    assert (result.wins, result.ties, result.losses) == (2, 2, 1)
+    d = result.as_dict()
+    assert d["win_rate"] == pytest.approx(0.4)
+    assert d["tie_rate"] == pytest.approx(0.4)
+    assert d["loss_rate"] == pytest.approx(0.2)
+
+
+def test_model_metrics_keys_and_values():
+    responses = ["hello there friend", "hello there"]
+    scores = {"safety": np.array([1.0, 0.5]), "reward": np.array([2.0, 1.0])}
+    metrics = model_metrics(responses, scores, samples=100, seed=0)
+    assert metrics["reward"]["mean"] == pytest.approx(1.5)
+    assert metrics["safety"]["low"] >= 0.5 and metrics["safety"]["high"] <= 1.0
+    assert metrics["length_words"] == pytest.approx(2.5)
+    assert metrics["distinct_1"] == pytest.approx(3 / 5)
+    assert metrics["distinct_2"] == pytest.approx(2 / 3)
+    assert metrics["distinct_3"] == pytest.approx(1.0)
