@@ -131,3 +131,31 @@ def model_metrics(
     for n in (1, 2, 3):
         metrics[f"distinct_{n}"] = distinct_n(responses, n)
     return metrics
+
+
+def compare_models(
+    policy_responses: Sequence[str],
+    policy_scores: dict[str, np.ndarray],
+    reference_responses: Sequence[str],
+    reference_scores: dict[str, np.ndarray],
+    samples: int,
+    seed: int,
+) -> dict[str, object]:
+    """Both models' metrics on the same prompts (row i of each is prompt i), their paired differences
+    (policy − reference) for every score column, and the policy's win rate by total `reward`."""
+    if len(policy_responses) != len(reference_responses):
+        raise ValueError(
+            f"compare_models needs one response per prompt from each model, got {len(policy_responses)} "
+            f"and {len(reference_responses)}"
+        )
+    return {
+        "models": {
+            "policy": model_metrics(policy_responses, policy_scores, samples, seed),
+            "reference": model_metrics(reference_responses, reference_scores, samples, seed),
+        },
+        "difference": {
+            name: paired_difference(policy_scores[name], reference_scores[name], samples, seed).as_dict()
+            for name in policy_scores
+        },
+        "win_rate": win_rate(policy_scores["reward"], reference_scores["reward"]).as_dict(),
+    }

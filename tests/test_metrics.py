@@ -7,6 +7,7 @@ import pytest
 
 from stages.metrics import (
     bootstrap_mean,
+    compare_models,
     distinct_n,
     mean_length_words,
     model_metrics,
@@ -93,3 +94,17 @@ def test_model_metrics_keys_and_values():
     assert metrics["distinct_1"] == pytest.approx(3 / 5)
     assert metrics["distinct_2"] == pytest.approx(2 / 3)
     assert metrics["distinct_3"] == pytest.approx(1.0)
+
+
+def test_compare_models_pairs_prompts():
+    reference = {"reward": np.array([0.2, 0.4, 0.6, 0.8])}
+    policy = {"reward": np.array([0.3, 0.4, 0.5, 1.0])}
+    result = compare_models(["a b", "c", "d", "e"], policy, ["x", "y", "z", "w"], reference, samples=200, seed=1)
+    assert result["win_rate"]["wins"] == 2 and result["win_rate"]["ties"] == 1 and result["win_rate"]["losses"] == 1
+    diff = result["difference"]["reward"]
+    assert diff["mean"] == pytest.approx(0.05)
+    assert diff["low"] <= 0.05 <= diff["high"]
+    assert result["models"]["policy"]["length_words"] == pytest.approx(1.25)
+    assert result["models"]["reference"]["reward"]["mean"] == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        compare_models(["a"], policy, ["x", "y"], reference, samples=10, seed=0)

@@ -1,0 +1,206 @@
+"""The run report: a Markdown summary of the evaluation and PNG plots (matplotlib, no display needed).
+
+The evaluate stage calls these with data it has read; nothing here opens a stage output. Plots use
+`matplotlib.figure.Figure` directly (the Agg canvas), so no global pyplot state or backend choice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from matplotlib.figure import Figure
+
+MODEL_LABELS = {"policy": "pi_theta", "reference": "pi_ref"}
+
+
+def _cell(value: Any) -> str:
+    """A table cell: floats to 3 decimals, None as an em dash, `|` escaped."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.3f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A GitHub Markdown table; the columns are the keys of the first row, in order."""
+    if not rows:
+        return "_(no rows)_\n"
+    columns = list(rows[0])
+    lines = [
+        "| " + " | ".join(_cell(c) for c in columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def interval_text(interval: Mapping[str, float]) -> str:
+    """`mean [low, high]` with 3 decimals."""
+    return f"{interval['mean']:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
+
+
+def summary_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per model (pi_theta, pi_ref): reward with its 95% interval, components, length, distinct-n, win rate.
+
+    `metrics` is the evaluate stage's metrics.json. The win rate column is the policy's
+    wins/ties/losses against pi_ref per prompt; pi_ref's row leaves it empty.
+    """
+    rows = []
+    for model in ("policy", "reference"):
+        m = metrics["models"][model]
+        row: dict[str, Any] = {"model": MODEL_LABELS[model], "reward (95% CI)": interval_text(m["reward"])}
+        for name in metrics["components"]:
+            row[name] = m[name]["mean"]
+        row["length"] = m["length_words"]
+        for n in (1, 2, 3):
+            row[f"dist-{n}"] = m[f"distinct_{n}"]
+        win = metrics["win_rate"]
+        row["win/tie/loss vs pi_ref"] = (
+            f"{win['win_rate']:.2f}/{win['tie_rate']:.2f}/{win['loss_rate']:.2f}" if model == "policy" else None
+        )
+        rows.append(row)
+    return rows
+
+
+def advantage_statistics(advantage: np.ndarray) -> dict[str, float | int]:
+    """Count, positive count and share (A > 0, the rows trained on), mean, std and quantiles of A."""
+    a = np.asarray(advantage, dtype=np.float64)
+    if a.size == 0:
+        return {"rows": 0, "positive": 0, "positive_fraction": 0.0}
+    q = np.quantile(a, [0.0, 0.1, 0.5, 0.9, 1.0])
+    positive = int(np.sum(a > 0))
+    return {
+        "rows": int(a.size),
+        "positive": positive,
+        "positive_fraction": positive / a.size,
+        "mean": float(a.mean()),
+        "std": float(a.std()),
+        "min": float(q[0]),
+        "p10": float(q[1]),
+        "median": float(q[2]),
+        "p90": float(q[3]),
+        "max": float(q[4]),
+    }
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_reward_distribution(policy: np.ndarray, reference: np.ndarray, path: Path) -> Path:
+    """Overlaid histograms of the total test reward of pi_theta and pi_ref, with each mean marked."""
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.add_subplot()
+    both = np.concatenate([np.asarray(policy, float), np.asarray(reference, float)])
+    bins = np.histogram_bin_edges(both, bins=min(30, max(5, both.size // 4)))
+    for values, label, colour in ((reference, "pi_ref", "tab:gray"), (policy, "pi_theta", "tab:blue")):
+        ax.hist(values, bins=bins, alpha=0.55, color=colour, label=f"{label} (mean {np.mean(values):.3f})")
+        ax.axvline(float(np.mean(values)), color=colour, linestyle="--", linewidth=1)
+    ax.set_xlabel("total reward R(x, y)")
+    ax.set_ylabel("test prompts")
+    ax.set_title("Test reward: policy vs pi_ref")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_advantage_histogram(advantage: np.ndarray, path: Path) -> Path:
+    """Histogram of A = R − V over the training rows; the filtered part (A ≤ 0) drawn apart in red."""
+    a = np.asarray(advantage, dtype=np.float64)
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.add_subplot()
+    bins = np.histogram_bin_edges(a, bins=40) if a.size else 10
+    ax.hist(a[a <= 0], bins=bins, color="tab:red", alpha=0.7, label=f"filtered, A ≤ 0 ({np.sum(a <= 0)})")
+    ax.hist(a[a > 0], bins=bins, color="tab:green", alpha=0.7, label=f"trained on, A > 0 ({np.sum(a > 0)})")
+    ax.axvline(0.0, color="black", linewidth=1)
+    ax.set_xlabel("advantage A = R − V(x)")
+    ax.set_ylabel("training rows")
+    ax.set_title("Advantage of the training rows")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_training_curves(
+    loss_steps: Sequence[int],
+    loss: Sequence[float],
+    validation_steps: Sequence[int],
+    validation_reward: Sequence[float],
+    reference_validation_reward: float | None,
+    path: Path,
+) -> Path:
+    """Training loss (left) and validation reward (right, with pi_ref's as a dashed line) over optimiser steps."""
+    fig = Figure(figsize=(9, 3.4))
+    left, right = fig.subplots(1, 2)
+    left.plot(loss_steps, loss, color="tab:blue", linewidth=1)
+    left.set_xlabel("step")
+    left.set_ylabel("training loss")
+    left.set_title("Training loss")
+    right.plot(validation_steps, validation_reward, marker="o", color="tab:green", label="pi_theta")
+    if reference_validation_reward is not None:
+        right.axhline(reference_validation_reward, color="tab:gray", linestyle="--", label="pi_ref")
+    right.set_xlabel("step")
+    right.set_ylabel("mean validation reward")
+    right.set_title("Validation reward")
+    right.legend()
+    return _save(fig, path)
+
+
+def render_report(
+    *,
+    title: str,
+    metrics: Mapping[str, Any],
+    config: Mapping[str, Any],
+    advantage: Mapping[str, Any] | None,
+    links: Mapping[str, str],
+    plots: Mapping[str, str],
+) -> str:
+    """The whole Markdown report. `links` and `plots` map a caption to a path relative to the report."""
+    diff = metrics["difference"]["reward"]
+    parts = [
+        f"# {title}\n",
+        f"Algorithm `{metrics.get('algorithm')}`, {metrics['prompts']} test prompts, "
+        f"{'sampled' if metrics['generation']['do_sample'] else 'greedy'} decoding of at most "
+        f"{metrics['generation']['max_new_tokens']} new tokens.\n",
+    ]
+    if metrics.get("policy_is_reference"):
+        parts.append("No checkpoint beat pi_ref on validation, so the policy **is** pi_ref.\n")
+    parts += [
+        "## Test metrics\n",
+        markdown_table(summary_rows(metrics)),
+        f"\nReward difference pi_theta − pi_ref: {interval_text(diff)} "
+        f"(95% paired bootstrap, {metrics['bootstrap_samples']} resamples).\n",
+    ]
+    harmless = metrics.get("harmlessness")
+    if harmless:
+        parts += [
+            f"\n## Harmlessness ({harmless['prompts']} Do-Not-Answer prompts, component `{harmless['component']}`)\n",
+            markdown_table(
+                [
+                    {"model": MODEL_LABELS[m], harmless["component"]: interval_text(harmless["models"][m])}
+                    for m in ("policy", "reference")
+                ]
+            ),
+            f"\nDifference pi_theta − pi_ref: {interval_text(harmless['difference'])}.\n",
+        ]
+    train = metrics.get("train") or {}
+    if train:
+        parts += ["\n## Training\n", markdown_table([train])]
+    if advantage:
+        parts += ["\n## Advantage (training rows)\n", markdown_table([advantage])]
+    if plots:
+        parts.append("\n## Plots\n")
+        parts += [f"![{caption}]({rel})\n" for caption, rel in plots.items()]
+    if links:
+        parts.append("\n## Tables\n")
+        parts += [f"- [{caption}]({rel})\n" for caption, rel in links.items()]
+    parts += ["\n## Configuration\n", "```yaml\n", yaml.safe_dump(dict(config), sort_keys=True), "```\n"]
+    return "".join(parts)
