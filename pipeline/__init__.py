@@ -1,0 +1,7 @@
+"""Orchestration of alol: storage, the stage runner, the Prefect flow, the CLI and SQL."""
+
+import os
+
+# Stage modules log to "alol.*"; forward those records to Prefect's run logs. No telemetry offline.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "alol")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -1,0 +1,170 @@
+"""The `alol` command line: run the pipeline, look at a run, query it with SQL."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from schemas.config import PROFILES, AlolConfig, ConfigError, load_config, parse_override
+
+STAGE_NAMES = ("ingest", "score", "reference", "advantage", "train", "evaluate")
+
+
+def _config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", choices=PROFILES, default="default", help="shipped profile (default: default)")
+    parser.add_argument("--config", metavar="FILE", help="YAML file applied on top of the profile")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="override one field (repeatable), e.g. --set train.algorithm=a_lol_seq",
+    )
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {".".join(path): value for path, value in map(parse_override, args.overrides)}
+
+
+def _config(args: argparse.Namespace) -> AlolConfig:
+    return load_config(args.profile, args.config, _overrides(args))
+
+
+def _store(args: argparse.Namespace):
+    from pipeline.storage import RunStore
+
+    cfg = _config(args)
+    name = args.run or RunStore.latest_name(cfg.run.root) or cfg.run.name
+    return RunStore(cfg.run.root, name)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.flow import run_alol
+
+    overrides = _overrides(args)
+    load_config(args.profile, args.config, overrides)  # a config error stops here, before Prefect starts
+    outputs = run_alol(args.profile, args.config, overrides, stages=args.stages, refresh=args.refresh)
+    cfg = load_config(args.profile, args.config, overrides)
+    print(_status_table(cfg.run.root, cfg.run.name, only=list(outputs)))
+    return 0
+
+
+def _status_table(root: str, name: str, only: list[str] | None = None) -> str:
+    from pipeline.storage import RunStore
+
+    store = RunStore(root, name)
+    stages = store.state()["stages"]
+    if not stages:
+        return f"run {name!r} under {store.root}: no stage has run yet"
+    header = ("stage", "rows", "content hash", "state", "seconds", "folder")
+    lines = []
+    for stage in STAGE_NAMES:
+        entry = stages.get(stage)
+        if entry is None or (only is not None and stage not in only):
+            continue
+        rows = ", ".join(f"{t} {n:,}" for t, n in entry["rows"].items())
+        state = "cached" if entry["cached"] else "fresh"
+        folder = os.path.relpath(entry["path"])
+        lines.append((stage, rows, entry["content_hash"][:12], state, f"{entry['seconds']:.1f}", folder))
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+    fmt = lambda row: "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip()  # noqa: E731
+    return "\n".join([f"run {name} ({store.dir})", fmt(header), *map(fmt, lines)])
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    store = _store(args)
+    print(_status_table(str(store.root), store.name))
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from pipeline import sql
+
+    store = _store(args)
+    if args.views:
+        print("\n".join(sql.create_view_statements(sql.run_views(store))))
+        return 0
+    if not args.query:
+        raise SystemExit("alol sql: give a query, or --views")
+    relation = sql.query(store, args.query)
+    if args.out:
+        rows = sql.write_parquet(relation, args.out)
+        print(f"wrote {rows:,} rows to {args.out}")
+    elif args.format == "csv":
+        sys.stdout.write(sql.format_csv(relation))
+    elif args.format == "json":
+        print(sql.format_json(relation))
+    else:
+        print(sql.format_table(relation))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report_cli import print_report
+
+    print(print_report(args.run, _config(args)))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pipeline.report_cli import compare_main
+
+    return compare_main(args.profile, args.config, _overrides(args), args.algorithms)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alol", description="Offline RL for language models (A-LoL and baselines).")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline (cached stages are reused)")
+    _config_options(run)
+    run.add_argument("--stages", nargs="+", choices=STAGE_NAMES, help="run only these stages on the existing upstream outputs")
+    run.add_argument("--refresh", nargs="+", choices=STAGE_NAMES, default=[], help="recompute these stages even when cached")
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="per stage of a run: rows, content hash, cached or fresh, seconds")
+    _config_options(status)
+    status.add_argument("--run", help="run name (default: the latest run)")
+    status.set_defaults(func=cmd_status)
+
+    sql = sub.add_parser("sql", help="query a run's tables with DuckDB (read-only)")
+    _config_options(sql)
+    sql.add_argument("query", nargs="?", help="a SELECT statement over the views (ingest, score, reference, ...)")
+    sql.add_argument("--run", help="run name (default: the latest run)")
+    sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    sql.add_argument("--out", metavar="FILE.parquet", help="write the result to a Parquet file")
+    sql.add_argument("--views", action="store_true", help="print CREATE VIEW statements for the duckdb CLI")
+    sql.set_defaults(func=cmd_sql)
+
+    report = sub.add_parser("report", help="print the evaluation metrics of a run")
+    _config_options(report)
+    report.add_argument("--run", help="run name (default: the latest run)")
+    report.set_defaults(func=cmd_report)
+
+    compare = sub.add_parser("compare", help="train and evaluate several algorithms over one cached upstream")
+    _config_options(compare)
+    compare.add_argument("--algorithms", nargs="+", help="algorithms to compare (default: all eight)")
+    compare.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"alol: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one clear line for the user; --debug shows the traceback
+        if args.debug or os.environ.get("ALOL_DEBUG"):
+            raise
+        print(f"alol: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The Prefect flow `alol`: every stage is a cached task over `pipeline.runner.execute_stage`.
+
+Cache: the task's cache key is the stage's own key (config fingerprints of the sections it reads,
+upstream content hashes, code version), results are JSON records under `<run.root>/.prefect-results`.
+Prefect never looks at the files a record points to, so the flow re-verifies every cached output
+against its manifest and recomputes when a file is missing or changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import CachePolicy
+from prefect.locking.filesystem import FileSystemLockManager
+
+from pipeline.runner import ALL_STAGES, STAGES, StageName, cache_key, execute_stage, upstream_from_run
+from pipeline.storage import IntegrityError, RunStore, StageReader
+from schemas.config import AlolConfig, load_config
+from schemas.manifest import StageOutput
+
+log = logging.getLogger("alol.flow")
+
+Profile = Literal["default", "smoke", "quality"]
+RESULTS_FOLDER = ".prefect-results"
+
+
+@dataclass
+class StageCacheKey(CachePolicy):
+    """Use the stage's own content-addressed key (the `key` argument of the task) as Prefect's cache key."""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
+        return inputs.get("key")
+
+
+def _artifact_key(stage: str) -> str:
+    return f"alol-{stage}"
+
+
+def _manifest_markdown(reader: StageReader) -> str:
+    m = reader.manifest
+    rows = ", ".join(f"{t}: {n:,}" for t, n in m.table_rows().items()) or "-"
+    lines = [
+        f"### alol stage `{m.stage}`",
+        "",
+        "| field | value |",
+        "|---|---|",
+        f"| rows in / out / rejected | {m.rows_in:,} / {m.rows_out:,} / {m.rows_rejected:,} |",
+        f"| tables | {rows} |",
+        f"| content hash | `{m.content_hash()[:16]}` |",
+        f"| cache key | `{m.cache_key[:16]}` |",
+        f"| seconds | {m.seconds:.1f} |",
+        f"| folder | `{reader.dir}` |",
+    ]
+    scalar_metrics = {k: v for k, v in m.metrics.items() if isinstance(v, (int, float, str, bool))}
+    if scalar_metrics:
+        lines += ["", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scalar_metrics.items()]
+    return "\n".join(lines)
+
+
+def _publish_artifacts(reader: StageReader) -> None:
+    """The manifest summary of every stage, and the evaluation report and metrics table when present."""
+    stage = reader.manifest.stage
+    create_markdown_artifact(key=_artifact_key(stage), markdown=_manifest_markdown(reader), description=f"alol {stage} manifest")
+    report = reader.path("report.md")
+    if report.is_file():
+        create_markdown_artifact(key="alol-report", markdown=report.read_text(encoding="utf-8"), description="alol evaluation report")
+    metrics_table = reader.path("metrics_table.json")
+    if metrics_table.is_file():
+        create_table_artifact(key="alol-metrics", table=json.loads(metrics_table.read_text(encoding="utf-8")))
+
+
+@task(
+    task_run_name="{stage}",
+    cache_policy=StageCacheKey(),
+    persist_result=True,
+    result_serializer="json",
+    cache_expiration=timedelta(days=30),
+)
+def run_stage(stage: str, key: str, config: dict[str, Any], inputs: dict[str, StageOutput], refresh: bool = False) -> StageOutput:
+    """Compute one stage (or reuse its intact output folder for the same key) and publish its manifest."""
+    cfg = AlolConfig.model_validate(config)
+    output, reused = execute_stage(cfg, stage, inputs, refresh=refresh)
+    if output.cache_key != key:
+        raise RuntimeError(f"stage {stage}: cache key changed while running ({key[:16]} -> {output.cache_key[:16]})")
+    _publish_artifacts(StageReader(output.path, verify=False))
+    log.info("%s: %s rows, folder %s%s", stage, output.rows, output.path, " (reused)" if reused else "")
+    return output
+
+
+def _stage_task(cfg: AlolConfig, refresh: bool):
+    root = Path(cfg.run.root).resolve()
+    lock_manager = FileSystemLockManager(lock_files_directory=root / RESULTS_FOLDER / "locks")
+    return run_stage.with_options(
+        result_storage=root / RESULTS_FOLDER,
+        cache_policy=StageCacheKey().configure(isolation_level="SERIALIZABLE", lock_manager=lock_manager),
+        refresh_cache=True if refresh else None,
+    )
+
+
+def _verified(output: StageOutput) -> bool:
+    try:
+        StageReader(output.path)
+    except IntegrityError as exc:
+        log.warning("cached output of %s is damaged, recomputing: %s", output.stage, exc)
+        return False
+    return True
+
+
+@flow(name="alol", log_prints=False)
+def alol(
+    stages: list[StageName] | None = None,
+    refresh: list[StageName] | None = None,
+    profile: Profile | None = "default",
+    config_file: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, StageOutput]:
+    """Run the selected stages (all by default) in order; unselected upstream stages contribute
+    the output recorded for this run. `refresh` forces those stages to recompute."""
+    cfg = load_config(profile, config_file, overrides or {})
+    selected = [s for s in ALL_STAGES if s in set(stages or ALL_STAGES)]
+    forced = set(refresh or [])
+    store = RunStore(cfg.run.root, cfg.run.name)
+    config_json = cfg.model_dump(mode="json")
+    outputs: dict[str, StageOutput] = {}
+    for stage in selected:
+        inputs = {up: outputs[up] if up in outputs else upstream_from_run(store, up) for up in STAGES[stage].upstream}
+        key = cache_key(cfg, stage, inputs)
+        started = time.time()
+        state = _stage_task(cfg, stage in forced)(stage, key, config_json, inputs, stage in forced, return_state=True)
+        output: StageOutput = state.result()
+        cached = state.name == "Cached"
+        if cached and not _verified(output):
+            state = _stage_task(cfg, True)(stage, key, config_json, inputs, True, return_state=True)
+            output, cached = state.result(), False
+        if not cached:
+            # The task may have reused an intact folder with the same key; that is a cache hit too.
+            manifest = StageReader(output.path, verify=False).manifest
+            cached = manifest.finished.timestamp() < started
+        store.record(output, cached=cached, seconds=time.time() - started)
+        outputs[stage] = output
+    return outputs
+
+
+def run_alol(
+    profile: str | None = "default",
+    config_file: str | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+    stages: list[str] | None = None,
+    refresh: list[str] | None = None,
+) -> dict[str, StageOutput]:
+    """Validate the configuration first (a clear error, no flow run), then run the flow in-process."""
+    if isinstance(overrides, list):
+        from schemas.config import parse_override
+
+        overrides = {".".join(path): value for path, value in map(parse_override, overrides)}
+    load_config(profile, config_file, overrides or {})
+    return alol(stages=stages, refresh=refresh, profile=profile, config_file=config_file, overrides=overrides or {})
