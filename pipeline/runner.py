@@ -54,7 +54,7 @@ STAGES: dict[str, StageSpec] = {
     ),
     "evaluate": StageSpec(
         "stages.evaluate:run", ("evaluate", "reference", "score", "run.seed", "run.cache_dir"),
-        ("ingest", "reference", "train"), True,
+        ("ingest", "score", "reference", "advantage", "train"), True,
     ),
 }
 
