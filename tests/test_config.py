@@ -1,0 +1,94 @@
+"""Configuration: profiles, overrides, every bad field reported by dotted path, fingerprints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from schemas.config import PROFILES, AlolConfig, ConfigError, load_config, parse_override
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_shipped_profiles_load(profile):
+    cfg = load_config(profile)
+    assert cfg.run.name == profile
+
+
+def test_every_field_has_a_description():
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{prefix}{name} has no description"
+            annotation = field.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                walk(annotation, f"{prefix}{name}.")
+
+    for name, field in AlolConfig.model_fields.items():
+        walk(field.annotation, f"{name}.")
+
+
+def test_overrides_are_yaml_typed_and_nested():
+    cfg = load_config("smoke", overrides=["train.learning_rate=1e-4", "data.split_fractions.train=0.6",
+                                          "data.split_fractions.test=0.3", "train.lora_rank=8"])
+    assert cfg.train.learning_rate == pytest.approx(1e-4)
+    assert cfg.data.split_fractions.train == pytest.approx(0.6)
+    assert cfg.train.lora_rank == 8
+
+
+def test_user_file_merges_field_by_field(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  algorithm: a_lol_seq\n")
+    cfg = load_config("smoke", path)
+    assert cfg.train.algorithm == "a_lol_seq"
+    assert cfg.train.steps == load_config("smoke").train.steps, "unmentioned fields keep the profile's values"
+
+
+def test_all_bad_fields_listed_by_dotted_path():
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", overrides={"train.clip_epsilon": 1.5, "data.on_invalid": "ignore", "train.typo": 1,
+                                        "evaluate.max_new_tokens": -1})
+    paths = {p for p, _ in err.value.problems}
+    assert {"train.clip_epsilon", "data.on_invalid", "train.typo", "evaluate.max_new_tokens"} <= paths
+
+
+def test_nonsense_combinations_refused():
+    with pytest.raises(ConfigError, match="kl_beta"):
+        load_config("smoke", overrides={"train.algorithm": "a_lol_kl"})
+    with pytest.raises(ConfigError, match="sum to 1"):
+        load_config("smoke", overrides={"data.split_fractions.train": 0.9})
+    with pytest.raises(ConfigError, match="data.path is required"):
+        load_config("smoke", overrides={"data.source": "file"})
+
+
+@pytest.mark.parametrize("bad", ["train", "train.algorithm", "=3"])
+def test_malformed_override(bad):
+    with pytest.raises(ConfigError):
+        parse_override(bad)
+
+
+def test_bad_yaml_file_names_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  algorithm: [a_lol\n")
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", path)
+    assert "broken.yaml" in str(err.value) and "line" in str(err.value)
+
+
+def test_fingerprint_tracks_content_only():
+    a, b = load_config("smoke"), load_config("smoke")
+    assert a.train.fingerprint() == b.train.fingerprint()
+    b.train.learning_rate = 3e-5
+    assert a.train.fingerprint() != b.train.fingerprint()
+    assert a.data.fingerprint() == b.data.fingerprint()
+
+
+def test_cli_config_error_exits_2_without_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", "--profile", "smoke", "--set", "train.clip_epsilon=2",
+         "--set", "train.steps=0"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "train.clip_epsilon" in proc.stderr and "train.steps" in proc.stderr
+    assert "Traceback" not in proc.stderr

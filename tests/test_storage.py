@@ -1,0 +1,80 @@
+"""Stage storage: atomic commit, manifest with hashes, verification on read, streaming parts."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from pipeline.storage import IntegrityError, StageReader, StageWriter, atomic_write_text
+from schemas.manifest import StageResult
+
+SCHEMA = pa.schema([("id", pa.string()), ("v", pa.float64())])
+
+
+def _commit(writer: StageWriter, rows: int):
+    return writer.commit(stage="s", cache_key="k" * 64, result=StageResult(rows_in=rows, rows_out=rows),
+                         config_fingerprints={}, config={}, inputs={}, code_version="c", versions={})
+
+
+def test_commit_is_atomic_and_manifest_lists_every_file(tmp_path):
+    final = tmp_path / "s" / "abc"
+    writer = StageWriter(final)
+    with writer.table("t", SCHEMA, part_rows=4) as t:
+        for start in range(0, 10, 3):
+            t.write({"id": [str(i) for i in range(start, min(start + 3, 10))], "v": [float(i) for i in range(start, min(start + 3, 10))]})
+    writer.path("extra/weights.bin").write_bytes(b"\x00" * 10)
+    assert not final.exists(), "nothing under the final name before commit"
+    manifest = _commit(writer, 10)
+    assert final.is_dir() and not writer.dir.exists()
+    parts = [o for o in manifest.outputs if o.table == "t"]
+    assert [p.rows for p in parts] == [4, 4, 2]
+    assert manifest.table_rows() == {"t": 10}
+    assert {o.path for o in manifest.outputs} == {"t/part-00000.parquet", "t/part-00001.parquet", "t/part-00002.parquet", "extra/weights.bin"}
+    reader = StageReader(final)
+    assert reader.read("t").column("v").to_pylist() == [float(i) for i in range(10)]
+
+
+def test_aborted_stage_leaves_nothing(tmp_path):
+    writer = StageWriter(tmp_path / "s" / "abc")
+    with writer.table("t", SCHEMA) as t:
+        t.write({"id": ["a"], "v": [1.0]})
+    writer.abort()
+    assert list((tmp_path / "s").iterdir()) == []
+
+
+def test_reader_refuses_changed_or_missing_files(tmp_path):
+    final = tmp_path / "s" / "abc"
+    writer = StageWriter(final)
+    writer.write_table("t", pa.table({"id": ["a"], "v": [1.0]}, schema=SCHEMA))
+    writer.path("f.txt").write_text("hello")
+    _commit(writer, 1)
+    (final / "f.txt").write_text("hellO")
+    with pytest.raises(IntegrityError, match="f.txt"):
+        StageReader(final)
+    (final / "f.txt").unlink()
+    with pytest.raises(IntegrityError, match="missing"):
+        StageReader(final)
+
+
+def test_empty_table_keeps_its_schema(tmp_path):
+    writer = StageWriter(tmp_path / "s" / "abc")
+    with writer.table("t", SCHEMA):
+        pass
+    _commit(writer, 0)
+    table = StageReader(tmp_path / "s" / "abc").read("t")
+    assert table.num_rows == 0 and table.schema.names == ["id", "v"]
+
+
+def test_recommit_of_same_key_replaces_the_folder(tmp_path):
+    final = tmp_path / "s" / "abc"
+    for value in (1.0, 2.0):
+        writer = StageWriter(final)
+        writer.write_table("t", pa.table({"id": ["a"], "v": [value]}, schema=SCHEMA))
+        _commit(writer, 1)
+    assert StageReader(final).read("t").column("v").to_pylist() == [2.0]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["abc"]
+
+
+def test_atomic_write_text_leaves_no_temporary(tmp_path):
+    atomic_write_text(tmp_path / "a" / "x.json", "{}")
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["x.json"]
