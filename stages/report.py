@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 MODEL_LABELS = {"policy": "pi_theta", "reference": "pi_ref"}
 
 
-def _cell(value: Any) -> str:
+def format_cell(value: Any) -> str:
     """A table cell: floats to 3 decimals, None as an em dash, `|` escaped."""
     if value is None:
         return "—"
@@ -35,10 +35,10 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
         return "_(no rows)_\n"
     columns = list(rows[0])
     lines = [
-        "| " + " | ".join(_cell(c) for c in columns) + " |",
+        "| " + " | ".join(format_cell(c) for c in columns) + " |",
         "|" + "|".join("---" for _ in columns) + "|",
     ]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(format_cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,150 @@
+"""`alol compare`: train and evaluate several algorithms over one cached upstream, one table of results.
+
+Every algorithm is a run of the flow with only `train.algorithm` (and `train.kl_beta` for a_lol_kl)
+changed. Ingest, score, reference and advantage do not read `train.*`, so their cache keys, and
+their outputs, are shared; pi_ref's test generations are cached by the evaluate stage. Adding an
+algorithm to the list trains and evaluates only that one.
+
+The table follows the paper's: one row per method plus pi_ref, the reward (total with its 95%
+bootstrap interval, and each component), the paired difference to pi_ref, length, distinct-1/2/3,
+the win rate over pi_ref and the training time.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.storage import atomic_write_text
+from schemas.config import load_config
+from schemas.train import ALGORITHMS
+from stages.report import interval_text, markdown_table
+
+log = logging.getLogger("alol.compare")
+
+COMPARE_STAGES = ["ingest", "score", "reference", "advantage", "train", "evaluate"]
+DEFAULT_KL_BETA = 0.1
+REFERENCE_ROW = "pi_ref"
+
+
+@dataclass
+class Comparison:
+    """The comparison rows (flat numbers, as in the CSV) and the files they were written to."""
+
+    rows: list[dict[str, Any]]
+    components: list[str]
+    markdown_path: Path
+    csv_path: Path
+
+    def markdown(self) -> str:
+        return self.markdown_path.read_text(encoding="utf-8")
+
+
+def algorithm_overrides(base: dict[str, Any], algorithm: str) -> dict[str, Any]:
+    """The run's overrides with this algorithm; a_lol_kl gets `train.kl_beta` (the user's, else 0.1), the others none."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}")
+    beta = base.get("train.kl_beta") or DEFAULT_KL_BETA
+    return {**base, "train.algorithm": algorithm, "train.kl_beta": beta if algorithm == "a_lol_kl" else None}
+
+
+def method_row(method: str, metrics: dict[str, Any], model: str) -> dict[str, Any]:
+    """One row of the comparison from an evaluation's metrics.json; model is "policy" or "reference"."""
+    m = metrics["models"][model]
+    is_policy = model == "policy"
+    diff = metrics["difference"]["reward"] if is_policy else {"mean": 0.0, "low": 0.0, "high": 0.0}
+    win = metrics["win_rate"] if is_policy else {}
+    row: dict[str, Any] = {
+        "method": method,
+        "reward": m["reward"]["mean"],
+        "reward_low": m["reward"]["low"],
+        "reward_high": m["reward"]["high"],
+        **{name: m[name]["mean"] for name in metrics["components"]},
+        "reward_diff": diff["mean"],
+        "reward_diff_low": diff["low"],
+        "reward_diff_high": diff["high"],
+        "length_words": m["length_words"],
+        "distinct_1": m["distinct_1"],
+        "distinct_2": m["distinct_2"],
+        "distinct_3": m["distinct_3"],
+        "win_rate": win.get("win_rate"),
+        "tie_rate": win.get("tie_rate"),
+        "loss_rate": win.get("loss_rate"),
+        "policy_is_reference": metrics["policy_is_reference"] if is_policy else None,
+        "train_seconds": metrics["train"].get("train_seconds") if is_policy else None,
+    }
+    return row
+
+
+def markdown_rows(rows: Sequence[dict[str, Any]], components: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows as the paper prints them: intervals in brackets, win/tie in one cell."""
+    out = []
+    for row in rows:
+        interval = lambda key: {"mean": row[key], "low": row[f"{key}_low"], "high": row[f"{key}_high"]}  # noqa: E731
+        method = row["method"] + (" (= pi_ref: no checkpoint beat it)" if row["policy_is_reference"] else "")
+        out.append(
+            {
+                "method": method,
+                "reward (95% CI)": interval_text(interval("reward")),
+                **{name: row[name] for name in components},
+                "Δ reward vs pi_ref (95% CI)": None if row["method"] == REFERENCE_ROW else interval_text(interval("reward_diff")),
+                "length": row["length_words"],
+                "dist-1": row["distinct_1"],
+                "dist-2": row["distinct_2"],
+                "dist-3": row["distinct_3"],
+                "win/tie vs pi_ref": None if row["win_rate"] is None else f"{row['win_rate']:.2f}/{row['tie_rate']:.2f}",
+                "train s": None if row["train_seconds"] is None else f"{row['train_seconds']:.0f}",
+            }
+        )
+    return out
+
+
+def csv_text(rows: Sequence[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_comparison(folder: Path, rows: list[dict[str, Any]], components: list[str], title: str) -> Comparison:
+    """comparison.md and comparison.csv in `folder`."""
+    markdown = f"# {title}\n\n" + markdown_table(markdown_rows(rows, components))
+    markdown_path, csv_path = folder / "comparison.md", folder / "comparison.csv"
+    atomic_write_text(markdown_path, markdown)
+    atomic_write_text(csv_path, csv_text(rows))
+    return Comparison(rows, components, markdown_path, csv_path)
+
+
+def compare(
+    algorithms: Sequence[str] | None = None,
+    profile: str | None = "default",
+    config_file: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Comparison:
+    """Run the flow once per algorithm (default: all eight) and write the comparison table under the run folder."""
+    from pipeline.flow import run_alol
+
+    algorithms = list(algorithms or ALGORITHMS)
+    base = dict(overrides or {})
+    per_algorithm = [algorithm_overrides(base, a) for a in algorithms]  # unknown names fail before any work
+    cfg = load_config(profile, config_file, per_algorithm[0])
+    rows: list[dict[str, Any]] = []
+    reference: dict[str, Any] | None = None
+    components: list[str] = []
+    for algorithm, algorithm_cfg in zip(algorithms, per_algorithm):
+        log.info("compare: %s", algorithm)
+        outputs = run_alol(profile, config_file, algorithm_cfg, stages=COMPARE_STAGES)
+        metrics = json.loads((Path(outputs["evaluate"].path) / "metrics.json").read_text(encoding="utf-8"))
+        components = metrics["components"]
+        reference = reference or method_row(REFERENCE_ROW, metrics, "reference")
+        rows.append(method_row(algorithm, metrics, "policy"))
+    folder = Path(cfg.run.root).resolve() / cfg.run.name / "compare"
+    title = f"alol compare: run {cfg.run.name}, {metrics['prompts']} test prompts"
+    return write_comparison(folder, [reference, *rows], components, title)

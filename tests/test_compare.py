@@ -1,0 +1,104 @@
+"""The comparison table (rows from metrics.json, Markdown and CSV) and `alol report` on a stored evaluation."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.compare import algorithm_overrides, method_row, write_comparison
+from pipeline.report_cli import print_report, text_table
+from pipeline.storage import RunStore, StageReader, StageWriter
+from schemas.config import load_config
+from schemas.manifest import StageResult
+from stages.metrics import compare_models
+from tests.test_report import parse_markdown_tables
+
+
+def evaluation_metrics(shift: float, policy_is_reference: bool = False, seconds: float = 10.0) -> dict:
+    rng = np.random.default_rng(0)
+    reference = {"safety": rng.uniform(0.3, 0.9, 20)}
+    policy = {"safety": reference["safety"] + shift}
+    for scores in (reference, policy):
+        scores["reward"] = scores["safety"].copy()
+    metrics = compare_models(["yes sure"] * 20, policy, ["no"] * 20, reference, samples=100, seed=0)
+    metrics.update(
+        algorithm="a_lol", prompts=20, components=["safety"], bootstrap_samples=100,
+        policy_is_reference=policy_is_reference, train={"train_seconds": seconds},
+        generation={"do_sample": False, "max_new_tokens": 8},
+    )
+    return metrics
+
+
+def test_algorithm_overrides_set_kl_beta_only_for_a_lol_kl():
+    assert algorithm_overrides({"data.max_rows_per_split": 5}, "wbc") == {
+        "data.max_rows_per_split": 5, "train.algorithm": "wbc", "train.kl_beta": None,
+    }
+    assert algorithm_overrides({}, "a_lol_kl")["train.kl_beta"] == 0.1
+    assert algorithm_overrides({"train.kl_beta": 0.5}, "a_lol_kl")["train.kl_beta"] == 0.5
+    assert algorithm_overrides({"train.kl_beta": 0.5}, "nll")["train.kl_beta"] is None
+    for algorithm in ("a_lol_kl", "r_gold"):
+        cfg = load_config("smoke", overrides=algorithm_overrides({}, algorithm))
+        assert cfg.train.algorithm == algorithm
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        algorithm_overrides({}, "ppo")
+
+
+def test_comparison_table_has_pi_ref_and_one_row_per_method(tmp_path):
+    good, same = evaluation_metrics(0.05, seconds=12.0), evaluation_metrics(0.0, policy_is_reference=True)
+    rows = [method_row("pi_ref", good, "reference"), method_row("a_lol", good, "policy"), method_row("nll", same, "policy")]
+    result = write_comparison(tmp_path, rows, ["safety"], "test comparison")
+
+    (table,) = parse_markdown_tables(result.markdown())
+    assert [r["method"] for r in table] == ["pi_ref", "a_lol", "nll (= pi_ref: no checkpoint beat it)"]
+    assert table[0]["Δ reward vs pi_ref (95% CI)"] == "—" and table[0]["train s"] == "—"
+    assert table[1]["Δ reward vs pi_ref (95% CI)"].startswith("0.050 [0.050, 0.050]")
+    assert table[1]["win/tie vs pi_ref"] == "1.00/0.00"
+    assert table[2]["win/tie vs pi_ref"] == "0.00/1.00"
+    assert table[1]["train s"] == "12"
+    assert float(table[1]["safety"]) == pytest.approx(float(table[0]["safety"]) + 0.05, abs=1e-3)
+
+    with open(result.csv_path, newline="") as fh:
+        records = list(csv.DictReader(fh))
+    assert [r["method"] for r in records] == ["pi_ref", "a_lol", "nll"]
+    assert float(records[1]["reward"]) - float(records[0]["reward"]) == pytest.approx(0.05)
+    assert float(records[1]["distinct_1"]) == pytest.approx(2 / 40)
+    assert records[0]["win_rate"] == ""
+
+
+def _store_evaluation(root, name, metrics):
+    store = RunStore(root, name)
+    writer = StageWriter(store.stage_dir("evaluate", "k" * 64))
+    writer.path("metrics.json").write_text(json.dumps(metrics))
+    writer.path("report.md").write_text("# report\n")
+    writer.commit(
+        stage="evaluate", cache_key="k" * 64, result=StageResult(rows_in=1, rows_out=1), config_fingerprints={},
+        config={}, inputs={}, code_version="test", versions={},
+    )
+    store.record(StageReader(store.stage_dir("evaluate", "k" * 64)).output(), cached=False, seconds=1.0)
+
+
+def test_print_report_reads_the_latest_runs_metrics(tmp_path):
+    cfg = load_config("smoke", overrides={"run.root": str(tmp_path)})
+    with pytest.raises(FileNotFoundError, match="no evaluation yet"):
+        print_report(None, cfg)
+    _store_evaluation(tmp_path, "first", evaluation_metrics(0.05))
+    _store_evaluation(tmp_path, "second", evaluation_metrics(-0.1, seconds=3.0))
+    text = print_report(None, cfg)
+    assert text.startswith("run second:")
+    assert "-0.100 [-0.100, -0.100]" in text
+    first = print_report("first", cfg)
+    assert "0.050 [0.050, 0.050]" in first
+    lines = first.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("model"))
+    assert lines[header + 2].split()[0] == "pi_theta" and lines[header + 3].split()[0] == "pi_ref"
+
+
+def test_text_table_aligns_columns():
+    text = text_table([{"a": "x", "bb": 1.0}, {"a": "longer", "bb": None}])
+    lines = text.splitlines()
+    assert lines[0] == "a       bb"
+    assert lines[2] == "x       1.000"
+    assert lines[3] == "longer  —"
