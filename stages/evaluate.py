@@ -129,9 +129,10 @@ def model_fingerprint(model_path: Path, reference: StageReader) -> str:
 
 
 def generation_code_version() -> str:
-    """The source of `models.generate` and the library versions that decode: a change re-generates."""
+    """The source of stages/models.py (generation and prompt encoding) and the library versions that decode:
+    a change there generates again."""
     libs = {pkg: metadata.version(pkg) for pkg in ("torch", "transformers")}
-    return sha256_text(canonical_json({"generate": inspect.getsource(models.generate), **libs}))
+    return sha256_text(canonical_json({"models": inspect.getsource(models), **libs}))
 
 
 def generations_key(model_id: str, ids: Sequence[str], prompts: Sequence[Prompt], settings: dict[str, Any], device: str) -> str:
