@@ -1,0 +1,232 @@
+"""stages.models on a tiny random Llama: tokenisation, batched log-probs against a naive loop, generation, build_once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from multiprocessing import get_context
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages.models import (
+    build_once,
+    encode_pair,
+    encode_prompt,
+    generate,
+    length_batches,
+    load_causal_lm,
+    load_tokenizer,
+    prompt_states,
+    render_prompt,
+    resolve_model,
+    response_logprobs_and_prompt_states,
+    response_token_logprobs,
+)
+from tests.test_models_tiny import tiny_model_folder
+
+REPO = Path(__file__).resolve().parent.parent
+
+PROMPTS = [
+    [{"role": "user", "content": "hello there how are you today"}],
+    [{"role": "user", "content": "tell me a joke"}],
+    [
+        {"role": "system", "content": "you are a bot"},
+        {"role": "user", "content": "what is your name"},
+        {"role": "assistant", "content": "my name is bot"},
+        {"role": "user", "content": "where do you live and do you like music and dogs and cats"},
+    ],
+    [{"role": "user", "content": "one"}],
+    [{"role": "user", "content": "numbers one two three four five six"}],
+]
+RESPONSES = ["i am fine thank you", "", "i live in the computer and i like jazz", "two three", "seven eight nine ten"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model")
+    torch.set_num_threads(2)
+    return load_causal_lm(folder), load_tokenizer(folder)
+
+
+def _naive_logprobs(model, prompt, response):
+    """log_softmax over the whole vocabulary of one unpadded sequence: the definition of l_t."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double()
+    logp = torch.log_softmax(logits, dim=-1)
+    positions = range(len(prompt) - 1, len(prompt) + len(response) - 1)
+    return torch.stack([logp[pos, ids[0, pos + 1]] for pos in positions])
+
+
+def _encoded(tokenizer, max_prompt=64, max_response=16):
+    pairs = [encode_pair(tokenizer, p, r, max_prompt, max_response) for p, r in zip(PROMPTS, RESPONSES)]
+    return [p for p, _ in pairs], [r for _, r in pairs]
+
+
+def test_length_batches_cover_every_row_once_within_budget():
+    lengths = [5, 17, 3, 40, 8, 8, 100, 1, 22]
+    batches = length_batches(lengths, token_budget=48)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))
+    for batch in batches:
+        widest = max(lengths[i] for i in batch)
+        assert len(batch) == 1 or widest * len(batch) <= 48
+    assert batches[0] == [6]  # longer than the budget: alone, and first
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
+
+
+def test_prompt_left_truncated_response_right_truncated_with_eos(tiny):
+    _, tokenizer = tiny
+    prompt = PROMPTS[2]
+    full = encode_prompt(tokenizer, prompt, 10_000)
+    assert render_prompt(tokenizer, prompt).endswith("<|im_start|>assistant\n")
+    cut, response = encode_pair(tokenizer, prompt, "i live in the computer and i like jazz", 12, 5)
+    assert cut == full[-12:]
+    assert len(response) == 5 and response[-1] == tokenizer.eos_token_id
+    whole = tokenizer("i live in the computer and i like jazz", add_special_tokens=False)["input_ids"]
+    assert response[:-1] == whole[:4]
+    assert encode_pair(tokenizer, prompt, "", 12, 5)[1] == [tokenizer.eos_token_id]
+
+
+def test_plain_prompt_and_pad_token_without_template(tmp_path):
+    folder = tiny_model_folder(tmp_path / "plain", chat_template=False, pad_token=False)
+    tokenizer = load_tokenizer(folder)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    assert render_prompt(tokenizer, PROMPTS[0]) == "user: hello there how are you today\nassistant:"
+    ids = encode_prompt(tokenizer, PROMPTS[0], 100)
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "user: hello there how are you today\nassistant:"
+
+
+@pytest.mark.parametrize("token_budget", [10_000, 40])
+def test_batched_logprobs_equal_one_row_at_a_time(tiny, token_budget):
+    model, tokenizer = tiny
+    prompts, responses = _encoded(tokenizer)
+    got: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for batch in length_batches([len(p) + len(r) for p, r in zip(prompts, responses)], token_budget):
+            rows = response_token_logprobs(model, [prompts[i] for i in batch], [responses[i] for i in batch])
+            got.update(zip(batch, rows))
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        naive = _naive_logprobs(model, p, r)
+        assert got[i].shape == (len(r),)
+        assert got[i].dtype == torch.float32
+        torch.testing.assert_close(got[i].double(), naive, atol=1e-4, rtol=0)
+        assert abs(got[i].sum().item() - naive.sum().item()) < 1e-4
+    assert min(v.min().item() for v in got.values()) < -1.0  # the model is far from certain: a real test
+
+
+def test_logprobs_are_differentiable(tiny):
+    model, tokenizer = tiny
+    prompts, responses = _encoded(tokenizer)
+    rows = response_token_logprobs(model, prompts[:3], responses[:3])
+    loss = -torch.stack([r.sum() for r in rows]).mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    model.zero_grad(set_to_none=True)
+
+
+def test_prompt_states_from_the_pair_forward_equal_a_prompt_only_forward(tiny):
+    model, tokenizer = tiny
+    prompts, responses = _encoded(tokenizer)
+    with torch.no_grad():
+        logprobs, states = response_logprobs_and_prompt_states(model, prompts, responses)
+        alone = prompt_states(model, prompts)
+        plain = response_token_logprobs(model, prompts, responses)
+    for i, p in enumerate(prompts):
+        assert states[i].shape == (len(p), model.config.hidden_size)
+        torch.testing.assert_close(states[i], alone[i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(logprobs[i], plain[i], atol=1e-6, rtol=0)
+
+
+def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny):
+    model, tokenizer = tiny
+    batched = generate(model, tokenizer, PROMPTS, max_prompt_tokens=64, max_new_tokens=8, batch_size=3)
+    single = [generate(model, tokenizer, [p], max_prompt_tokens=64, max_new_tokens=8, batch_size=1)[0] for p in PROMPTS]
+    assert batched == single
+    assert any(text for text in batched)
+
+
+def test_sampling_is_seeded_and_leaves_the_global_rng_alone(tiny):
+    model, tokenizer = tiny
+    kwargs = dict(max_prompt_tokens=64, max_new_tokens=8, batch_size=5, do_sample=True, temperature=1.5)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    first = generate(model, tokenizer, PROMPTS, seed=1, **kwargs)
+    assert torch.rand(1) == before
+    assert generate(model, tokenizer, PROMPTS, seed=1, **kwargs) == first
+    assert generate(model, tokenizer, PROMPTS, seed=2, **kwargs) != first
+
+
+def test_resolve_model_rejects_a_folder_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception, match="config.json"):
+        resolve_model(str(tmp_path / "empty"), tmp_path / "cache")
+
+
+def _write_marker(folder: Path) -> None:
+    """A builder that takes a moment and records each call in a log beside the cache."""
+    with open(folder.parent / "calls.log", "a") as fh:
+        fh.write("built\n")
+    time.sleep(0.5)
+    (folder / "weights.bin").write_bytes(b"x" * 1000)
+
+
+def _build_marker(final: str) -> str:
+    return str(build_once(Path(final), _write_marker))
+
+
+def test_build_once_is_safe_when_two_processes_ask_at_once(tmp_path):
+    final = tmp_path / "models" / "m"
+    with get_context("spawn").Pool(2) as pool:
+        results = pool.map(_build_marker, [str(final), str(final)])
+    assert results == [str(final), str(final)]
+    assert (tmp_path / "models" / "calls.log").read_text() == "built\n"
+    assert (final / "weights.bin").stat().st_size == 1000
+    assert not list(final.parent.glob(".m.tmp-*"))
+
+
+def test_build_resumes_after_a_killed_build(tmp_path):
+    final = tmp_path / "models" / "m"
+    script = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from stages.models import build_once
+        def hang(folder):
+            (folder / "weights.bin").write_bytes(b"partial")
+            time.sleep(60)
+        build_once(Path({str(final)!r}), hang)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(final.parent.glob(".m.tmp-*/weights.bin")):
+            assert time.monotonic() < deadline, "the builder never started"
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (final.parent / ".m.lock").exists() and list(final.parent.glob(".m.tmp-*"))
+    assert not final.exists()
+    build_once(final, _write_marker)
+    assert (final / "weights.bin").read_bytes() == b"x" * 1000
+    assert not list(final.parent.glob(".m.tmp-*"))
+
+
+def test_failed_build_leaves_nothing_behind(tmp_path):
+    final = tmp_path / "models" / "m"
+
+    def broken(folder: Path) -> None:
+        (folder / "half").write_text("x")
+        raise RuntimeError("conversion failed")
+
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        build_once(final, broken)
+    assert not final.exists() and not list(final.parent.glob(".m.tmp-*"))
