@@ -96,12 +96,18 @@ INGEST_SCHEMA = pa.schema(
     ]
 )
 
+# One row per rejected candidate row (a preference pair rejects both its rows). `source_row` is 1-based:
+# the line number for JSONL and CSV, the element / row position for JSON arrays, Parquet and `datasets`
+# splits, the pair position in its file for chatterbot. `reason` is a short code (`missing`, `empty`,
+# `wrong_type`, `too_long`, `undecodable`, `invalid_json`, `duplicate_id`, `over_max_rows_per_split`, ...),
+# `detail` says it in words, `raw` is the source row as text (JSON for structured sources).
 REJECTED_SCHEMA = pa.schema(
     [
         ("source_file", pa.string()),
         ("source_row", pa.int64()),
         ("field", pa.string()),
         ("reason", pa.string()),
+        ("detail", pa.string()),
         ("raw", pa.string()),
     ]
 )
