@@ -134,6 +134,16 @@ class StageWriter:
         with self.table(name, schema or data.schema) as writer:
             writer.write(data)
 
+    def external_table(self, name: str, schema: pa.Schema) -> Path:
+        """Declare a table whose Parquet parts the stage writes itself (e.g. DuckDB `COPY ... TO`); returns its folder.
+
+        The caller must write at least one part matching `schema` into the folder before `run` returns.
+        """
+        if name in self._tables:
+            raise ValueError(f"table {name!r} is already written by this stage")
+        self._tables[name] = TableWriter(self.dir / name, schema)
+        return self._tables[name].folder
+
     def path(self, relative: str) -> Path:
         """A path inside the output folder for a non-table file (model weights, plots, reports)."""
         path = self.dir / relative
