@@ -184,10 +184,10 @@ def _messages(data: dict[str, Any], mapping: ColumnMapping, limits: Limits) -> C
 def parse_hh_transcript(text: str) -> list[Message]:
     """Split "\\n\\nHuman: a\\n\\nAssistant: b" into [{user, a}, {assistant, b}]; ValueError when it is not one."""
     parts = HH_TURN.split(text)
-    if parts[0].strip():
-        raise ValueError("text before the first '\\n\\nHuman:' turn")
     if len(parts) < 3:
         raise ValueError("no '\\n\\nHuman:' or '\\n\\nAssistant:' turns")
+    if parts[0].strip():
+        raise ValueError("text before the first '\\n\\nHuman:' turn")
     return [{"role": HH_ROLES[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
 
 
