@@ -51,6 +51,12 @@ class TfidfOptions(Section):
     min_terms: int = Field(5, gt=0, description="Responses with fewer distinct vocabulary terms are scaled down.")
     penalty_divisor: float = Field(10.0, gt=0, description="The scale is distinct terms / this (paper: 10).")
 
+    @model_validator(mode="after")
+    def _penalty_at_most_one(self) -> TfidfOptions:
+        if self.penalty_divisor < self.min_terms - 1:
+            raise ValueError("options.penalty_divisor must be at least min_terms - 1, or the score could exceed 1")
+        return self
+
 
 class LengthOptions(Section):
     """min(n, target) / max(n, target) for a response of n whitespace-separated words; 1 at the target, 0 when empty."""
