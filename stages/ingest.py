@@ -104,6 +104,7 @@ class Source:
     """An opened source: its name (part of every id) and its records, plus what is known before any row."""
 
     name: str
+    location: str
     records: Iterator[SourceRecord]
     columns: list[str] | None = None
     fmt: str | None = None
@@ -116,7 +117,9 @@ class Source:
 
 def open_source(data: DataConfig) -> Source:
     if data.source == "chatterbot":
-        return Source("chatterbot", read_chatterbot(chatterbot_files()), fmt="prompt_response", mapping=ColumnMapping())
+        files = chatterbot_files()
+        location = str(files[0].parent) if files else "chatterbot-corpus"
+        return Source("chatterbot", location, read_chatterbot(files), fmt="prompt_response", mapping=ColumnMapping())
     if data.source == "file":
         return open_file(Path(data.path), data.batch_rows)
     return open_datasets(data)
@@ -160,15 +163,16 @@ def open_file(path: Path, batch_rows: int) -> Source:
         raise IngestError(str(path), "", "no such file (data.path)")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        return Source(path.name, read_jsonl(path))
+        return Source(path.name, str(path), read_jsonl(path))
     if suffix == ".json":
-        return Source(path.name, read_json_array(path))
+        return Source(path.name, str(path), read_json_array(path))
     if suffix == ".csv":
         header, records = read_csv(path)
-        return Source(path.name, records, columns=header)
+        return Source(path.name, str(path), records, columns=header)
     if suffix == ".parquet":
         parquet = open_parquet(path)
-        return Source(path.name, read_parquet(path, parquet, batch_rows), columns=parquet.schema_arrow.names)
+        records = read_parquet(path, parquet, batch_rows)
+        return Source(path.name, str(path), records, columns=parquet.schema_arrow.names)
     raise IngestError(str(path), "", f"unknown file type {suffix!r}; expected one of {', '.join(FILE_SUFFIXES)}")
 
 
@@ -318,7 +322,8 @@ def open_datasets(data: DataConfig) -> Source:
     except Exception as exc:  # datasets raises many kinds (not found, offline, bad config): one clear line
         raise IngestError(data.path, "", f"cannot load with datasets: {type(exc).__name__}: {exc}") from None
     if isinstance(loaded, datasets.Dataset):
-        return Source(name, _dataset_records(name, {None: loaded}, data.batch_rows), columns=loaded.column_names)
+        records = _dataset_records(name, {None: loaded}, data.batch_rows)
+        return Source(name, data.path, records, columns=loaded.column_names)
     splits = {}
     for split_name in loaded:
         alias = SPLIT_ALIASES.get(split_name.lower())
@@ -329,7 +334,8 @@ def open_datasets(data: DataConfig) -> Source:
         splits[alias] = loaded[split_name]
     columns = sorted({c for ds in splits.values() for c in ds.column_names})
     records = _dataset_records(name, splits, data.batch_rows)
-    return Source(name, records, columns=columns, carve_validation="train" in splits and "validation" not in splits)
+    carve = "train" in splits and "validation" not in splits
+    return Source(name, data.path, records, columns=columns, carve_validation=carve)
 
 
 def _dataset_records(name: str, splits: dict[str | None, Any], batch_rows: int) -> Iterator[SourceRecord]:
@@ -496,7 +502,7 @@ class Ingestor:
         self.limits = Limits(data.max_prompt_chars, data.max_response_chars)
         self.fmt = source.fmt or (None if data.format == "auto" else data.format)
         if self.fmt is None and source.columns is not None:
-            self.fmt = self._detect(source.columns, source.name, "header")
+            self.fmt = self._detect(source.columns, source.location, "header")
         self.seen = SeenIds()
         self.caps = {split: SplitCap(data.max_rows_per_split) for split in SPLITS} if data.max_rows_per_split else None
         self.source_rows = self.rows_in = self.rows_out = 0
@@ -634,9 +640,9 @@ class Ingestor:
         self.kept.flush()
         self.rejected.flush()
         if self.source_rows == 0:
-            raise IngestError(self.source.name, "", "the source holds no rows")
+            raise IngestError(self.source.location, "", "the source holds no rows")
         if self.fmt is None and self.reasons["unknown_format"]:
-            raise IngestError(self.source.name, "", f"no row fits a known row format: {FORMAT_HELP}")
+            raise IngestError(self.source.location, "", f"no row fits a known row format: {FORMAT_HELP}")
         rows_rejected = sum(self.reasons.values())
         if self.rows_in != self.rows_out + rows_rejected:
             raise RuntimeError(f"ingest lost rows: {self.rows_in} in, {self.rows_out} out, {rows_rejected} rejected")
