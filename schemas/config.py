@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from schemas.advantage import AdvantageConfig
 from schemas.base import Section
 from schemas.evaluate import EvaluateConfig
 from schemas.ingest import DataConfig
-from schemas.reference import ReferenceConfig, ValueConfig
+from schemas.reference import ReferenceConfig, ValueConfig, check_value_heads
 from schemas.score import ScoreConfig
 from schemas.train import TrainConfig
 
@@ -40,6 +40,11 @@ class AlolConfig(Section):
     advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _value_heads_divide_hidden_size(self) -> AlolConfig:
+        check_value_heads(self.reference, self.value)
+        return self
 
 
 class ConfigError(Exception):

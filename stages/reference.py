@@ -1,0 +1,318 @@
+"""Reference stage: pi_ref's log-probs of every train and validation response, and the value estimate V(x).
+
+1. pi_ref is the base model, or (reference.sft_epochs > 0) the base model fine-tuned with the
+   summed-token NLL  -sum_t log pi(y_t | x, y_<t)  on the training rows (chosen rows of preference
+   pairs), saved in transformers format as `pi_ref/` in this stage's output.
+2. Value targets: pi_ref decodes each distinct validation prompt greedily; the score stage's
+   components score the outputs, giving R(x, y_ref).
+3. The value head is fitted on pi_ref's last-layer prompt states of those prompts (stages.value_head).
+4. One pass over the train and validation rows, in batches of similar length under
+   `reference.token_budget`, no grad: l_t for every response token (EOS included), L_ref = sum_t l_t,
+   T, and V(x) from the prompt positions of the same causal forward.
+
+Outputs: table `reference` (id, split, ref_logprob, ref_token_logprobs, response_tokens, value),
+table `value_targets` (prompt_id, prompt, response, one column per reward component, reward, value,
+holdout), `value_head.safetensors`, and `pi_ref/` when fine-tuned. Metrics: rows per split, r_max,
+value head fit (train and held-out MSE, the MSE of always predicting the mean on each, chosen epoch),
+log-prob and value statistics, truncation counts, timings and the log-prob pass's tokens/s.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.storage import StageReader, StageWriter
+from schemas.base import canonical_json, sha256_text
+from schemas.config import AlolConfig
+from schemas.manifest import StageResult
+from schemas.reference import REFERENCE_SCHEMA, ReferenceConfig, value_targets_schema
+from stages.models import (
+    PI_REF_FOLDER,
+    encode_pair,
+    encode_prompt,
+    generate,
+    length_batches,
+    load_causal_lm,
+    load_tokenizer,
+    prompt_states,
+    resolve_model,
+    response_logprobs_and_prompt_states,
+    response_token_logprobs,
+)
+from stages.score import load_scorer
+from stages.value_head import AttentionPoolingValueHead, fit_value_head, predict_values, save_value_head
+
+log = logging.getLogger("alol.reference")
+
+SPLITS = ("train", "validation")
+VALUE_HEAD_FILE = "value_head.safetensors"
+WRITE_ROWS = 8192
+
+
+@dataclass
+class EncodedRows:
+    """The train and validation rows of ingest, tokenised; validation prompts kept for the value targets."""
+
+    ids: list[str] = field(default_factory=list)
+    splits: list[str] = field(default_factory=list)
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    response_ids: list[list[int]] = field(default_factory=list)
+    sft_rows: list[int] = field(default_factory=list)
+    validation_prompts: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    prompts_truncated: int = 0
+    responses_truncated: int = 0
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def prompt_key(prompt: Sequence[dict[str, str]]) -> str:
+    """A stable id of a prompt (its messages' canonical JSON), so equal prompts share one value target."""
+    return sha256_text(canonical_json([{"role": m["role"], "content": m["content"]} for m in prompt]))[:32]
+
+
+def encode_rows(ingest: StageReader, tokenizer: Any, ref: ReferenceConfig, batch_rows: int = 4096) -> EncodedRows:
+    """Stream the train and validation rows of the `ingest` table and tokenise them (stages.models.encode_pair)."""
+    rows = EncodedRows()
+    wanted = pads.field("split").isin(list(SPLITS))
+    columns = ["id", "split", "prompt", "response", "preference"]
+    for batch in ingest.dataset("ingest").to_batches(columns=columns, filter=wanted, batch_size=batch_rows):
+        for row in batch.to_pylist():
+            prompt_ids, response_ids = encode_pair(
+                tokenizer, row["prompt"], row["response"], ref.max_prompt_tokens, ref.max_response_tokens
+            )
+            rows.prompts_truncated += len(prompt_ids) == ref.max_prompt_tokens
+            rows.responses_truncated += len(response_ids) == ref.max_response_tokens
+            if row["split"] == "train" and row["preference"] in (None, "chosen"):
+                rows.sft_rows.append(len(rows.ids))
+            if row["split"] == "validation":
+                rows.validation_prompts.setdefault(prompt_key(row["prompt"]), row["prompt"])
+            rows.ids.append(row["id"])
+            rows.splits.append(row["split"])
+            rows.prompt_ids.append(prompt_ids)
+            rows.response_ids.append(response_ids)
+    return rows
+
+
+# --------------------------------------------------------------------------- optional SFT of pi_ref
+
+
+def fine_tune_reference(
+    model: Any, rows: EncodedRows, ref: ReferenceConfig, seed: int
+) -> dict[str, float | int]:
+    """Summed-token NLL fine-tuning in place: loss = mean over the batch of -sum_t l_t (AdamW, grad-norm clip 1.0)."""
+    if not rows.sft_rows:
+        raise ValueError("reference.sft_epochs > 0 but the ingest output has no training rows to fine-tune pi_ref on")
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=ref.sft_learning_rate)
+    model.train()
+    losses: list[float] = []
+    for epoch in range(1, ref.sft_epochs + 1):
+        order = [rows.sft_rows[i] for i in torch.randperm(len(rows.sft_rows), generator=generator).tolist()]
+        batches = [order[s : s + ref.sft_batch_size] for s in range(0, len(order), ref.sft_batch_size)]
+        for batch in tqdm(batches, desc=f"SFT pi_ref epoch {epoch}", unit="batch"):
+            logprobs = response_token_logprobs(
+                model, [rows.prompt_ids[i] for i in batch], [rows.response_ids[i] for i in batch]
+            )
+            loss = -torch.stack([lp.sum() for lp in logprobs]).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        log.info("SFT epoch %d: mean summed-token NLL %.4f", epoch, float(np.mean(losses[-len(batches) :])))
+    model.eval()
+    return {"sft_steps": len(losses), "sft_first_loss": losses[0], "sft_last_loss": losses[-1]}
+
+
+# --------------------------------------------------------------------------- value targets and head
+
+
+def batched_prompt_states(model: Any, prompts: Sequence[list[int]], token_budget: int) -> list[torch.Tensor]:
+    """Last-layer prompt states (P_i x hidden, float32, on the CPU) of each prompt, in length-grouped batches."""
+    states: list[torch.Tensor | None] = [None] * len(prompts)
+    with torch.inference_mode():
+        for batch in length_batches([len(p) for p in prompts], token_budget):
+            for i, s in zip(batch, prompt_states(model, [prompts[i] for i in batch])):
+                states[i] = s.float().cpu().clone()
+    return states  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- the log-prob pass
+
+
+@dataclass
+class ReferencePass:
+    token_logprobs: list[np.ndarray]
+    values: np.ndarray | None
+    tokens: int
+    seconds: float
+
+
+def reference_logprobs(
+    model: Any,
+    prompt_ids: Sequence[list[int]],
+    response_ids: Sequence[list[int]],
+    token_budget: int,
+    head: AttentionPoolingValueHead | None = None,
+    progress: bool = True,
+) -> ReferencePass:
+    """l_t of every response token (and V(x) with a head) in length-sorted batches under `token_budget`, no grad."""
+    token_logprobs: list[np.ndarray | None] = [None] * len(prompt_ids)
+    values = np.full(len(prompt_ids), np.nan) if head is not None else None
+    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for batch in tqdm(length_batches(lengths, token_budget), desc="reference log-probs", unit="batch", disable=not progress):
+            prompts, responses = [prompt_ids[i] for i in batch], [response_ids[i] for i in batch]
+            if head is None:
+                rows = response_token_logprobs(model, prompts, responses)
+            else:
+                rows, states = response_logprobs_and_prompt_states(model, prompts, responses)
+                values[batch] = predict_values(head, states).cpu().numpy()
+            for i, lp in zip(batch, rows):
+                token_logprobs[i] = lp.float().cpu().numpy()
+    return ReferencePass(token_logprobs, values, sum(lengths), time.perf_counter() - started)  # type: ignore[arg-type]
+
+
+def _write_reference(out: StageWriter, rows: EncodedRows, result: ReferencePass) -> None:
+    with out.table("reference", REFERENCE_SCHEMA) as table:
+        for start in range(0, len(rows.ids), WRITE_ROWS):
+            stop = min(start + WRITE_ROWS, len(rows.ids))
+            token_lps = result.token_logprobs[start:stop]
+            table.write(
+                {
+                    "id": rows.ids[start:stop],
+                    "split": rows.splits[start:stop],
+                    "ref_logprob": [float(lp.astype(np.float64).sum()) for lp in token_lps],
+                    "ref_token_logprobs": [lp.tolist() for lp in token_lps],
+                    "response_tokens": [len(lp) for lp in token_lps],
+                    "value": result.values[start:stop].tolist(),
+                }
+            )
+
+
+def _stats(values: np.ndarray) -> dict[str, float]:
+    if len(values) == 0:
+        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
+    return {"mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()), "max": float(values.max())}
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> StageResult:
+    """pi_ref (optionally fine-tuned), its value head, and its log-probs of every train and validation row."""
+    ref, device = cfg.reference, _device()
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    base_path = resolve_model(ref.model, cfg.run.cache_dir)
+    tokenizer = load_tokenizer(base_path)
+    rows = encode_rows(inputs["ingest"], tokenizer, ref)
+    if not rows.ids:
+        raise ValueError(f"{inputs['ingest'].dir}: the ingest output has no train or validation rows")
+    model = load_causal_lm(base_path).to(device)
+    hidden = model.config.hidden_size
+    if hidden % cfg.value.heads:
+        raise ValueError(f"value.heads ({cfg.value.heads}) must divide the hidden size {hidden} of {base_path}")
+    timings["load_seconds"] = time.perf_counter() - clock
+
+    sft_metrics: dict[str, Any] = {}
+    if ref.sft_epochs > 0:
+        clock = time.perf_counter()
+        sft_metrics = fine_tune_reference(model, rows, ref, cfg.run.seed)
+        folder = out.path(PI_REF_FOLDER)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        timings["sft_seconds"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    keys = list(rows.validation_prompts)
+    prompts = [rows.validation_prompts[k] for k in keys]
+    if len(prompts) < 2:
+        raise ValueError(
+            f"{inputs['ingest'].dir}: {len(prompts)} distinct validation prompts; the value head needs at least 2 "
+            "(raise data.max_rows_per_split or data.split_fractions.validation)"
+        )
+    responses = generate(
+        model, tokenizer, prompts, max_prompt_tokens=ref.max_prompt_tokens,
+        max_new_tokens=ref.generate_max_new_tokens, batch_size=ref.generate_batch_size, seed=cfg.run.seed,
+    )
+    timings["generate_seconds"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    scorer = load_scorer(cfg, inputs["score"])
+    scores = scorer.score(prompts, responses, ids=keys)
+    component_names, r_max = scorer.component_names, scorer.r_max
+    del scorer
+    timings["score_seconds"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    prompt_tokens = [encode_prompt(tokenizer, p, ref.max_prompt_tokens) for p in prompts]
+    states = batched_prompt_states(model, prompt_tokens, ref.token_budget)
+    value = cfg.value
+    fit = fit_value_head(
+        states, scores["reward"].tolist(), r_max=r_max, heads=value.heads, dropout=value.dropout,
+        epochs=value.epochs, learning_rate=value.learning_rate, batch_size=value.batch_size,
+        holdout_fraction=value.holdout_fraction, seed=cfg.run.seed,
+    )
+    save_value_head(fit.head, out.path(VALUE_HEAD_FILE))
+    target_values = predict_values(fit.head, states).numpy()
+    out.write_table(
+        "value_targets",
+        pa.Table.from_pydict(
+            {
+                "prompt_id": keys, "prompt": prompts, "response": responses,
+                **{name: scores[name] for name in component_names},
+                "reward": scores["reward"], "value": target_values, "holdout": fit.holdout_mask,
+            },
+            schema=value_targets_schema(component_names),
+        ),
+    )
+    timings["value_head_seconds"] = time.perf_counter() - clock
+    log.info(
+        "value head: epoch %d, held-out MSE %.4g vs %.4g for the mean (train %.4g vs %.4g)",
+        fit.chosen_epoch, fit.holdout_mse, fit.mean_baseline_holdout_mse, fit.train_mse, fit.mean_baseline_train_mse,
+    )
+
+    fit.head.to(device)
+    result = reference_logprobs(model, rows.prompt_ids, rows.response_ids, ref.token_budget, head=fit.head)
+    fit.head.cpu()
+    timings["logprob_seconds"] = result.seconds
+    _write_reference(out, rows, result)
+
+    ref_logprobs = np.array([lp.astype(np.float64).sum() for lp in result.token_logprobs])
+    metrics = {
+        "pi_ref": "sft" if ref.sft_epochs > 0 else "base",
+        "model": ref.model,
+        "hidden_size": hidden,
+        "device": device.type,
+        "rows": {s: rows.splits.count(s) for s in SPLITS},
+        "prompts_truncated": rows.prompts_truncated,
+        "responses_truncated": rows.responses_truncated,
+        "r_max": r_max,
+        "value_target_prompts": len(prompts),
+        "value_target_reward": _stats(scores["reward"]),
+        **fit.metrics(),
+        "ref_logprob": _stats(ref_logprobs),
+        "response_tokens": _stats(np.array([len(lp) for lp in result.token_logprobs], dtype=np.float64)),
+        "value": _stats(result.values),
+        "logprob_tokens": result.tokens,
+        "logprob_tokens_per_s": result.tokens / max(result.seconds, 1e-9),
+        **sft_metrics,
+        **{k: round(v, 3) for k, v in timings.items()},
+    }
+    return StageResult(rows_in=len(rows.ids), rows_out=len(rows.ids), rows_rejected=0, metrics=metrics)

@@ -1,0 +1,196 @@
+"""Reference stage on a tiny random Llama: ingest -> score -> reference through the stage runner.
+
+Checks the tables against independent computations: naive one-row-at-a-time log-probs, greedy
+decoding and scoring of the validation prompts, the saved head reproducing the stored values, and
+the causal identity V(prompt+response forward) = V(prompt-only forward).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.runner import execute_stage
+from pipeline.storage import StageReader
+from schemas.config import load_config
+from stages.models import encode_pair, encode_prompt, generate, load_causal_lm, load_tokenizer, reference_model_path
+from stages.reference import prompt_key
+from stages.score import load_scorer
+from stages.value_head import load_value_head, predict_values
+from tests.test_models_tiny import tiny_model_folder
+
+WORDS = "hello there how are you today i am fine thank you what is your name tell me a joke about cats dogs music".split()
+
+
+def _write_data(path: Path, seed: int = 0) -> Path:
+    """40 prompt/response rows with a split column: 24 train, 12 validation (10 distinct prompts), 4 test."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(40):
+        split = "train" if i < 24 else "validation" if i < 36 else "test"
+        prompt_index = i if i < 34 else i - 10  # two validation prompts appear twice
+        prompt_words = [WORDS[(prompt_index * 7 + k) % len(WORDS)] for k in range(2 + prompt_index % 9)]
+        response = " ".join(rng.choice(WORDS, size=int(rng.integers(1, 12))))
+        records.append({"prompt": " ".join(prompt_words), "response": response, "split": split})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _config(tmp_path: Path, model: Path, **extra):
+    overrides = {
+        "run.root": str(tmp_path / "runs"),
+        "run.cache_dir": str(tmp_path / "cache"),
+        "data.source": "file",
+        "data.path": str(_write_data(tmp_path / "rows.jsonl")),
+        "data.max_rows_per_split": None,
+        "score.components": [
+            {"name": "length", "kind": "length", "options": {"target_words": 6}},
+            {"name": "sentiment", "kind": "sentiment", "weight": 2.0},
+        ],
+        "reference.model": str(model),
+        "reference.max_prompt_tokens": 24,
+        "reference.max_response_tokens": 8,
+        "reference.token_budget": 64,
+        "reference.generate_max_new_tokens": 6,
+        "reference.generate_batch_size": 4,
+        "value.epochs": 4,
+        "value.batch_size": 4,
+        "value.holdout_fraction": 0.3,
+        **extra,
+    }
+    return load_config("smoke", overrides=overrides)
+
+
+def _run_through_reference(cfg):
+    ingest, _ = execute_stage(cfg, "ingest", {})
+    score, _ = execute_stage(cfg, "score", {"ingest": ingest})
+    reference, reused = execute_stage(cfg, "reference", {"ingest": ingest, "score": score})
+    assert not reused
+    return StageReader(ingest.path), StageReader(score.path), StageReader(reference.path)
+
+
+def _naive_logprobs(model, prompt, response) -> np.ndarray:
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    return np.array([logp[len(prompt) - 1 + t, response[t]].item() for t in range(len(response))])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    torch.set_num_threads(2)
+    tmp = tmp_path_factory.mktemp("reference")
+    model = tiny_model_folder(tmp / "tiny")
+    cfg = _config(tmp, model)
+    return cfg, *_run_through_reference(cfg)
+
+
+def test_reference_table_covers_train_and_validation_rows(tiny_run):
+    cfg, ingest, _, reference = tiny_run
+    rows = ingest.read("ingest", columns=["id", "split"]).to_pylist()
+    table = reference.read("reference").to_pylist()
+    expected = {r["id"]: r["split"] for r in rows if r["split"] in ("train", "validation")}
+    assert {r["id"]: r["split"] for r in table} == expected and len(table) == len(expected) == 36
+    assert reference.manifest.columns["reference"] == {
+        "id": "string", "split": "string", "ref_logprob": "double", "ref_token_logprobs": "list<item: float>",
+        "response_tokens": "int32", "value": "double",
+    }
+    for row in table:
+        assert row["response_tokens"] == len(row["ref_token_logprobs"]) <= cfg.reference.max_response_tokens
+        assert abs(row["ref_logprob"] - sum(row["ref_token_logprobs"])) < 1e-4
+        assert all(lp <= 0 for lp in row["ref_token_logprobs"])
+
+
+def test_reference_logprobs_equal_a_naive_loop(tiny_run):
+    cfg, ingest, _, reference = tiny_run
+    path = reference_model_path(cfg, reference)
+    model, tokenizer = load_causal_lm(path), load_tokenizer(path)
+    stored = {r["id"]: r for r in reference.read("reference").to_pylist()}
+    for row in ingest.read("ingest").to_pylist():
+        if row["split"] not in stored.get(row["id"], {}).get("split", ""):
+            continue
+        prompt, response = encode_pair(tokenizer, row["prompt"], row["response"], 24, 8)
+        naive = _naive_logprobs(model, prompt, response)
+        np.testing.assert_allclose(stored[row["id"]]["ref_token_logprobs"], naive, atol=1e-4, rtol=0)
+        assert abs(stored[row["id"]]["ref_logprob"] - naive.sum()) < 1e-4
+
+
+def test_value_targets_are_pi_refs_greedy_outputs_scored_by_the_score_stage(tiny_run):
+    cfg, ingest, score, reference = tiny_run
+    targets = reference.read("value_targets").to_pylist()
+    validation = [r for r in ingest.read("ingest").to_pylist() if r["split"] == "validation"]
+    assert sorted(t["prompt_id"] for t in targets) == sorted({prompt_key(r["prompt"]) for r in validation})
+    assert len(targets) == 10 and sum(t["holdout"] for t in targets) == 3
+    path = reference_model_path(cfg, reference)
+    model, tokenizer = load_causal_lm(path), load_tokenizer(path)
+    prompts = [t["prompt"] for t in targets]
+    greedy = generate(model, tokenizer, prompts, max_prompt_tokens=24, max_new_tokens=6, batch_size=1)
+    assert [t["response"] for t in targets] == greedy
+    scores = load_scorer(cfg, score).score(prompts, greedy, progress=False)
+    for name in ("length", "sentiment", "reward"):
+        np.testing.assert_allclose([t[name] for t in targets], scores[name], atol=1e-12)
+
+
+def test_saved_head_reproduces_values_and_matches_the_pair_forward(tiny_run):
+    cfg, ingest, _, reference = tiny_run
+    head = load_value_head(reference.path("value_head.safetensors"))
+    r_max = reference.manifest.metrics["r_max"]
+    assert head.r_max == r_max == 3.0  # length (weight 1, upper 1) + sentiment (weight 2, upper 1)
+    path = reference_model_path(cfg, reference)
+    model, tokenizer = load_causal_lm(path), load_tokenizer(path)
+    targets = reference.read("value_targets").to_pylist()
+    with torch.no_grad():
+        states = [
+            model.get_decoder()(input_ids=torch.tensor([encode_prompt(tokenizer, t["prompt"], 24)])).last_hidden_state[0]
+            for t in targets
+        ]
+    np.testing.assert_allclose(predict_values(head, states).numpy(), [t["value"] for t in targets], atol=1e-5)
+    # V of a validation row (prompt positions of its prompt+response forward) = V of its prompt alone.
+    by_prompt = {t["prompt_id"]: t["value"] for t in targets}
+    values = {r["id"]: r["value"] for r in reference.read("reference").to_pylist()}
+    checked = 0
+    for row in ingest.read("ingest").to_pylist():
+        if row["split"] == "validation":
+            assert abs(values[row["id"]] - by_prompt[prompt_key(row["prompt"])]) < 1e-4
+            checked += 1
+    assert checked == 12
+    assert all(0 < v < r_max for v in values.values())
+
+
+def test_manifest_reports_the_value_fit_against_the_mean(tiny_run):
+    cfg, _, _, reference = tiny_run
+    metrics = reference.manifest.metrics
+    assert metrics["rows"] == {"train": 24, "validation": 12}
+    assert 1 <= metrics["value_chosen_epoch"] <= cfg.value.epochs
+    assert metrics["value_holdout_mse"] == min(metrics["value_holdout_mse_by_epoch"])
+    targets = reference.read("value_targets").to_pandas()
+    train_rewards = targets.loc[~targets.holdout, "reward"]
+    held = targets.loc[targets.holdout]
+    assert metrics["value_mean_baseline_holdout_mse"] == pytest.approx(((held.reward - train_rewards.mean()) ** 2).mean())
+    assert metrics["value_holdout_mse"] == pytest.approx(((held.reward - held.value) ** 2).mean(), abs=1e-9)
+    assert metrics["pi_ref"] == "base" and metrics["logprob_tokens_per_s"] > 0
+    assert not reference.path("pi_ref").exists()
+
+
+def test_sft_fine_tunes_pi_ref_on_the_training_rows(tiny_run, tmp_path):
+    base_cfg, _, _, base_reference = tiny_run
+    cfg = _config(
+        tmp_path, Path(base_cfg.reference.model),
+        **{"reference.sft_epochs": 3, "reference.sft_learning_rate": 3e-3, "reference.sft_batch_size": 4},
+    )
+    _, _, reference = _run_through_reference(cfg)
+    folder = reference_model_path(cfg, reference)
+    assert folder == reference.path("pi_ref") and (folder / "model.safetensors").is_file()
+    metrics = reference.manifest.metrics
+    assert metrics["pi_ref"] == "sft" and metrics["sft_steps"] == 3 * 6
+    assert metrics["sft_last_loss"] < metrics["sft_first_loss"]
+
+    def train_mean(reader):
+        return np.mean([r["ref_logprob"] for r in reader.read("reference").to_pylist() if r["split"] == "train"])
+
+    # Fine-tuned on the training responses, pi_ref assigns them a clearly higher likelihood.
+    assert train_mean(reference) > train_mean(base_reference) + 1.0
