@@ -58,6 +58,9 @@ FORMAT_HELP = (
 )
 UTF8_BOM = b"\xef\xbb\xbf"
 CSV_FIELD_LIMIT = 2**31 - 1
+# Reused encoders: json.dumps builds a new encoder per call when given options, a cost at a million rows.
+CANONICAL_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+META_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, default=str)
 
 
 class IngestError(RuntimeError):
@@ -95,7 +98,7 @@ class SourceRecord:
 
     def raw_text(self) -> str:
         if self.raw is None:
-            self.raw = json.dumps(self.data, ensure_ascii=False, sort_keys=True, default=str)
+            self.raw = META_JSON.encode(self.data)
         return safe_text(self.raw)
 
 
@@ -353,7 +356,7 @@ def _dataset_records(name: str, splits: dict[str | None, Any], batch_rows: int) 
 
 
 def canonical_prompt(prompt: list[dict[str, str]]) -> str:
-    return json.dumps(prompt, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return CANONICAL_JSON.encode(prompt)
 
 
 def row_digest(source: str, prompt_json: str, response: str) -> bytes:
@@ -500,9 +503,13 @@ class Ingestor:
         self.kept, self.rejected = kept, rejected
         self.mapping = source.mapping or data.columns
         self.limits = Limits(data.max_prompt_chars, data.max_response_chars)
-        self.fmt = source.fmt or (None if data.format == "auto" else data.format)
-        if self.fmt is None and source.columns is not None:
-            self.fmt = self._detect(source.columns, source.location, "header")
+        self.fmt: str | None = None
+        self.used_columns: frozenset[str] = frozenset()
+        fmt = source.fmt or (None if data.format == "auto" else data.format)
+        if fmt is None and source.columns is not None:
+            fmt = self._detect(source.columns, source.location, "header")
+        if fmt is not None:
+            self._use_format(fmt)
         self.seen = SeenIds()
         self.caps = {split: SplitCap(data.max_rows_per_split) for split in SPLITS} if data.max_rows_per_split else None
         self.source_rows = self.rows_in = self.rows_out = 0
@@ -517,6 +524,11 @@ class Ingestor:
         log.info("ingest format: %s (from the columns of %s)", fmt, file)
         return fmt
 
+    def _use_format(self, fmt: str) -> None:
+        """Read every following row in `fmt`; the columns it does not consume become `meta`."""
+        self.fmt = fmt
+        self.used_columns = frozenset(format_columns(fmt, self.mapping))
+
     def feed(self, records: list[SourceRecord]) -> None:
         groups = [self._group(record) for record in records]
         self._deduplicate(groups)
@@ -528,10 +540,11 @@ class Ingestor:
         if record.problem is not None:
             return Group(record, [Candidate(None, None, None, record.problem)])
         if self.fmt is None:
-            self.fmt = detect_format(record.data, self.mapping)
-            if self.fmt is None:
+            fmt = detect_format(record.data, self.mapping)
+            if fmt is None:
                 problem = Problem("<row>", "unknown_format", f"the fields {sorted(record.data)} fit no row format")
                 return Group(record, [Candidate(None, None, None, problem)])
+            self._use_format(fmt)
             log.info("ingest format: %s (from the fields of %s row %d)", self.fmt, record.file, record.row)
         group = Group(record, to_candidates(self.fmt, record.data, self.mapping, self.limits))
         if not group.valid:
@@ -544,9 +557,8 @@ class Ingestor:
         group.ids = [row_digest(self.source.name, prompt_json, c.response) for c in group.candidates]
         if len(group.ids) == 2:
             group.pair_id = hashlib.blake2b(b"".join(group.ids), digest_size=16).digest()
-        used = format_columns(self.fmt, self.mapping)
-        extra = {k: v for k, v in record.data.items() if k not in used}
-        group.meta = safe_text(json.dumps(extra, ensure_ascii=False, sort_keys=True, default=str))
+        extra = {k: v for k, v in record.data.items() if k not in self.used_columns}
+        group.meta = safe_text(META_JSON.encode(extra)) if extra else "{}"
         return group
 
     def _split(self, record: SourceRecord, prompt_json: str) -> tuple[str | None, Problem | None]:
