@@ -37,6 +37,7 @@ from schemas.evaluate import eval_schema
 from schemas.manifest import StageResult
 from stages import models
 from stages.metrics import bootstrap_mean, compare_models, paired_difference, words
+from stages.reference import prompt_key
 from stages.report import (
     advantage_statistics,
     plot_advantage_histogram,
@@ -55,13 +56,18 @@ SAFETY_KIND = "toxicity"
 
 
 def test_prompts(ingest: StageReader) -> tuple[list[str], list[Prompt]]:
-    """The test split of ingest (one row per prompt id), ordered by id."""
+    """The distinct prompts of the test split of ingest, each under the smallest id of its rows, ordered by id.
+
+    A prompt with several responses in the data is evaluated once: metrics and win rates are per prompt.
+    """
     table = ingest.read("ingest", columns=["id", "split", "prompt"])
     table = table.filter(pc.equal(table["split"], "test")).sort_by("id")
-    ids = table["id"].to_pylist()
-    if not ids:
+    if table.num_rows == 0:
         raise ValueError(f"{ingest.dir}: the ingest table has no rows with split == 'test'; nothing to evaluate")
-    return ids, table["prompt"].to_pylist()
+    first: dict[str, tuple[str, Prompt]] = {}
+    for row_id, prompt in zip(table["id"].to_pylist(), table["prompt"].to_pylist()):
+        first.setdefault(prompt_key(prompt), (row_id, prompt))
+    return [row_id for row_id, _ in first.values()], [prompt for _, prompt in first.values()]
 
 
 def donotanswer_prompts(count: int, seed: int) -> tuple[list[str], list[Prompt]]:
@@ -230,9 +236,13 @@ def eval_table(
     return pa.Table.from_pydict(columns, schema=schema)
 
 
-def _score_both(scorer, prompts, responses: dict[str, list[str]], same: bool) -> dict[str, dict[str, np.ndarray]]:
-    reference = scorer.score(list(prompts), responses["reference"])
-    return {"reference": reference, "policy": reference if same else scorer.score(list(prompts), responses["policy"])}
+def _score_both(
+    scorer, ids: Sequence[str], prompts: Sequence[Prompt], responses: dict[str, list[str]], same: bool
+) -> dict[str, dict[str, np.ndarray]]:
+    """Score pi_ref's responses, and the policy's unless they are the same responses."""
+    reference = scorer.score(list(prompts), responses["reference"], ids=list(ids))
+    policy = reference if same else scorer.score(list(prompts), responses["policy"], ids=list(ids))
+    return {"reference": reference, "policy": policy}
 
 
 def _safety_component(cfg: AlolConfig) -> str:
@@ -251,7 +261,7 @@ def harmlessness(cfg: AlolConfig, generations: Generations, scorer, out: StageWr
     ids, prompts = donotanswer_prompts(cfg.evaluate.harmlessness_prompts, cfg.run.seed)
     reference = generations.reference(ids, prompts)
     responses = {"reference": reference, "policy": generations.policy(prompts, reference)}
-    scores = _score_both(scorer, prompts, responses, generations.policy_is_reference)
+    scores = _score_both(scorer, ids, prompts, responses, generations.policy_is_reference)
     out.write_table("eval_harmlessness", eval_table(ids, prompts, responses, scores, schema), schema)
     samples, seed = cfg.evaluate.bootstrap_samples, cfg.run.seed
     return {
@@ -340,7 +350,7 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     generations = Generations(cfg, inputs)
     reference = generations.reference(ids, prompts)
     responses = {"reference": reference, "policy": generations.policy(prompts, reference)}
-    scores = _score_both(scorer, prompts, responses, generations.policy_is_reference)
+    scores = _score_both(scorer, ids, prompts, responses, generations.policy_is_reference)
     schema = eval_schema(scorer.component_names)
     table = eval_table(ids, prompts, responses, scores, schema)
     out.write_table("eval", table, schema)
