@@ -41,7 +41,15 @@ from pipeline.storage import StageReader, StageWriter, TableWriter
 from schemas.config import AlolConfig
 from schemas.ingest import INGEST_SCHEMA, REJECTED_SCHEMA, SPLITS, ColumnMapping, DataConfig, SplitFractions
 from schemas.manifest import StageResult
-from stages.ingest_formats import Candidate, Limits, Problem, detect_format, format_columns, partner_problem, to_candidates
+from stages.ingest_formats import (
+    Candidate,
+    Limits,
+    Problem,
+    detect_format,
+    format_columns,
+    partner_problem,
+    to_candidates,
+)
 
 log = logging.getLogger("alol.ingest")
 
@@ -69,7 +77,7 @@ class IngestError(RuntimeError):
     def __init__(self, file: str, where: str, message: str):
         self.file, self.where = file, where
         text = f"{file}: {where}: {message}" if where else f"{file}: {message}"
-        super().__init__(" ".join(text.split("\n")))
+        super().__init__(" ".join(text.splitlines()))
 
     @classmethod
     def invalid_row(cls, file: str, row: int, problem: Problem) -> IngestError:
@@ -273,7 +281,7 @@ def _csv_records(file: str, fh: Any, reader: Any, header: list[str]) -> Iterator
                 problem = Problem("<row>", "wrong_field_count", f"{len(fields)} fields, the header names {len(header)}")
                 yield SourceRecord(file, row, None, raw=safe_text(",".join(fields)), problem=problem)
                 continue
-            yield SourceRecord(file, row, dict(zip(header, fields)))
+            yield SourceRecord(file, row, dict(zip(header, fields, strict=True)))
 
 
 def open_parquet(path: Path) -> pq.ParquetFile:
@@ -347,9 +355,9 @@ def _dataset_records(name: str, splits: dict[str | None, Any], batch_rows: int) 
         row = 0
         for batch in dataset.iter(batch_size=batch_rows):
             columns = list(batch)
-            for values in zip(*(batch[c] for c in columns)):
+            for values in zip(*(batch[c] for c in columns), strict=True):
                 row += 1
-                yield SourceRecord(file, row, dict(zip(columns, values)), split=split)
+                yield SourceRecord(file, row, dict(zip(columns, values, strict=True)), split=split)
 
 
 # --- ids, splits, deduplication, the per-split cap -----------------------------------------------
@@ -520,7 +528,8 @@ class Ingestor:
     def _detect(self, columns: list[str], file: str, where: str) -> str:
         fmt = detect_format(columns, self.mapping)
         if fmt is None:
-            raise IngestError(file, where, f"cannot tell the row format from the columns {sorted(columns)}: {FORMAT_HELP}")
+            columns_text = f"cannot tell the row format from the columns {sorted(columns)}"
+            raise IngestError(file, where, f"{columns_text}: {FORMAT_HELP}")
         log.info("ingest format: %s (from the columns of %s)", fmt, file)
         return fmt
 
@@ -620,7 +629,8 @@ class Ingestor:
         self._write_rejected(record, problem)
 
     def _cut(self, group: Group) -> None:
-        detail = f"split {group.split!r} already holds data.max_rows_per_split={self.data.max_rows_per_split} rows with smaller ids"
+        limit = self.data.max_rows_per_split
+        detail = f"split {group.split!r} already holds data.max_rows_per_split={limit} rows with smaller ids"
         for _ in group.candidates:
             self._write_rejected(group.record, Problem("split", CAPPED, detail))
 
@@ -633,7 +643,7 @@ class Ingestor:
 
     def _keep(self, group: Group) -> None:
         pair_id = group.pair_id.hex() if group.pair_id else None
-        for key, candidate in zip(group.ids, group.candidates):
+        for key, candidate in zip(group.ids, group.candidates, strict=True):
             self.kept.append(
                 {"id": key.hex(), "split": group.split, "prompt": candidate.prompt, "response": candidate.response,
                  "pair_id": pair_id, "preference": candidate.preference, "source": self.source.name,

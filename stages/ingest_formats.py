@@ -172,7 +172,8 @@ def _messages(data: dict[str, Any], mapping: ColumnMapping, limits: Limits) -> C
         return Candidate(None, None, None, problem)
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
-        return Candidate(None, None, None, Problem(field, "no_assistant_turn", "the conversation has no assistant turn"))
+        problem = Problem(field, "no_assistant_turn", "the conversation has no assistant turn")
+        return Candidate(None, None, None, problem)
     if last == 0:
         return Candidate(None, None, None, Problem(field, "missing", "no turns before the last assistant turn"))
     prompt, problem = check_prompt(messages[:last], field, limits.max_prompt_chars)
@@ -188,7 +189,8 @@ def parse_hh_transcript(text: str) -> list[Message]:
         raise ValueError("no '\\n\\nHuman:' or '\\n\\nAssistant:' turns")
     if parts[0].strip():
         raise ValueError("text before the first '\\n\\nHuman:' turn")
-    return [{"role": HH_ROLES[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
+    turns = zip(parts[1::2], parts[2::2], strict=True)
+    return [{"role": HH_ROLES[role], "content": content.strip()} for role, content in turns]
 
 
 def _hh_side(value: Any, field: str) -> tuple[list[Message], Problem | None]:
@@ -259,9 +261,13 @@ def pair(
     if not (prompt_problem or chosen_problem or rejected_problem) and chosen_text == rejected_text:
         same = Problem(mapping.rejected, "identical_responses", "chosen and rejected responses are the same text")
         chosen_problem = rejected_problem = same
+    chosen_problem, rejected_problem = (
+        prompt_problem or chosen_problem or partner_problem(rejected_problem),
+        prompt_problem or rejected_problem or partner_problem(chosen_problem),
+    )
     return [
-        Candidate(prompt, chosen_text, "chosen", prompt_problem or chosen_problem or partner_problem(rejected_problem)),
-        Candidate(prompt, rejected_text, "rejected", prompt_problem or rejected_problem or partner_problem(chosen_problem)),
+        Candidate(prompt, chosen_text, "chosen", chosen_problem),
+        Candidate(prompt, rejected_text, "rejected", rejected_problem),
     ]
 
 
@@ -269,4 +275,5 @@ def partner_problem(problem: Problem | None) -> Problem | None:
     """The problem a valid side of a pair inherits from its invalid partner."""
     if problem is None:
         return None
-    return Problem(problem.field, "pair_partner_invalid", f"the other response of the pair is invalid: {problem.reason}")
+    detail = f"the other response of the pair is invalid: {problem.reason}"
+    return Problem(problem.field, "pair_partner_invalid", detail)

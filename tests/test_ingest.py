@@ -268,7 +268,11 @@ def test_split_fractions_from_config_change_the_assignment(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"p{i}", "response": "r"} for i in range(50)])
     cfg = load_config(
         profile=None,
-        overrides={"data.source": "file", "data.path": str(path), "data.split_fractions": {"train": 0.5, "validation": 0.5, "test": 0.0}},
+        overrides={
+            "data.source": "file",
+            "data.path": str(path),
+            "data.split_fractions": {"train": 0.5, "validation": 0.5, "test": 0.0},
+        },
     )
     writer = StageWriter(tmp_path / "out")
     result = run(cfg, {}, writer)

@@ -41,8 +41,12 @@ BAD_ROWS = {
     "blank prompt": (row(prompt="   \n\t", response="Hello"), "prompt", "empty"),
     "prompt is a number": (row(prompt=42, response="Forty-two"), "prompt", "wrong_type"),
     "response is a list": (row(prompt="Hi", response=["a", "b"]), "response", "wrong_type"),
-    "message content is a number": (row(prompt=[{"role": "user", "content": 7}], response="ok"), "prompt", "wrong_type"),
-    "message with unknown role": (row(prompt=[{"role": "robot", "content": "hi"}], response="ok"), "prompt", "bad_message"),
+    "message content is a number": (
+        row(prompt=[{"role": "user", "content": 7}], response="ok"), "prompt", "wrong_type"
+    ),
+    "message with unknown role": (
+        row(prompt=[{"role": "robot", "content": "hi"}], response="ok"), "prompt", "bad_message"
+    ),
     "message without content": (row(prompt=[{"role": "user"}], response="ok"), "prompt", "bad_message"),
     "prompt too long": (row(prompt="x" * 201, response="ok"), "prompt", "too_long"),
     "chat prompt too long in total": (
@@ -76,7 +80,8 @@ def test_bad_row_is_quarantined_with_file_row_field_and_reason(tmp_path, bad, fi
 @pytest.mark.parametrize("bad, field, reason", list(BAD_ROWS.values()), ids=list(BAD_ROWS))
 def test_bad_row_fails_the_stage_naming_file_row_and_field(tmp_path, bad, field, reason):
     path = jsonl(tmp_path, bad)
-    cfg = AlolConfig(data=DataConfig(source="file", path=str(path), max_prompt_chars=200, max_response_chars=100, on_invalid="fail"))
+    data = DataConfig(source="file", path=str(path), max_prompt_chars=200, max_response_chars=100, on_invalid="fail")
+    cfg = AlolConfig(data=data)
     with pytest.raises(IngestError) as info:
         run(cfg, {}, StageWriter(tmp_path / "out"))
     message = str(info.value)
@@ -134,9 +139,13 @@ def test_hh_transcript_problems_reject_both_rows_of_the_pair(tmp_path):
     good = {"chosen": HH_OK_PROMPT + "\n\nAssistant: Of course.", "rejected": HH_OK_PROMPT + "\n\nAssistant: No."}
     no_markers = {"chosen": "Human: hi Assistant: hello", "rejected": HH_OK_PROMPT + "\n\nAssistant: No."}
     mismatch = {"chosen": HH_OK_PROMPT + "\n\nAssistant: Yes.", "rejected": "\n\nHuman: Other?\n\nAssistant: No."}
-    ends_with_human = {"chosen": HH_OK_PROMPT + "\n\nAssistant: Yes.\n\nHuman: Thanks", "rejected": HH_OK_PROMPT + "\n\nAssistant: No."}
+    ends_with_human = {
+        "chosen": HH_OK_PROMPT + "\n\nAssistant: Yes.\n\nHuman: Thanks",
+        "rejected": HH_OK_PROMPT + "\n\nAssistant: No.",
+    }
     path = tmp_path / "hh.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in (good, no_markers, mismatch, ends_with_human)), encoding="utf-8")
+    records = (good, no_markers, mismatch, ends_with_human)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     result, reader = ingest(tmp_path, source="file", path=str(path), format="hh")
     assert_accounted(result, reader)
     assert result.rows_out == 2
@@ -167,7 +176,8 @@ def test_preference_pair_with_identical_or_missing_responses(tmp_path):
 def test_pair_with_one_repeated_response_is_rejected_whole(tmp_path):
     path = tmp_path / "pref.jsonl"
     path.write_text(
-        row(prompt="Q", chosen="best", rejected="worst") + "\n" + row(prompt="Q", chosen="best", rejected="other") + "\n",
+        row(prompt="Q", chosen="best", rejected="worst") + "\n"
+        + row(prompt="Q", chosen="best", rejected="other") + "\n",
         encoding="utf-8",
     )
     result, reader = ingest(tmp_path, source="file", path=str(path))
@@ -191,7 +201,8 @@ def test_row_fitting_no_format_is_quarantined_until_one_fits(tmp_path):
 def test_column_mapping_reads_other_column_names(tmp_path):
     path = tmp_path / "qa.jsonl"
     path.write_text(row(question="Hi", answer="Hello", extra=1) + "\n", encoding="utf-8")
-    result, reader = ingest(tmp_path, source="file", path=str(path), columns={"prompt": "question", "response": "answer"})
+    mapping = {"prompt": "question", "response": "answer"}
+    result, reader = ingest(tmp_path, source="file", path=str(path), columns=mapping)
     assert result.rows_out == 1 and json.loads(rows(reader)[0]["meta"]) == {"extra": 1}
 
 
@@ -209,12 +220,14 @@ def raises_for(tmp_path: Path, name: str, content: bytes, match: str, **data) ->
 
 
 def test_json_array_syntax_error_names_the_line(tmp_path):
-    message = raises_for(tmp_path, "broken.json", b'[\n {"prompt": "a", "response": "b"},\n {"prompt": "c" "response": "d"}\n]', "not valid JSON")
+    content = b'[\n {"prompt": "a", "response": "b"},\n {"prompt": "c" "response": "d"}\n]'
+    message = raises_for(tmp_path, "broken.json", content, "not valid JSON")
     assert ": line 3, column 17: " in message
 
 
 def test_json_file_with_undecodable_bytes_names_the_line(tmp_path):
-    message = raises_for(tmp_path, "latin1.json", b'[\n{"prompt": "a", "response": "b"},\n{"prompt": "caf\xe9", "response": "d"}\n]', "not valid UTF-8")
+    content = b'[\n{"prompt": "a", "response": "b"},\n{"prompt": "caf\xe9", "response": "d"}\n]'
+    message = raises_for(tmp_path, "latin1.json", content, "not valid UTF-8")
     assert ": line 3: " in message
 
 
@@ -248,7 +261,8 @@ def test_parquet_with_a_damaged_row_group_names_the_first_unread_row(tmp_path):
 def test_parquet_with_unusable_columns(tmp_path):
     path = tmp_path / "cols.parquet"
     pq.write_table(pa.table({"question": ["a"], "answer": ["b"]}), path)
-    raises_for(tmp_path, "cols2.parquet", path.read_bytes(), r"cannot tell the row format from the columns \['answer', 'question'\]")
+    expected = r"cannot tell the row format from the columns \['answer', 'question'\]"
+    raises_for(tmp_path, "cols2.parquet", path.read_bytes(), expected)
 
 
 def test_csv_without_header(tmp_path):
