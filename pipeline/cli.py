@@ -112,6 +112,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return compare_main(args.profile, args.config, _overrides(args), args.algorithms)
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from pipeline.deploy import summary, up
+
+    print(summary(up(home=args.home, port=args.port)))
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from pipeline.deploy import down
+
+    print("\n".join(down(home=args.home)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alol", description="Offline RL for language models (A-LoL and baselines).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -125,6 +125,8 @@ def alol(
 ) -> dict[str, StageOutput]:
     """Run the selected stages (all by default) in order; unselected upstream stages contribute
     the output recorded for this run. `refresh` forces those stages to recompute."""
+    from pipeline.deploy import accelerator_deployment, run_stage_deployment  # deploy imports this module
+
     cfg = load_config(profile, config_file, overrides or {})
     selected = [s for s in ALL_STAGES if s in set(stages or ALL_STAGES)]
     forced = set(refresh or [])
@@ -134,6 +136,13 @@ def alol(
     for stage in selected:
         inputs = {up: outputs[up] if up in outputs else upstream_from_run(store, up) for up in STAGES[stage].upstream}
         key = cache_key(cfg, stage, inputs)
+        deployment = accelerator_deployment(stage)
+        if deployment is not None:
+            # A worker run on another pool: the stage runs on its accelerator pool and records itself.
+            child = {"stages": [stage], "refresh": [stage] if stage in forced else [], "profile": profile,
+                     "config_file": config_file, "overrides": overrides or {}}
+            outputs[stage] = run_stage_deployment(deployment, child, store, stage, key)
+            continue
         started = time.time()
         state = _stage_task(cfg, stage in forced)(stage, key, config_json, inputs, stage in forced, return_state=True)
         output: StageOutput = state.result()

@@ -53,7 +53,10 @@ class DataConfig(Section):
     )
     dataset_config: str | None = Field(None, description="Dataset configuration name for `datasets.load_dataset`.")
     dataset_split: str | None = Field(
-        None, description="Only this split of a `datasets` source (all splits when unset)."
+        None,
+        description="Only this split of a `datasets` source (all splits when unset). A single split is divided by "
+        "prompt hash (split_fractions) unless it has a split column; with all splits, a source without a "
+        "validation split gives validation a prompt-hash share of its train split.",
     )
     format: Literal["auto", "prompt_response", "messages", "hh", "preference"] = Field(
         "auto",
@@ -63,7 +66,11 @@ class DataConfig(Section):
     columns: ColumnMapping = Field(default_factory=ColumnMapping, description="Source column names.")
     split_fractions: SplitFractions = Field(default_factory=SplitFractions, description="Used when the source has no splits.")
     max_rows_per_split: int | None = Field(
-        None, gt=0, description="Keep at most this many rows per split (the first by id order), for small runs."
+        None,
+        gt=0,
+        description="Keep at most this many rows per split (the first by id order; a preference pair is ordered by "
+        "its pair_id and kept or cut whole), for small runs. The rest go to `ingest_rejected` as "
+        "`over_max_rows_per_split`.",
     )
     max_prompt_chars: int = Field(20_000, gt=0, description="Rows whose prompt text is longer are rejected.")
     max_response_chars: int = Field(8_000, gt=0, description="Rows whose response is longer are rejected.")
