@@ -160,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     _config_options(compare)
     compare.add_argument("--algorithms", nargs="+", help="algorithms to compare (default: all eight)")
     compare.set_defaults(func=cmd_compare)
+
+    up = sub.add_parser("up", help="start a local Prefect server, work pools, deployments (prefect.yaml) and workers")
+    up.add_argument("--port", type=int, default=4200, help="server port on 127.0.0.1 (default 4200; 0: a free port)")
+    up.add_argument("--home", default=".alol/prefect-home", help="PREFECT_HOME of the server: database, logs, PIDs")
+    up.set_defaults(func=cmd_up)
+
+    down = sub.add_parser("down", help="stop what `alol up` started: workers first, then the server")
+    down.add_argument("--home", default=".alol/prefect-home", help="the --home given to `alol up`")
+    down.set_defaults(func=cmd_down)
     return parser
 
 
