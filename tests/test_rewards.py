@@ -15,7 +15,7 @@ import torch
 from schemas.score import ComponentConfig
 from stages.rewards import COMPONENTS, ComponentLoadError, build_component
 from stages.rewards import base as rewards_base
-from stages.rewards import profanity, toxicity
+from stages.rewards import profanity, relevance, toxicity
 from stages.rewards.tfidf import fit_idf, informativeness
 
 torch.set_num_threads(2)
@@ -147,7 +147,7 @@ def test_length_score_values():
     assert scores.tolist() == [0.0, 0.5, 1.0, 0.5]
 
 
-def test_relevance_direction_bounds_and_batch_invariance():
+def test_relevance_direction_bounds_and_batch_invariance(monkeypatch):
     comp = component("relevance")
     responses = ["The capital of France is Paris.", "Bananas are rich in potassium.", "What is the capital of France?", "",
                  "Bananas are rich in potassium, fibre and vitamin B6, and they grow in warm regions around the world."]
@@ -157,6 +157,8 @@ def test_relevance_direction_bounds_and_batch_invariance():
     assert scores[2] == pytest.approx(1.0, abs=1e-6), "the question itself has cosine 1 with itself"
     one_at_a_time = np.array([comp.score([QUESTION], [r])[0] for r in responses])
     assert np.abs(one_at_a_time - scores).max() < 1e-5, "padding changes the pooled embedding"
+    monkeypatch.setattr(relevance, "TEXTS_PER_FORWARD", 3)  # length-sorted chunks scattered back in place
+    assert np.abs(comp.score([QUESTION] * len(responses), responses) - scores).max() < 1e-5
 
 
 def test_relevance_uses_the_last_user_turn():

