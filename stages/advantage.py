@@ -1,0 +1,147 @@
+"""Advantage stage: join the score and reference tables on `id` and compute, for every training row,
+
+    A = R(x, y) - V(x),   positive = A > 0,
+    weight_advantage = A+ = max(A, 0)   (A-LoL family: rows with A <= 0 are never drawn)
+    weight_reward    = max(R, 0)        (wBC, R-GOLD, R-LoL: sampled in proportion to R, nothing filtered)
+    weight_uniform   = 1                (NLL)
+
+All of it is the one query `ADVANTAGE_SQL`, which DuckDB streams straight into the `advantage`
+table's Parquet file (bounded memory: the join spills beyond `advantage.memory_limit`). A second
+query over the written file gives the manifest metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow.parquet as pq
+
+from pipeline.storage import StageReader, StageWriter
+from schemas.advantage import ADVANTAGE_SCHEMA, QUANTILES
+from schemas.config import AlolConfig
+from schemas.manifest import StageResult
+
+log = logging.getLogger("alol.advantage")
+
+ADVANTAGE_SQL = """
+SELECT
+    r.id::VARCHAR                              AS id,
+    r.split::VARCHAR                           AS split,
+    s.reward::DOUBLE                           AS reward,
+    r.value::DOUBLE                            AS value,
+    (s.reward - r.value)::DOUBLE               AS advantage,         -- A = R - V
+    (s.reward - r.value > 0)                   AS positive,          -- the rows A-LoL trains on
+    greatest(s.reward - r.value, 0)::DOUBLE    AS weight_advantage,  -- A+
+    greatest(s.reward, 0)::DOUBLE              AS weight_reward,     -- R (clipped at 0: a probability weight)
+    1.0::DOUBLE                                AS weight_uniform
+FROM read_parquet({reference}) AS r
+LEFT JOIN read_parquet({score}) AS s USING (id)
+WHERE r.split = 'train'
+"""
+
+METRICS_SQL = """
+SELECT
+    count(*)                                                    AS rows,
+    count(*) FILTER (WHERE positive)                            AS positive_rows,
+    avg(reward)                                                 AS reward_mean,
+    avg(value)                                                  AS value_mean,
+    avg(advantage)                                              AS advantage_mean,
+    quantile_cont(advantage, {quantiles})                       AS advantage_quantiles,
+    count(*) FILTER (WHERE reward < 0)                          AS negative_reward_rows,
+    min(id) FILTER (WHERE reward IS NULL OR isnan(reward))      AS id_without_reward,
+    min(id) FILTER (WHERE value IS NULL OR isnan(value))        AS id_without_value
+FROM read_parquet({advantage})
+"""
+
+
+class AdvantageError(ValueError):
+    """The score and reference tables do not fit together."""
+
+
+def sql_literal(text: str) -> str:
+    """A single-quoted SQL string literal (file paths go into COPY, which takes no parameters)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def connect(cfg: AlolConfig, temp_dir: str) -> duckdb.DuckDBPyConnection:
+    """In-memory DuckDB limited to `advantage.threads` and `advantage.memory_limit`, spilling to `temp_dir`.
+
+    Insertion order is not preserved (it costs memory and time on the join); the train stage orders
+    rows by id itself.
+    """
+    return duckdb.connect(
+        ":memory:",
+        config={
+            "threads": cfg.advantage.threads,
+            "memory_limit": cfg.advantage.memory_limit,
+            "temp_directory": temp_dir,
+            "preserve_insertion_order": False,
+        },
+    )
+
+
+def write_advantage(con: duckdb.DuckDBPyConnection, score_glob: str, reference_glob: str, target: Path) -> None:
+    """Stream `ADVANTAGE_SQL` into one Parquet file and check it has exactly ADVANTAGE_SCHEMA."""
+    query = ADVANTAGE_SQL.format(reference=sql_literal(reference_glob), score=sql_literal(score_glob))
+    con.execute(f"COPY ({query}) TO {sql_literal(str(target))} (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1)")
+    written = pq.read_schema(target)
+    # DuckDB marks columns it knows to be non-null as required; names and types are what readers rely on.
+    if [(f.name, f.type) for f in written] != [(f.name, f.type) for f in ADVANTAGE_SCHEMA]:
+        raise AdvantageError(f"{target}: DuckDB wrote schema {written}, expected {ADVANTAGE_SCHEMA}")
+
+
+def advantage_metrics(con: duckdb.DuckDBPyConnection, advantage_glob: str, sources: dict[str, str]) -> dict[str, Any]:
+    """Positive fraction, advantage quantiles and means of the training rows; refuses rows without R or V."""
+    query = METRICS_SQL.format(advantage=sql_literal(advantage_glob), quantiles=list(QUANTILES))
+    row = con.execute(query).fetchone()
+    names = [d[0] for d in con.description]
+    stats = dict(zip(names, row))
+    if stats["rows"] == 0:
+        raise AdvantageError(f"{sources['reference']}: no rows with split 'train'; nothing to train on")
+    if stats["id_without_reward"] is not None:
+        raise AdvantageError(
+            f"{sources['score']}: training row id {stats['id_without_reward']} has no finite `reward` "
+            "(missing from the score table or NaN); rerun the score stage"
+        )
+    if stats["id_without_value"] is not None:
+        raise AdvantageError(
+            f"{sources['reference']}: training row id {stats['id_without_value']} has no finite `value`; "
+            "rerun the reference stage"
+        )
+    if stats["negative_reward_rows"]:
+        log.warning(
+            "%d training rows have R < 0; the reward baselines draw them with weight 0", stats["negative_reward_rows"]
+        )
+    return {
+        "rows": stats["rows"],
+        "positive_rows": stats["positive_rows"],
+        "positive_fraction": stats["positive_rows"] / stats["rows"],
+        "reward_mean": stats["reward_mean"],
+        "value_mean": stats["value_mean"],
+        "advantage_mean": stats["advantage_mean"],
+        "advantage_quantiles": {f"p{round(q * 100)}": v for q, v in zip(QUANTILES, stats["advantage_quantiles"])},
+        "negative_reward_rows": stats["negative_reward_rows"],
+    }
+
+
+def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> StageResult:
+    """The `advantage` table (ADVANTAGE_SCHEMA, training rows only) and its statistics."""
+    sources = {"score": inputs["score"].table_glob("score"), "reference": inputs["reference"].table_glob("reference")}
+    folder = out.external_table("advantage", ADVANTAGE_SCHEMA)
+    target = folder / "part-00000.parquet"
+    with tempfile.TemporaryDirectory(prefix="alol-advantage-") as spill:
+        con = connect(cfg, spill)
+        try:
+            write_advantage(con, sources["score"], sources["reference"], target)
+            metrics = advantage_metrics(con, str(target), sources)
+        finally:
+            con.close()
+    log.info(
+        "%d training rows, %.1f%% with A > 0, mean R %.4f, mean V %.4f",
+        metrics["rows"], 100 * metrics["positive_fraction"], metrics["reward_mean"], metrics["value_mean"],
+    )
+    return StageResult(rows_in=metrics["rows"], rows_out=metrics["rows"], metrics=metrics)

@@ -1,0 +1,135 @@
+"""Advantage stage: A = R - V joined on id, the positive filter, the sampling weights, the metrics."""
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.runner import cache_key
+from pipeline.storage import StageReader, StageWriter
+from schemas.advantage import ADVANTAGE_SCHEMA, QUANTILES, SAMPLING_WEIGHT_COLUMN
+from schemas.config import AlolConfig
+from schemas.manifest import StageOutput, StageResult
+from schemas.train import ALGORITHMS
+from stages import advantage
+
+REFERENCE_TYPES = pa.schema(
+    [
+        ("id", pa.string()),
+        ("split", pa.string()),
+        ("ref_logprob", pa.float64()),
+        ("ref_token_logprobs", pa.list_(pa.float32())),
+        ("response_tokens", pa.int32()),
+        ("value", pa.float64()),
+    ]
+)
+
+
+def committed_stage(folder, stage: str, tables: dict[str, pa.Table]) -> StageReader:
+    writer = StageWriter(folder)
+    for name, table in tables.items():
+        writer.write_table(name, table)
+    rows = sum(t.num_rows for t in tables.values())
+    writer.commit(stage=stage, cache_key=stage * 8, result=StageResult(rows_in=rows, rows_out=rows),
+                  config_fingerprints={}, config={}, inputs={}, code_version="test", versions={})
+    return StageReader(folder)
+
+
+def reference_table(ids, splits, values) -> pa.Table:
+    n = len(ids)
+    return pa.table(
+        {"id": ids, "split": splits, "ref_logprob": [-3.0] * n, "ref_token_logprobs": [[-1.0, -2.0]] * n,
+         "response_tokens": [2] * n, "value": values},
+        schema=REFERENCE_TYPES,
+    )
+
+
+def score_table(ids, rewards) -> pa.Table:
+    return pa.table({"id": ids, "safety": [0.5] * len(ids), "reward": rewards})
+
+
+def run_advantage(tmp_path, score: pa.Table, reference: pa.Table):
+    inputs = {
+        "score": committed_stage(tmp_path / "score", "score", {"score": score}),
+        "reference": committed_stage(tmp_path / "reference", "reference", {"reference": reference}),
+    }
+    out = StageWriter(tmp_path / "advantage")
+    result = advantage.run(AlolConfig(), inputs, out)
+    out.commit(stage="advantage", cache_key="a" * 64, result=result, config_fingerprints={}, config={}, inputs={},
+               code_version="test", versions={})
+    return result, StageReader(tmp_path / "advantage")
+
+
+def test_advantage_matches_numpy_for_train_rows_in_any_order(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 200
+    ids = [f"row{i:04d}" for i in range(n)]
+    splits = ["train" if i % 4 else "validation" for i in range(n)]
+    reward = rng.uniform(-0.2, 2.0, n)
+    value = rng.uniform(0.0, 1.5, n)
+    test_ids = [f"test{i}" for i in range(10)]  # score rows of other splits have no reference row
+    order = rng.permutation(n)
+    score = score_table([ids[i] for i in order] + test_ids, list(reward[order]) + [9.0] * 10)
+    result, reader = run_advantage(tmp_path, score, reference_table(ids, splits, list(value)))
+
+    table = reader.read("advantage").sort_by("id")
+    assert [(f.name, f.type) for f in table.schema] == [(f.name, f.type) for f in ADVANTAGE_SCHEMA]
+    train = np.array([s == "train" for s in splits])
+    assert table["id"].to_pylist() == [i for i, t in zip(ids, train) if t]
+    assert set(table["split"].to_pylist()) == {"train"}
+    a = reward[train] - value[train]
+    np.testing.assert_allclose(table["advantage"].to_numpy(), a)
+    np.testing.assert_array_equal(table["positive"].to_numpy(zero_copy_only=False), a > 0)
+    np.testing.assert_allclose(table["weight_advantage"].to_numpy(), np.maximum(a, 0))
+    np.testing.assert_allclose(table["weight_reward"].to_numpy(), np.maximum(reward[train], 0))
+    np.testing.assert_allclose(table["weight_uniform"].to_numpy(), 1.0)
+
+    m = result.metrics
+    assert result.rows_out == train.sum() == m["rows"]
+    assert m["positive_rows"] == (a > 0).sum()
+    assert m["positive_fraction"] == pytest.approx((a > 0).mean())
+    assert m["reward_mean"] == pytest.approx(reward[train].mean())
+    assert m["value_mean"] == pytest.approx(value[train].mean())
+    assert m["negative_reward_rows"] == (reward[train] < 0).sum() > 0
+    expected = np.quantile(a, QUANTILES)  # linear interpolation, as DuckDB's quantile_cont
+    assert list(m["advantage_quantiles"]) == ["p1", "p5", "p25", "p50", "p75", "p95", "p99"]
+    np.testing.assert_allclose(list(m["advantage_quantiles"].values()), expected)
+
+
+def test_training_row_without_score_names_the_row(tmp_path):
+    ids = ["a", "b", "c"]
+    score = score_table(["a", "c"], [1.0, 1.0])
+    with pytest.raises(advantage.AdvantageError, match=r"training row id b has no finite `reward`"):
+        run_advantage(tmp_path, score, reference_table(ids, ["train"] * 3, [0.1, 0.2, 0.3]))
+
+
+def test_nan_value_names_the_row_and_the_reference_table(tmp_path):
+    ids = ["a", "b"]
+    score = score_table(ids, [1.0, 1.0])
+    with pytest.raises(advantage.AdvantageError, match=r"reference/\*\.parquet: training row id b has no finite `value`"):
+        run_advantage(tmp_path, score, reference_table(ids, ["train"] * 2, [0.1, math.nan]))
+
+
+def test_no_training_rows_is_an_error(tmp_path):
+    score = score_table(["a"], [1.0])
+    with pytest.raises(advantage.AdvantageError, match="no rows with split 'train'"):
+        run_advantage(tmp_path, score, reference_table(["a"], ["validation"], [0.1]))
+
+
+def test_every_algorithm_has_a_weight_column_of_the_table():
+    assert set(SAMPLING_WEIGHT_COLUMN) == set(ALGORITHMS)
+    assert set(SAMPLING_WEIGHT_COLUMN.values()) <= set(ADVANTAGE_SCHEMA.names)
+
+
+def test_cache_key_ignores_train_settings():
+    inputs = {
+        name: StageOutput(stage=name, cache_key="k" * 64, path="/x", content_hash=name * 4) for name in ("score", "reference")
+    }
+    base = AlolConfig()
+    changed = AlolConfig.model_validate(
+        {"train": {"algorithm": "a_lol_kl", "kl_beta": 0.1, "steps": 7, "learning_rate": 1e-3}}
+    )
+    assert cache_key(base, "advantage", inputs) == cache_key(changed, "advantage", inputs)
+    threads = AlolConfig.model_validate({"advantage": {"threads": 1}})
+    assert cache_key(base, "advantage", inputs) != cache_key(threads, "advantage", inputs)
