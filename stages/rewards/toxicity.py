@@ -142,15 +142,19 @@ def asset_files() -> list[Path]:
     return require_files([folder / "model.weights.h5", folder / "tokenizer.pickle"], PIP_SPEC)
 
 
-def label_probabilities(texts: list[str], device: str = "cpu") -> np.ndarray:
+def predict(tokenizer: WordTokenizer, model, texts: list[str], device: str) -> np.ndarray:
     """P(label | text) for the six Jigsaw labels, shape (rows, 6)."""
     import torch
 
-    weights, tokenizer_file = asset_files()
-    tokenizer, model = load_classifier(str(weights), str(tokenizer_file), device)
     ids = torch.from_numpy(tokenizer.padded(texts)).to(device)
     with torch.inference_mode():
         return model(ids).double().cpu().numpy()
+
+
+def label_probabilities(texts: list[str], device: str = "cpu") -> np.ndarray:
+    """`predict` with the packaged model (loaded once per process)."""
+    weights, tokenizer_file = asset_files()
+    return predict(*load_classifier(str(weights), str(tokenizer_file), device), texts, device)
 
 
 class Toxicity(RewardComponent):
@@ -166,6 +170,6 @@ class Toxicity(RewardComponent):
         return load_classifier(str(weights), str(tokenizer_file), self.device)
 
     def _score(self, prompts: list[Prompt], responses: list[str]) -> np.ndarray:
-        self.load()
+        tokenizer, model = self.load()
         column = TOXICITY_LABELS.index(self.options.label)
-        return 1.0 - label_probabilities(responses, self.device)[:, column]
+        return 1.0 - predict(tokenizer, model, responses, self.device)[:, column]
