@@ -1,0 +1,155 @@
+"""Per-row losses of A-LoL and its baselines, one short function each (../shared/method.md, Losses).
+
+Notation: l_t = log pi(y_t | x, y_<t) over the response tokens (EOS included), L = sum_t l_t,
+sg[.] = stop-gradient, rho = exp(L_theta - L_ref), rho_t = exp(l_t^theta - l_t^ref),
+clip_e(z) = min(max(z, 1 - e), 1 + e), A+ = max(A, 0). A loss is the batch mean of per-row terms.
+
+pi_ref's log-probs are not computed here: they come from the reference stage's table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from schemas.train import TrainConfig
+
+GOLD_MIN_PROBABILITY = 0.1
+"""R-GOLD's lower bound on the per-token weight pi_theta(y_t): sg[max(exp(l_t), 0.1)]."""
+
+
+@dataclass(frozen=True)
+class LossBatch:
+    """One micro-batch; per-token tensors are B x T, right-padded, zero on padding."""
+
+    token_logprobs: Tensor  # l_t^theta, differentiable
+    ref_token_logprobs: Tensor  # l_t^ref (reference table)
+    mask: Tensor  # 1.0 on response tokens, 0.0 on padding
+    ref_logprob: Tensor  # L_ref per row (reference table)
+    reward: Tensor  # R per row
+    advantage: Tensor  # A = R - V per row
+
+    @property
+    def logprob(self) -> Tensor:
+        """L_theta = sum_t l_t^theta per row."""
+        return (self.token_logprobs * self.mask).sum(-1)
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """The loss and, for losses with an importance weight, the detached unclipped weights it used
+    (one per row, or one per response token) and which of them the clip moved."""
+
+    loss: Tensor
+    weights: Tensor | None = None
+    clipped: Tensor | None = None
+
+
+def clip(z: Tensor, epsilon: float) -> Tensor:
+    """clip_e(z) = min(max(z, 1 - e), 1 + e)."""
+    return z.clamp(1.0 - epsilon, 1.0 + epsilon)
+
+
+def positive_part(advantage: Tensor) -> Tensor:
+    """A+ = max(A, 0)."""
+    return advantage.clamp(min=0.0)
+
+
+def outside_clip(z: Tensor, epsilon: float) -> Tensor:
+    return (z < 1.0 - epsilon) | (z > 1.0 + epsilon)
+
+
+def nll(b: LossBatch) -> LossOutput:
+    """NLL: -L_theta."""
+    return LossOutput((-b.logprob).mean())
+
+
+def wbc(b: LossBatch) -> LossOutput:
+    """Weighted behaviour cloning: R * (-L_theta)."""
+    return LossOutput((b.reward * -b.logprob).mean())
+
+
+def r_gold(b: LossBatch) -> LossOutput:
+    """R-GOLD: R * sum_t sg[max(exp(l_t^theta), 0.1)] * (-l_t^theta); no pi_ref."""
+    probability = b.token_logprobs.detach().exp()
+    weight = probability.clamp(min=GOLD_MIN_PROBABILITY)
+    per_row = b.reward * (weight * -b.token_logprobs * b.mask).sum(-1)
+    real = b.mask.bool()
+    return LossOutput(per_row.mean(), probability[real], (probability < GOLD_MIN_PROBABILITY)[real])
+
+
+def r_lol(b: LossBatch, clip_epsilon: float) -> LossOutput:
+    """R-LoL: R * sg[clip_e(rho)] * (-L_theta), rho = exp(L_theta - L_ref)."""
+    logprob = b.logprob
+    rho = (logprob.detach() - b.ref_logprob).exp()
+    per_row = b.reward * clip(rho, clip_epsilon) * -logprob
+    return LossOutput(per_row.mean(), rho, outside_clip(rho, clip_epsilon))
+
+
+def a_lol(b: LossBatch, clip_epsilon: float) -> LossOutput:
+    """A-LoL: A+ * sg[clip_e(rho)] * (-L_theta), rho = exp(L_theta - L_ref)."""
+    logprob = b.logprob
+    rho = (logprob.detach() - b.ref_logprob).exp()
+    per_row = positive_part(b.advantage) * clip(rho, clip_epsilon) * -logprob
+    return LossOutput(per_row.mean(), rho, outside_clip(rho, clip_epsilon))
+
+
+def a_lol_ref_free(b: LossBatch) -> LossOutput:
+    """A-LoL reference-free: A+ * (-L_theta)."""
+    return LossOutput((positive_part(b.advantage) * -b.logprob).mean())
+
+
+def a_lol_seq(b: LossBatch, clip_epsilon: float) -> LossOutput:
+    """A-LoL sequence (per-token ratios): A+ * sum_t sg[clip_e(rho_t)] * (-l_t^theta), rho_t = exp(l_t^theta - l_t^ref)."""
+    rho_t = (b.token_logprobs.detach() - b.ref_token_logprobs).exp()
+    per_row = positive_part(b.advantage) * (clip(rho_t, clip_epsilon) * -b.token_logprobs * b.mask).sum(-1)
+    real = b.mask.bool()
+    return LossOutput(per_row.mean(), rho_t[real], outside_clip(rho_t, clip_epsilon)[real])
+
+
+def a_lol_kl(b: LossBatch, kl_beta: float) -> LossOutput:
+    """A-LoL KL: A+ * (-L_theta) + beta * (L_theta - sg[L_ref])."""
+    logprob = b.logprob
+    per_row = positive_part(b.advantage) * -logprob + kl_beta * (logprob - b.ref_logprob.detach())
+    return LossOutput(per_row.mean())
+
+
+LOSSES: dict[str, Callable[..., LossOutput]] = {
+    "nll": nll,
+    "wbc": wbc,
+    "r_gold": r_gold,
+    "r_lol": r_lol,
+    "a_lol": a_lol,
+    "a_lol_ref_free": a_lol_ref_free,
+    "a_lol_seq": a_lol_seq,
+    "a_lol_kl": a_lol_kl,
+}
+
+
+def loss_function(cfg: TrainConfig) -> Callable[[LossBatch], LossOutput]:
+    """The loss of `cfg.algorithm` with its hyper-parameter (clip epsilon or KL beta) bound."""
+    fn = LOSSES[cfg.algorithm]
+    if cfg.algorithm in ("r_lol", "a_lol", "a_lol_seq"):
+        return partial(fn, clip_epsilon=cfg.clip_epsilon)
+    if cfg.algorithm == "a_lol_kl":
+        return partial(fn, kl_beta=cfg.kl_beta)
+    return fn
+
+
+def uses_reference(algorithm: str) -> bool:
+    """Whether the loss reads pi_ref's log-probs (the importance-weighted and KL variants)."""
+    return algorithm in ("r_lol", "a_lol", "a_lol_seq", "a_lol_kl")
+
+
+def pad_rows(rows: list[Tensor], width: int | None = None) -> tuple[Tensor, Tensor]:
+    """Stack variable-length 1-D tensors into B x T (right padding with 0) and the 0/1 mask."""
+    width = width or max(len(r) for r in rows)
+    values = torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in rows])
+    mask = torch.zeros(len(rows), width, dtype=values.dtype, device=values.device)
+    for i, r in enumerate(rows):
+        mask[i, : len(r)] = 1.0
+    return values, mask

@@ -1,0 +1,132 @@
+"""Each loss against a hand computation on a 2-row, 3-token toy case, loss value and gradient.
+
+Row 0 has 3 response tokens, row 1 has 2 (the third position is padding). The gradient is taken
+with respect to l_t^theta, the model's per-token log-probs.
+"""
+
+from math import exp
+
+import pytest
+import torch
+
+from schemas.train import ALGORITHMS, TrainConfig
+from stages.losses import LOSSES, LossBatch, a_lol, loss_function, pad_rows, uses_reference
+
+EPS = 0.5  # clip to [0.5, 1.5]
+BETA = 0.2
+
+L_THETA = [[-0.5, -1.0, -2.0], [-0.1, -3.0]]
+L_REF = [[-0.7, -0.9, -2.5], [-0.3, -2.4]]
+R = [0.8, 0.3]
+A = [0.5, 0.25]
+
+
+def toy_batch(advantage=A) -> tuple[LossBatch, torch.Tensor]:
+    theta, mask = pad_rows([torch.tensor(r, dtype=torch.float64) for r in L_THETA])
+    theta.requires_grad_(True)
+    ref, _ = pad_rows([torch.tensor(r, dtype=torch.float64) for r in L_REF])
+    batch = LossBatch(
+        token_logprobs=theta,
+        ref_token_logprobs=ref,
+        mask=mask,
+        ref_logprob=torch.tensor([sum(r) for r in L_REF], dtype=torch.float64),
+        reward=torch.tensor(R, dtype=torch.float64),
+        advantage=torch.tensor(advantage, dtype=torch.float64),
+    )
+    return batch, theta
+
+
+def run(algorithm: str, advantage=A):
+    batch, theta = toy_batch(advantage)
+    cfg = TrainConfig(algorithm=algorithm, clip_epsilon=EPS, kl_beta=BETA if algorithm == "a_lol_kl" else None)
+    out = loss_function(cfg)(batch)
+    out.loss.backward()
+    grad = [theta.grad[0].tolist(), theta.grad[1, :2].tolist()]
+    assert theta.grad[1, 2].item() == 0.0, "padding gets no gradient"
+    return out, grad
+
+
+def clip(z):
+    return min(max(z, 1 - EPS), 1 + EPS)
+
+
+# Hand values. L_theta = (-3.5, -3.1), L_ref = (-4.1, -2.7).
+# rho = (exp(0.6) = 1.822 -> clipped to 1.5, exp(-0.4) = 0.670 -> kept).
+RHO = [exp(0.6), exp(-0.4)]
+# rho_t: row 0 exp(0.2), exp(-0.1), exp(0.5) (-> 1.5); row 1 exp(0.2), exp(-0.6).
+RHO_T = [[exp(0.2), exp(-0.1), exp(0.5)], [exp(0.2), exp(-0.6)]]
+# R-GOLD weights max(exp(l_t), 0.1): row 1's exp(-3) = 0.0498 -> 0.1.
+GOLD = [[exp(-0.5), exp(-1.0), exp(-2.0)], [exp(-0.1), 0.1]]
+
+EXPECTED = {
+    "nll": ((3.5 + 3.1) / 2, [[-0.5] * 3, [-0.5] * 2]),
+    "wbc": ((0.8 * 3.5 + 0.3 * 3.1) / 2, [[-0.4] * 3, [-0.15] * 2]),
+    "r_gold": (
+        (0.8 * (GOLD[0][0] * 0.5 + GOLD[0][1] * 1.0 + GOLD[0][2] * 2.0) + 0.3 * (GOLD[1][0] * 0.1 + 0.1 * 3.0)) / 2,
+        [[-0.8 * g / 2 for g in GOLD[0]], [-0.3 * g / 2 for g in GOLD[1]]],
+    ),
+    "r_lol": (
+        (0.8 * 1.5 * 3.5 + 0.3 * RHO[1] * 3.1) / 2,
+        [[-0.8 * 1.5 / 2] * 3, [-0.3 * RHO[1] / 2] * 2],
+    ),
+    "a_lol": (
+        (0.5 * 1.5 * 3.5 + 0.25 * RHO[1] * 3.1) / 2,
+        [[-0.5 * 1.5 / 2] * 3, [-0.25 * RHO[1] / 2] * 2],
+    ),
+    "a_lol_ref_free": ((0.5 * 3.5 + 0.25 * 3.1) / 2, [[-0.25] * 3, [-0.125] * 2]),
+    "a_lol_seq": (
+        (
+            0.5 * (RHO_T[0][0] * 0.5 + RHO_T[0][1] * 1.0 + 1.5 * 2.0)
+            + 0.25 * (RHO_T[1][0] * 0.1 + RHO_T[1][1] * 3.0)
+        )
+        / 2,
+        [[-0.5 * RHO_T[0][0] / 2, -0.5 * RHO_T[0][1] / 2, -0.5 * 1.5 / 2], [-0.25 * r / 2 for r in RHO_T[1]]],
+    ),
+    "a_lol_kl": (
+        (0.5 * 3.5 + BETA * (-3.5 + 4.1) + 0.25 * 3.1 + BETA * (-3.1 + 2.7)) / 2,
+        [[(-0.5 + BETA) / 2] * 3, [(-0.25 + BETA) / 2] * 2],
+    ),
+}
+
+
+def test_every_algorithm_has_a_loss_and_a_hand_case():
+    assert set(LOSSES) == set(ALGORITHMS) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_loss_and_gradient_match_hand_computation(algorithm):
+    out, grad = run(algorithm)
+    loss, expected_grad = EXPECTED[algorithm]
+    assert out.loss.item() == pytest.approx(loss, rel=1e-12)
+    for got, want in zip(grad, expected_grad):
+        assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_importance_weight_statistics():
+    out, _ = run("a_lol")
+    assert out.weights.tolist() == pytest.approx(RHO)
+    assert out.clipped.tolist() == [True, False]
+    out, _ = run("a_lol_seq")
+    assert out.weights.tolist() == pytest.approx(RHO_T[0] + RHO_T[1]), "padding is not a token"
+    assert out.clipped.tolist() == [False, False, True, False, False]
+    out, _ = run("r_gold")
+    assert out.clipped.tolist() == [False, False, False, False, True]
+    assert run("nll")[0].weights is None
+
+
+@pytest.mark.parametrize("algorithm", ["a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl"])
+def test_negative_advantage_contributes_nothing_but_the_kl_term(algorithm):
+    out, grad = run(algorithm, advantage=[0.5, -0.4])
+    expected_row1 = [BETA / 2] * 2 if algorithm == "a_lol_kl" else [0.0, 0.0]
+    assert grad[1] == pytest.approx(expected_row1, abs=1e-15)
+
+
+def test_weights_are_detached_so_the_ratio_gets_no_gradient_of_its_own():
+    # With the weight inside the graph the gradient of a_lol would gain A+ * rho * L terms.
+    batch, theta = toy_batch()
+    a_lol(batch, clip_epsilon=1.0).loss.backward()
+    assert theta.grad[1, :2].tolist() == pytest.approx([-0.25 * RHO[1] / 2] * 2, rel=1e-12)
+
+
+def test_reference_use():
+    assert {a for a in ALGORITHMS if uses_reference(a)} == {"r_lol", "a_lol", "a_lol_seq", "a_lol_kl"}
