@@ -33,6 +33,7 @@ from uuid import UUID
 
 import yaml
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import WorkPoolStatus
 from prefect.deployments import run_deployment
@@ -40,7 +41,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings
 
 from pipeline.flow import Profile
-from pipeline.runner import STAGES, upstream_from_run
+from pipeline.runner import STAGES, reusable_output, upstream_from_run
 from pipeline.storage import RunStore
 from schemas.manifest import StageOutput
 from schemas.train import Algorithm
@@ -97,14 +98,30 @@ def accelerator_deployment(stage: str) -> str | None:
     return name if deployment.work_pool_name != here else None
 
 
-def run_stage_deployment(name: str, parameters: dict[str, Any], store: RunStore, stage: str, key: str) -> StageOutput:
-    """Run one stage as a run of deployment `name`, wait for it, and return the output it recorded.
+def run_stage_deployment(
+    name: str, store: RunStore, stage: str, key: str, *, refresh: bool, parameters: dict[str, Any]
+) -> StageOutput:
+    """Run one stage as a run of deployment `name` (with the flow's `parameters`), wait for it, and
+    return the output it recorded in run.json.
 
-    The child records the stage in run.json (with its own cached/fresh flag); its output must carry
-    the cache key this run computed, else another run changed run.json meanwhile.
+    An intact output for `key` is reused without submitting anything (on a Kubernetes pool a
+    submission starts a pod just to find the cache hit). The child's output must carry `key`, else
+    another run of the same run name changed run.json meanwhile.
     """
-    log.info("%s: submitting to deployment %s and waiting for a worker of its pool", stage, name)
-    child = run_deployment(name, parameters=parameters, timeout=None, poll_interval=CHILD_POLL_S)
+    started = time.time()
+    if not refresh:
+        existing = reusable_output(store, stage, key)
+        if existing is not None:
+            log.info("%s: intact output for key %s, not submitted to %s", stage, key[:16], name)
+            store.record(existing, cached=True, seconds=time.time() - started)
+            return existing
+    log.info("%s: submitted to deployment %s; waiting for a worker of its pool", stage, name)
+    child = run_deployment(
+        name,
+        parameters={**parameters, "stages": [stage], "refresh": [stage] if refresh else []},
+        timeout=None,
+        poll_interval=CHILD_POLL_S,
+    )
     if child.state is None or not child.state.is_completed():
         state = child.state.name if child.state else "unknown"
         message = child.state.message if child.state else ""
@@ -124,18 +141,19 @@ def compare(
     profile: Profile | None = "default",
     config_file: str | None = None,
     overrides: dict[str, Any] | None = None,
-) -> None:
+) -> str:
     """`alol compare` as the deployment `alol/compare`: train and evaluate each algorithm (all eight
-    by default) over one cached upstream and write the comparison table.
+    by default) over one cached upstream, write the comparison table and publish it as the artifact
+    `alol-compare`. Returns the path of comparison.md.
 
     A flow of its own (named `alol`, so the deployment is `alol/compare`) because it loops over
-    algorithms and writes a table, which a selection of stages in the `alol` flow cannot say.
+    algorithms and writes a table, which a selection of stages of the `alol` flow cannot express.
     """
-    from pipeline.report_cli import compare_main
+    from pipeline.compare import compare as run_comparison
 
-    status = compare_main(profile, config_file, overrides or {}, algorithms)
-    if status != 0:
-        raise RuntimeError(f"alol compare ended with exit status {status}")
+    result = run_comparison(algorithms, profile, config_file, overrides or {})
+    create_markdown_artifact(key="alol-compare", markdown=result.markdown(), description="alol compare: one row per method plus pi_ref")
+    return str(result.markdown_path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -138,10 +138,9 @@ def alol(
         key = cache_key(cfg, stage, inputs)
         deployment = accelerator_deployment(stage)
         if deployment is not None:
-            # A worker run on another pool: the stage runs on its accelerator pool and records itself.
-            child = {"stages": [stage], "refresh": [stage] if stage in forced else [], "profile": profile,
-                     "config_file": config_file, "overrides": overrides or {}}
-            outputs[stage] = run_stage_deployment(deployment, child, store, stage, key)
+            # A worker run on another pool: the stage runs on its accelerator pool (pipeline.deploy).
+            params = {"profile": profile, "config_file": config_file, "overrides": overrides or {}}
+            outputs[stage] = run_stage_deployment(deployment, store, stage, key, refresh=stage in forced, parameters=params)
             continue
         started = time.time()
         state = _stage_task(cfg, stage in forced)(stage, key, config_json, inputs, stage in forced, return_state=True)

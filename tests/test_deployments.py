@@ -1,0 +1,342 @@
+"""Deployments: prefect.yaml against the stage registry, parameter validation, stopping processes
+by PID, and (marked e2e) a real Prefect server with one worker per pool running `alol/full` on the
+smoke profile: fresh, cached, and with one stage refreshed.
+
+The end-to-end test runs the stages whose modules import, in pipeline order, stopping at the first
+that does not (ALOL_E2E_STAGES=ingest,score picks them by hand); with all six it runs `alol/full`
+as users do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import deploy
+from pipeline.runner import ALL_STAGES, STAGES, load_stage_function
+from pipeline.storage import RunStore, StageReader
+
+REPO = Path(__file__).resolve().parent.parent
+PREFECT = str(Path(sys.executable).parent / "prefect")
+RUN_TIMEOUT_S = 1200
+
+
+def _spec() -> dict:
+    return yaml.safe_load((REPO / "prefect.yaml").read_text(encoding="utf-8"))
+
+
+def _pools() -> tuple[str, str]:
+    """(CPU pool, GPU pool) as prefect.yaml names them."""
+    pools = deploy.deployment_pools(REPO / "prefect.yaml")
+    return pools["alol/full"], pools["alol/reference"]
+
+
+# ---------------------------------------------------------------------------------------------
+# prefect.yaml and parameters
+
+
+def test_prefect_yaml_has_every_deployment_on_its_pool():
+    cpu, gpu = _pools()
+    assert cpu != gpu
+    deployments = {d["name"]: d for d in _spec()["deployments"]}
+    assert set(deployments) == {"full", "compare", *ALL_STAGES}
+    for stage in ALL_STAGES:
+        d = deployments[stage]
+        assert d["entrypoint"] == "pipeline/flow.py:alol"
+        assert d["parameters"] == {"stages": [stage]}
+        assert d["work_pool"]["name"] == (gpu if STAGES[stage].accelerator else cpu), stage
+    assert deployments["full"]["entrypoint"] == "pipeline/flow.py:alol" and deployments["full"]["work_pool"]["name"] == cpu
+    assert deployments["compare"]["work_pool"]["name"] == gpu
+    assert all(d["enforce_parameter_schema"] is True for d in deployments.values())
+
+
+def test_every_entrypoint_is_a_flow_named_alol():
+    from prefect.flows import load_flow_from_entrypoint
+
+    for entrypoint in {d["entrypoint"] for d in _spec()["deployments"]}:
+        assert load_flow_from_entrypoint(str(REPO / entrypoint)).name == "alol", entrypoint
+
+
+@pytest.mark.parametrize(
+    ("entrypoint", "good", "bad", "complaint"),
+    [
+        ("pipeline/flow.py:alol", {"stages": ["score"], "refresh": ["score"], "profile": "smoke"}, {"stages": ["bogus"]}, "bogus"),
+        ("pipeline/flow.py:alol", {"overrides": {"train.algorithm": "a_lol_seq"}}, {"profile": "huge"}, "huge"),
+        ("pipeline/flow.py:alol", {"refresh": []}, {"refresh": "score"}, "'score' is not valid"),
+        ("pipeline/deploy.py:compare", {"algorithms": ["a_lol", "nll"]}, {"algorithms": ["ppo"]}, "ppo"),
+    ],
+)
+def test_parameter_schema_refuses_bad_values(entrypoint, good, bad, complaint):
+    """The schema Prefect stores with each deployment (built from the flow's type hints) and the
+    check the server runs when a flow run is created."""
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import ValidationError, validate
+
+    schema = parameter_schema(load_flow_from_entrypoint(str(REPO / entrypoint))).model_dump_for_openapi()
+    validate(good, schema, raise_on_error=True)
+    with pytest.raises(ValidationError, match=complaint):
+        validate(bad, schema, raise_on_error=True)
+
+
+def test_stages_run_in_process_outside_a_worker(monkeypatch):
+    monkeypatch.delenv("PREFECT__FLOW_RUN_ID", raising=False)
+    assert [deploy.accelerator_deployment(stage) for stage in ALL_STAGES] == [None] * len(ALL_STAGES)
+    # CPU stages never leave the flow run's process, whatever the pool (no API call is made).
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "00000000-0000-0000-0000-000000000000")
+    assert [deploy.accelerator_deployment(s) for s in ALL_STAGES if not STAGES[s].accelerator] == [None] * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting and stopping
+
+
+def test_up_refuses_a_busy_port_before_starting_anything(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(deploy.DeployError, match="already in use"):
+            deploy.up(home=tmp_path, port=busy.getsockname()[1], project=REPO)
+    assert deploy.Services.load(tmp_path) is None
+
+
+def test_up_outside_the_repository_root_is_refused(tmp_path):
+    with pytest.raises(deploy.DeployError, match="no prefect.yaml"):
+        deploy.up(home=tmp_path / "home", port=0, project=tmp_path)
+
+
+def test_down_with_nothing_started_says_so(tmp_path):
+    assert deploy.down(tmp_path) == [f"nothing to stop: no {deploy.SERVICES_FILE} in {tmp_path.resolve()}"]
+
+
+def _sleeper(*extra: str, ignore_term: bool = False) -> subprocess.Popen:
+    """A session leader named like a Prefect process that starts a child in its group and sleeps."""
+    code = (
+        "import signal, subprocess, sys, time\n"
+        f"{'signal.signal(signal.SIGTERM, signal.SIG_IGN)' if ignore_term else ''}\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", code, "prefect-stand-in", *extra], stdout=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_gone(proc: subprocess.Popen, child_pid: int) -> None:
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while deploy._alive(child_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_stop_ends_the_process_and_what_is_left_of_its_group():
+    proc = _sleeper()
+    child_pid = int(proc.stdout.readline())
+    assert deploy._stop(proc.pid, "worker x") == f"worker x (pid {proc.pid}) stopped"
+    _wait_gone(proc, child_pid)
+    assert proc.returncode == -signal.SIGTERM
+    assert not deploy._alive(child_pid), "a flow-run process of the worker survived"
+
+
+def test_stop_kills_a_process_that_ignores_sigterm(monkeypatch):
+    monkeypatch.setattr(deploy, "STOP_GRACE_S", 1.0)
+    proc = _sleeper(ignore_term=True)
+    child_pid = int(proc.stdout.readline())
+    assert deploy._stop(proc.pid, "server") == f"server (pid {proc.pid}) killed after 1 s"
+    _wait_gone(proc, child_pid)
+    assert proc.returncode == -signal.SIGKILL
+    assert not deploy._alive(child_pid)
+
+
+def test_stop_leaves_a_process_that_is_not_prefect_alone():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    try:
+        assert deploy._stop(proc.pid, "server") == f"server (pid {proc.pid}) was not running"
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: a real server and workers
+
+
+def available_stages() -> list[str]:
+    """ALOL_E2E_STAGES, or the stages in pipeline order up to the first whose module does not import."""
+    if os.environ.get("ALOL_E2E_STAGES"):
+        wanted = os.environ["ALOL_E2E_STAGES"].split(",")
+        return [s for s in ALL_STAGES if s in wanted]
+    found = []
+    for stage in ALL_STAGES:
+        try:
+            load_stage_function(stage)
+        except (ImportError, AttributeError, SyntaxError):
+            break
+        found.append(stage)
+    return found
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT__")}
+    env.update(PREFECT_HOME=str(home), COLUMNS="200", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 0, f"`{' '.join(done.args)}` exited {done.returncode}:\n{(done.stdout + done.stderr)[-4000:]}"
+    return done.stdout
+
+
+def _alol(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", "pipeline.cli", *args], env, timeout)
+
+
+def _run_full(env: dict[str, str], params: dict) -> str:
+    args = [PREFECT, "deployment", "run", "alol/full", "--params", json.dumps(params), "--watch", "--watch-interval", "1"]
+    return _ok(_run(args, env, RUN_TIMEOUT_S))
+
+
+def _records(root: Path) -> dict[str, dict]:
+    return RunStore(root, "smoke").state()["stages"]
+
+
+def _finished(entry: dict) -> str:
+    return StageReader(entry["path"], verify=False).manifest.finished.isoformat()
+
+
+def _flow_runs(api_url: str) -> list[tuple[str | None, str | None, bool, str]]:
+    """(deployment name, work pool, is a subflow, state) of every flow run on the server."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        names = {d.id: d.name for d in client.read_deployments()}
+        runs = client.read_flow_runs()
+    return [(names.get(r.deployment_id), r.work_pool_name, r.parent_task_run_id is not None, r.state.name) for r in runs]
+
+
+def _check_outputs(root: Path, stages: list[str]) -> dict[str, dict]:
+    """Every stage recorded under the temporary run root, its files re-hashed against its manifest."""
+    records = _records(root)
+    assert set(records) == set(stages)
+    for stage in stages:
+        entry = records[stage]
+        assert Path(entry["path"]).is_relative_to(root.resolve()), entry["path"]
+        reader = StageReader(entry["path"])
+        manifest = reader.manifest
+        assert (manifest.stage, manifest.cache_key, reader.content_hash) == (stage, entry["cache_key"], entry["content_hash"])
+        assert manifest.table_rows() == entry["rows"] and sum(entry["rows"].values()) > 0, stage
+        assert manifest.inputs == {up: records[up]["content_hash"] for up in STAGES[stage].upstream}, stage
+    return records
+
+
+def _refresh_target(stages: list[str]) -> str:
+    """The stage to refresh: an accelerator stage if one runs (the refresh then crosses pools)."""
+    accelerated = [s for s in stages if STAGES[s].accelerator]
+    return accelerated[0] if accelerated else ("score" if "score" in stages else stages[-1])
+
+
+def _stop_all(home: Path, env: dict[str, str]) -> list[int]:
+    """`alol down`; then SIGKILL, by PID, anything it left. Returns the PIDs that were still alive."""
+    services = deploy.Services.load(home)
+    pids = services.pids() if services else []
+    _alol(["down", "--home", str(home)], env, timeout=180)
+    left = [pid for pid in pids if deploy._alive(pid)]
+    for pid in left:
+        os.killpg(pid, signal.SIGKILL)
+    return left
+
+
+@pytest.mark.e2e
+def test_up_stops_what_it_started_when_a_step_fails(tmp_path):
+    """A prefect.yaml whose entrypoint does not exist: deploy fails after the server started."""
+    spec = _spec()
+    spec["deployments"] = [{**spec["deployments"][0], "entrypoint": "missing.py:alol"}]
+    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    home = tmp_path / "home"
+    done = _run([sys.executable, "-c", f"from pipeline import deploy; deploy.up({str(home)!r}, 0, {str(tmp_path)!r})"], _env(home))
+    assert done.returncode != 0 and "prefect --no-prompt deploy --all` failed" in done.stderr, done.stderr[-3000:]
+    server_log = (home / "server.log").read_text()
+    assert "Check out the dashboard at http://127.0.0.1:" in server_log, "the server never started"
+    assert deploy.Services.load(home) is None, "alol-services.json left behind"
+    assert not _listening(server_log), "the server is still answering"
+
+
+def _listening(server_log: str) -> bool:
+    port = re.search(r"dashboard at http://127\.0\.0\.1:(\d+)", server_log).group(1)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return sock.connect_ex(("127.0.0.1", int(port))) == 0
+
+
+@pytest.mark.e2e
+def test_full_deployment_runs_caches_and_refreshes_one_stage(tmp_path):
+    stages = available_stages()
+    if not stages:
+        pytest.skip("no stage module imports yet")
+    cpu, gpu = _pools()
+    home, root = tmp_path / "prefect-home", tmp_path / "runs"
+    env = _env(home)
+    params = {"profile": "smoke", "overrides": {"run.root": str(root)}}
+    if stages != list(ALL_STAGES):
+        params["stages"] = stages
+    accelerated = [s for s in stages if STAGES[s].accelerator]
+    try:
+        _ok(_alol(["up", "--port", "0", "--home", str(home)], env))
+        services = deploy.Services.load(home)
+        assert set(services.workers) == {cpu, gpu} and services.api_url.startswith("http://127.0.0.1:")
+        env["PREFECT_API_URL"] = services.api_url
+
+        # 1. Everything computed; the accelerator stages as child runs on the GPU pool.
+        _run_full(env, params)
+        first = _check_outputs(root, stages)
+        assert {s: e["cached"] for s, e in first.items()} == {s: False for s in stages}
+        runs = _flow_runs(services.api_url)
+        assert sorted(runs) == sorted([("full", cpu, False, "Completed")] + [(s, gpu, True, "Completed") for s in accelerated])
+        artifacts = _ok(_run([PREFECT, "artifact", "ls"], env))
+        assert all(f"alol-{s}" in artifacts for s in stages), artifacts
+        status = _ok(_alol(["status", "--profile", "smoke", "--set", f"run.root={root}"], env))
+        assert all(any(line.split()[:1] == [s] and "fresh" in line for line in status.splitlines()) for s in stages), status
+        count = _ok(_alol(["sql", "SELECT count(*) AS n FROM ingest", "--profile", "smoke", "--set", f"run.root={root}", "--format", "csv"], env))
+        assert count.split() == ["n", str(first["ingest"]["rows"]["ingest"])]
+
+        # 2. Again: every stage cached, nothing submitted to the GPU pool, no output rewritten.
+        _run_full(env, params)
+        second = _check_outputs(root, stages)
+        assert {s: e["cached"] for s, e in second.items()} == {s: True for s in stages}
+        assert [(e["path"], e["content_hash"], _finished(e)) for e in second.values()] == [
+            (first[s]["path"], first[s]["content_hash"], _finished(first[s])) for s in second
+        ]
+        assert len(_flow_runs(services.api_url)) == len(runs) + 1
+
+        # A bad parameter is refused when the run is created: no flow run.
+        bad = _run([PREFECT, "deployment", "run", "alol/full", "-p", 'stages=["bogus"]'], env)
+        assert bad.returncode != 0 and "bogus" in bad.stdout + bad.stderr
+        assert len(_flow_runs(services.api_url)) == len(runs) + 1
+
+        # 3. One stage refreshed: it runs; earlier stages stay cached; later ones run only if its output changed.
+        target = _refresh_target(stages)
+        _run_full(env, {**params, "refresh": [target]})
+        third = _check_outputs(root, stages)
+        position = stages.index(target)
+        changed = third[target]["content_hash"] != first[target]["content_hash"]
+        expected = {s: (i < position or (i > position and not changed)) for i, s in enumerate(stages)}
+        assert {s: e["cached"] for s, e in third.items()} == expected, f"refresh {target}, output changed: {changed}"
+        assert _finished(third[target]) > _finished(first[target])
+    finally:
+        leftovers = _stop_all(home, env)
+    assert leftovers == [], f"alol down left processes running: {leftovers}"
