@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from schemas.base import UserInputError
 from schemas.config import PROFILES, AlolConfig, ConfigError, load_config, parse_override
 
 STAGE_NAMES = ("ingest", "score", "reference", "advantage", "train", "evaluate")
@@ -38,9 +39,27 @@ def _store(args: argparse.Namespace):
     return RunStore(cfg.run.root, name)
 
 
+class _HideUserErrorTracebacks(logging.Filter):
+    """Prefect logs a failed task with its traceback; for a UserInputError the one-line message is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserInputError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _quiet_user_errors() -> None:
+    hide = _HideUserErrorTracebacks()
+    for name in ("", "prefect", "prefect.task_runs", "prefect.flow_runs"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(hide)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.flow import run_alol
 
+    _quiet_user_errors()
     overrides = _overrides(args)
     load_config(args.profile, args.config, overrides)  # a config error stops here, before Prefect starts
     outputs = run_alol(args.profile, args.config, overrides, stages=args.stages, refresh=args.refresh)
@@ -175,11 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore"):  # one line per API request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
     except ConfigError as exc:
         print(f"alol: {exc}", file=sys.stderr)
         return 2
+    except UserInputError as exc:
+        if args.debug or os.environ.get("ALOL_DEBUG"):
+            raise
+        print(f"alol: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - one clear line for the user; --debug shows the traceback

@@ -25,3 +25,8 @@ class Section(BaseModel):
     def fingerprint(self) -> str:
         """sha256 of the section's canonical JSON; part of every cache key that reads this section."""
         return sha256_text(canonical_json(self.model_dump(mode="json")))
+
+
+class UserInputError(Exception):
+    """An error in what the user gave (data files, settings, model names): the CLI shows its message as one
+    line, without a traceback, and exits non-zero. Its message names the file, row and field where it can."""

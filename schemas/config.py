@@ -10,7 +10,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from schemas.advantage import AdvantageConfig
-from schemas.base import Section
+from schemas.base import Section, UserInputError
 from schemas.evaluate import EvaluateConfig
 from schemas.ingest import DataConfig
 from schemas.reference import ReferenceConfig, ValueConfig, check_value_heads
@@ -47,7 +47,7 @@ class AlolConfig(Section):
         return self
 
 
-class ConfigError(Exception):
+class ConfigError(UserInputError):
     """A configuration that cannot be used. `problems` lists (dotted path, message) pairs."""
 
     def __init__(self, source: str, problems: list[tuple[str, str]]):

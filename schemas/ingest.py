@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import pyarrow as pa
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
 from schemas.base import Section
 
@@ -65,13 +65,20 @@ class DataConfig(Section):
     )
     columns: ColumnMapping = Field(default_factory=ColumnMapping, description="Source column names.")
     split_fractions: SplitFractions = Field(default_factory=SplitFractions, description="Used when the source has no splits.")
-    max_rows_per_split: int | None = Field(
+    max_rows_per_split: PositiveInt | dict[Literal["train", "validation", "test"], PositiveInt] | None = Field(
         None,
-        gt=0,
-        description="Keep at most this many rows per split (the first by id order; a preference pair is ordered by "
-        "its pair_id and kept or cut whole), for small runs. The rest go to `ingest_rejected` as "
+        description="Keep at most this many rows per split (one number for every split, or per split as "
+        "{train: 400, validation: 64}; splits not named are not capped), the first by id order; a preference pair "
+        "is ordered by its pair_id and kept or cut whole. For small runs. The rest go to `ingest_rejected` as "
         "`over_max_rows_per_split`.",
     )
+
+    def split_cap(self, split: str) -> int | None:
+        """The row cap of one split, or None."""
+        if isinstance(self.max_rows_per_split, dict):
+            return self.max_rows_per_split.get(split)
+        return self.max_rows_per_split
+
     max_prompt_chars: int = Field(20_000, gt=0, description="Rows whose prompt text is longer are rejected.")
     max_response_chars: int = Field(8_000, gt=0, description="Rows whose response is longer are rejected.")
     on_invalid: Literal["quarantine", "fail"] = Field(

@@ -38,6 +38,7 @@ import yaml
 from tqdm import tqdm
 
 from pipeline.storage import StageReader, StageWriter, TableWriter
+from schemas.base import UserInputError
 from schemas.config import AlolConfig
 from schemas.ingest import INGEST_SCHEMA, REJECTED_SCHEMA, SPLITS, ColumnMapping, DataConfig, SplitFractions
 from schemas.manifest import StageResult
@@ -71,7 +72,7 @@ CANONICAL_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators
 META_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, default=str)
 
 
-class IngestError(RuntimeError):
+class IngestError(UserInputError):
     """Input that cannot be ingested. The message is one line naming the file, the row or line and the field."""
 
     def __init__(self, file: str, where: str, message: str):
@@ -519,7 +520,7 @@ class Ingestor:
         if fmt is not None:
             self._use_format(fmt)
         self.seen = SeenIds()
-        self.caps = {split: SplitCap(data.max_rows_per_split) for split in SPLITS} if data.max_rows_per_split else None
+        self.caps = {split: SplitCap(cap) for split in SPLITS if (cap := data.split_cap(split))}
         self.source_rows = self.rows_in = self.rows_out = 0
         self.split_rows: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()
@@ -617,7 +618,7 @@ class Ingestor:
         if not group.valid:
             for candidate in group.candidates:
                 self._reject(group.record, candidate.problem)
-        elif self.caps is None:
+        elif group.split not in self.caps:
             self._keep(group)
         else:
             for cut in self.caps[group.split].offer(group):
@@ -629,7 +630,7 @@ class Ingestor:
         self._write_rejected(record, problem)
 
     def _cut(self, group: Group) -> None:
-        limit = self.data.max_rows_per_split
+        limit = self.data.split_cap(group.split)
         detail = f"split {group.split!r} already holds data.max_rows_per_split={limit} rows with smaller ids"
         for _ in group.candidates:
             self._write_rejected(group.record, Problem("split", CAPPED, detail))
@@ -655,8 +656,8 @@ class Ingestor:
 
     def finish(self) -> StageResult:
         """Write the groups each split cap kept (in id order), flush, and account for every candidate."""
-        if self.caps is not None:
-            for split in SPLITS:
+        for split in SPLITS:
+            if split in self.caps:
                 for group in self.caps[split].kept():
                     self._keep(group)
         self.kept.flush()

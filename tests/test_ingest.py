@@ -386,3 +386,19 @@ def test_tables_have_the_declared_schemas(tmp_path):
     assert reader.read("ingest").schema.equals(INGEST_SCHEMA)
     assert reader.read("ingest_rejected").schema.equals(REJECTED_SCHEMA)
     assert reader.manifest.columns["ingest"]["prompt"].startswith("list<")
+
+
+def test_per_split_caps_cap_only_the_named_splits(tmp_path):
+    from pipeline.storage import StageReader, StageWriter
+    from schemas.config import load_config
+    from stages.ingest import run
+
+    cfg = load_config("smoke", overrides={"data.max_rows_per_split": {"train": 30, "test": 5}})
+    writer = StageWriter(tmp_path / "ingest" / "k")
+    result = run(cfg, {}, writer)
+    writer.commit(stage="ingest", cache_key="k" * 64, result=result, config_fingerprints={}, config={}, inputs={},
+                  code_version="c", versions={})
+    splits = StageReader(tmp_path / "ingest" / "k").read("ingest").column("split").to_pylist()
+    assert splits.count("train") == 30 and splits.count("test") == 5
+    assert splits.count("validation") > 100, "validation has no cap"
+    assert result.rows_in == result.rows_out + result.rows_rejected
