@@ -1,0 +1,116 @@
+"""The evaluate stage's pieces that need no upstream: prompt sets, the generation cache and its key."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.storage import StageReader, StageWriter
+from schemas.config import load_config
+from schemas.evaluate import eval_schema
+from schemas.manifest import StageResult
+from stages.evaluate import (
+    cached_generations,
+    donotanswer_prompts,
+    eval_table,
+    generation_settings,
+    generations_key,
+    model_fingerprint,
+)
+
+
+def test_donotanswer_prompts_are_seeded_user_turns():
+    ids, prompts = donotanswer_prompts(25, seed=3)
+    assert len(ids) == 25 == len(set(ids))
+    assert all(i.startswith("dna:") for i in ids)
+    assert all(len(p) == 1 and p[0]["role"] == "user" and p[0]["content"].strip() for p in prompts)
+    assert donotanswer_prompts(25, seed=3) == (ids, prompts)
+    assert donotanswer_prompts(25, seed=4)[0] != ids
+    all_ids, _ = donotanswer_prompts(10_000, seed=0)
+    assert len(all_ids) == 939  # every Do-Not-Answer question, none twice
+
+
+def test_cached_generations_produce_once(tmp_path):
+    calls = []
+
+    def produce():
+        calls.append(1)
+        return ["first answer", "second answer"]
+
+    folder = tmp_path / "generations" / "key"
+    first, hit = cached_generations(folder, ["a", "b"], produce)
+    assert (first, hit, len(calls)) == (["first answer", "second answer"], False, 1)
+    again, hit = cached_generations(folder, ["a", "b"], produce)
+    assert (again, hit, len(calls)) == (first, True, 1)
+    assert pq.read_table(folder / "responses.parquet")["id"].to_pylist() == ["a", "b"]
+    # Different ids under the same folder are not trusted: generated again and stored.
+    _, hit = cached_generations(folder, ["b", "a"], produce)
+    assert (hit, len(calls)) == (False, 2)
+    assert [p.name for p in (tmp_path / "generations").iterdir()] == ["key"]  # no temporaries left
+
+
+def test_cached_generations_refuse_a_wrong_count(tmp_path):
+    with pytest.raises(RuntimeError, match="1 responses for 2 prompts"):
+        cached_generations(tmp_path / "k", ["a", "b"], lambda: ["only one"])
+    assert not (tmp_path / "k").exists()
+
+
+def test_generations_key_covers_model_prompts_and_settings():
+    settings = generation_settings(load_config("smoke"))
+    prompts = [[{"role": "user", "content": "hi"}]]
+    key = generations_key("model", ["a"], prompts, settings, "cpu")
+    assert key == generations_key("model", ["a"], prompts, dict(settings), "cpu")
+    assert key != generations_key("other", ["a"], prompts, settings, "cpu")
+    assert key != generations_key("model", ["b"], prompts, settings, "cpu")
+    assert key != generations_key("model", ["a"], [[{"role": "user", "content": "hello"}]], settings, "cpu")
+    assert key != generations_key("model", ["a"], prompts, {**settings, "max_new_tokens": 99}, "cpu")
+    assert key != generations_key("model", ["a"], prompts, settings, "cuda")
+    # Training settings do not enter the key: a second algorithm reuses pi_ref's generations.
+    other_algorithm = generation_settings(load_config("smoke", overrides={"train.algorithm": "nll"}))
+    assert generations_key("model", ["a"], prompts, other_algorithm, "cpu") == key
+
+
+def _reference_output(tmp_path, weights: bytes) -> StageReader:
+    writer = StageWriter(tmp_path / "reference" / "key")
+    writer.path("pi_ref/config.json").write_text("{}")
+    writer.path("pi_ref/model.safetensors").write_bytes(weights)
+    writer.commit(
+        stage="reference", cache_key="k", result=StageResult(rows_in=0, rows_out=0), config_fingerprints={},
+        config={}, inputs={}, code_version="test", versions={},
+    )
+    return StageReader(tmp_path / "reference" / "key")
+
+
+def test_model_fingerprint_follows_content(tmp_path):
+    reference = _reference_output(tmp_path / "one", b"weights")
+    inside = model_fingerprint(reference.path("pi_ref"), reference)
+    # A folder outside the reference output with the same files is hashed to the same fingerprint.
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "model.safetensors").write_bytes(b"weights")
+    assert model_fingerprint(base, reference) == inside
+    (base / "model.safetensors").write_bytes(b"other weights")
+    assert model_fingerprint(base, reference) != inside
+    changed = _reference_output(tmp_path / "two", b"fine-tuned")
+    assert model_fingerprint(changed.path("pi_ref"), changed) != inside
+
+
+def test_eval_table_has_a_row_per_model_and_prompt():
+    import numpy as np
+
+    schema = eval_schema(["safety"])
+    prompts = [[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]]
+    responses = {"policy": ["one two", "three"], "reference": ["", "four five six"]}
+    scores = {
+        "policy": {"safety": np.array([0.9, 0.8]), "reward": np.array([0.9, 0.8])},
+        "reference": {"safety": np.array([0.1, 0.2]), "reward": np.array([0.1, 0.2])},
+    }
+    table = eval_table(["a", "b"], prompts, responses, scores, schema)
+    assert table.schema == schema
+    rows = table.to_pylist()
+    assert [(r["id"], r["model"], r["length_words"]) for r in rows] == [
+        ("a", "policy", 2), ("b", "policy", 1), ("a", "reference", 0), ("b", "reference", 3),
+    ]
+    assert rows[3]["reward"] == pytest.approx(0.2) and rows[1]["safety"] == pytest.approx(0.8)
+    assert rows[0]["prompt"] == prompts[0]
