@@ -165,7 +165,8 @@ def test_manifest_reports_the_value_fit_against_the_mean(tiny_run):
     cfg, _, _, reference = tiny_run
     metrics = reference.manifest.metrics
     assert metrics["rows"] == {"train": 24, "validation": 12}
-    assert 1 <= metrics["value_chosen_epoch"] <= cfg.value.epochs
+    assert 0 <= metrics["value_chosen_epoch"] <= cfg.value.epochs
+    assert len(metrics["value_holdout_mse_by_epoch"]) == cfg.value.epochs + 1
     assert metrics["value_holdout_mse"] == min(metrics["value_holdout_mse_by_epoch"])
     targets = reference.read("value_targets").to_pandas()
     train_rewards = targets.loc[~targets.holdout, "reward"]

@@ -70,13 +70,29 @@ def test_head_learns_a_planted_function_of_the_prompt():
     assert fit.holdout_rows == 60 and fit.train_rows == 240 and sum(fit.holdout_mask) == 60
     assert fit.holdout_mse < 0.05 * fit.mean_baseline_holdout_mse
     assert fit.train_mse < 0.05 * fit.mean_baseline_train_mse
-    assert fit.chosen_epoch == 1 + min(range(20), key=fit.holdout_mse_by_epoch.__getitem__)
+    assert len(fit.holdout_mse_by_epoch) == 21  # the start (epoch 0) and 20 epochs
+    assert fit.chosen_epoch == min(range(21), key=fit.holdout_mse_by_epoch.__getitem__) > 0
     assert fit.holdout_mse == min(fit.holdout_mse_by_epoch)
+    # The start predicts the mean training target: its held-out MSE is the mean baseline.
+    assert fit.holdout_mse_by_epoch[0] == pytest.approx(fit.mean_baseline_holdout_mse, rel=1e-5)
     # Fresh prompts from the same function: the head generalises, it did not memorise.
     fresh, fresh_targets, _ = _toy_prompts(100, seed=2)
     mse = float(((predict_values(fit.head, fresh) - torch.tensor(fresh_targets, dtype=torch.float64)) ** 2).mean())
     variance = float(torch.tensor(fresh_targets).var())
     assert mse < 0.05 * variance
+
+
+def test_large_unnormalised_states_and_noise_targets_never_end_worse_than_the_mean():
+    """States like a real LM's (norm ~50, a few outlier dimensions) and targets unrelated to them."""
+    g = torch.Generator().manual_seed(4)
+    scale = torch.ones(576)
+    scale[[3, 99, 400]] = 40.0
+    states = [torch.randn(int(torch.randint(20, 60, (1,), generator=g)), 576, generator=g) * 2 * scale for _ in range(30)]
+    targets = (2.5 + 0.3 * torch.randn(30, generator=g)).tolist()
+    fit = fit_value_head(states, targets, r_max=4.0, heads=8, dropout=0.1, epochs=10, learning_rate=1e-3,
+                         batch_size=32, holdout_fraction=0.2, seed=0)
+    assert fit.holdout_mse <= fit.mean_baseline_holdout_mse * (1 + 1e-5)
+    assert torch.all((predict_values(fit.head, states) - 2.5).abs() < 1.0)  # no saturation at 0 or R_max
 
 
 def test_fit_is_reproducible_with_the_same_seed():
