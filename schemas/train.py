@@ -1,15 +1,20 @@
-"""Train stage: algorithm, optimiser and schedule of pi_theta."""
+"""Train stage: algorithm, optimiser and schedule of pi_theta, and the `train_log` table."""
 
 from __future__ import annotations
 
 from typing import Literal
 
+import pyarrow as pa
 from pydantic import Field, model_validator
 
 from schemas.base import Section
 
 Algorithm = Literal["nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl"]
 ALGORITHMS: tuple[str, ...] = Algorithm.__args__  # type: ignore[attr-defined]
+A_LOL_FAMILY: tuple[str, ...] = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl")
+"""Algorithms that train on A > 0 only, drawn in proportion to A+, with the step budget shrunk by the positive fraction."""
+CLIPPED: tuple[str, ...] = ("r_lol", "a_lol", "a_lol_seq")
+"""Algorithms whose importance weight is clipped to [1 - clip_epsilon, 1 + clip_epsilon]."""
 
 
 class TrainConfig(Section):
@@ -19,15 +24,23 @@ class TrainConfig(Section):
     clip_epsilon: float = Field(0.9, gt=0, le=1, description="Two-sided clip of the detached importance weight (paper HHA: 0.9).")
     kl_beta: float | None = Field(None, gt=0, description="KL weight; required by a_lol_kl only.")
     steps: int = Field(64, gt=0, description="Optimiser steps before the A-LoL positive-fraction shrink.")
-    batch_size: int = Field(4, gt=0, description="Rows per micro-batch.")
+    batch_size: int = Field(4, gt=0, description="Rows per micro-batch (per process).")
     grad_accumulation: int = Field(2, gt=0, description="Micro-batches per optimiser step (paper: 8 x 2 rows per update).")
     learning_rate: float = Field(2e-5, gt=0, description="AdamW learning rate (paper: 2e-5 full fine-tune, 2e-4 QLoRA).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (paper: 0.01).")
-    schedule: Literal["constant", "linear"] = Field("linear", description="Learning-rate schedule after warm-up (paper: linear decay).")
+    schedule: Literal["constant", "linear"] = Field("linear", description="Learning-rate schedule after warm-up (paper: linear decay; constant for QLoRA).")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip (paper: 1.0; 0.3 for QLoRA).")
-    lora_rank: int | None = Field(None, gt=0, description="LoRA rank through peft; full fine-tuning when unset.")
-    eval_every: int = Field(16, gt=0, description="Validate (greedy decode, score) every this many steps (paper: a tenth of the run).")
+    lora_rank: int | None = Field(None, gt=0, description="LoRA rank through peft; full fine-tuning when unset (paper HHA: QLoRA).")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA scaling alpha; 2 x lora_rank when unset.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    eval_every: int = Field(16, gt=0, description="Validate (greedy decode, score) every this many steps and at the last step (paper: a tenth of the run).")
+    validation_prompts: int | None = Field(
+        None, gt=0, description="Decode at most this many distinct validation prompts (the first by prompt id) per validation; all when unset."
+    )
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="Save the resume state (model, optimiser, scheduler, sampler, RNG) every this many steps; at every validation when unset."
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="accelerate mixed precision, where the device supports it.")
 
     @model_validator(mode="after")
@@ -36,4 +49,30 @@ class TrainConfig(Section):
             raise ValueError("train.algorithm a_lol_kl needs train.kl_beta (e.g. 0.1)")
         if self.algorithm != "a_lol_kl" and self.kl_beta is not None:
             raise ValueError(f"train.kl_beta is only used by a_lol_kl, not {self.algorithm}")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"train.warmup_steps ({self.warmup_steps}) must be below train.steps ({self.steps})")
+        if self.lora_rank is None and self.lora_alpha is not None:
+            raise ValueError("train.lora_alpha is set but train.lora_rank is not; set lora_rank to train with LoRA")
         return self
+
+
+TRAIN_LOG_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("loss", pa.float64()),
+        ("learning_rate", pa.float64()),
+        ("grad_norm", pa.float64()),
+        ("importance_weight_mean", pa.float64()),
+        ("clipped_fraction", pa.float64()),
+        ("advantage_mean", pa.float64()),
+        ("reward_mean", pa.float64()),
+        ("tokens", pa.int64()),
+        ("tokens_per_s", pa.float64()),
+        ("validation_reward", pa.float64()),
+    ]
+)
+"""One row per optimiser step. `loss` is the batch mean over all processes; `grad_norm` is before
+clipping; `importance_weight_mean` / `clipped_fraction` are over rows (r_lol, a_lol), response
+tokens (a_lol_seq: rho_t; r_gold: pi_theta(y_t), "clipped" when below 0.1), null for the other
+losses; `tokens` counts prompt and response tokens of the step; `validation_reward` is the mean
+reward of greedy decodes of the validation prompts, null when not measured at that step."""
