@@ -1,0 +1,131 @@
+"""The train stage as separate processes (`python -m stages.train`): two CPU processes under torchrun
+(gloo) equal one process with twice the gradient accumulation, and a run killed with SIGKILL resumes
+from its last checkpoint to the same final weights as an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline.storage import RunStore, StageReader, StageWriter
+from schemas.config import apply_overrides
+from stages import train
+from tests.test_train_fixtures import build_upstream, config, overrides, readers, tiny_setup
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.set_num_threads(2)
+    tmp = tmp_path_factory.mktemp("train-processes")
+    model, data = tiny_setup(tmp)
+    return tmp, model, data, build_upstream(config(tmp, model, data))
+
+
+def write_config(tiny, name: str, **extra) -> Path:
+    tmp, model, data, _ = tiny
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(apply_overrides({}, overrides(tmp, model, data, **extra))), encoding="utf-8")
+    return path
+
+
+def cli(config_file: Path, processes: int = 1) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    return [*(launcher if processes > 1 else [sys.executable]), "-m", "stages.train", "--profile", "smoke",
+            "--config-file", str(config_file)]
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def in_process(tiny, folder: str, **extra) -> StageReader:
+    tmp, model, data, outputs = tiny
+    writer = StageWriter(tmp / "in-process" / folder)
+    result = train.run(config(tmp, model, data, **extra), readers(outputs), writer)
+    writer.commit(stage="train", cache_key="t" * 64, result=result, config_fingerprints={}, config={}, inputs={},
+                  code_version="test", versions={})
+    return StageReader(tmp / "in-process" / folder)
+
+
+def recorded_train_output(tiny) -> StageReader:
+    tmp, model, data, _ = tiny
+    cfg = config(tmp, model, data)
+    return StageReader(RunStore(cfg.run.root, cfg.run.name).current("train").path)
+
+
+def assert_same_training(a: StageReader, b: StageReader, rel: float) -> None:
+    for x, y in zip(a.read("train_log").to_pylist(), b.read("train_log").to_pylist(), strict=True):
+        assert x["step"] == y["step"]
+        for column in ("loss", "grad_norm", "importance_weight_mean", "advantage_mean", "validation_reward"):
+            if x[column] is None or y[column] is None:
+                assert x[column] is y[column] is None, (x["step"], column)
+            else:
+                assert x[column] == pytest.approx(y[column], rel=rel), (x["step"], column)
+    first, second = load_file(a.path("policy/model.safetensors")), load_file(b.path("policy/model.safetensors"))
+    assert first.keys() == second.keys()
+    for name in first:
+        scale = first[name].abs().max().item()
+        torch.testing.assert_close(second[name], first[name], rtol=0, atol=rel * scale, msg=name)
+
+
+def test_two_processes_equal_one_process_with_twice_the_accumulation(tiny):
+    config_file = write_config(tiny, "two-processes", **{"train.grad_accumulation": 1})
+    done = subprocess.run(cli(config_file, processes=2), cwd=REPO, env=environment(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    two = recorded_train_output(tiny)
+    assert two.manifest.metrics["processes"] == 2 and two.manifest.metrics["rows_per_step"] == 4
+    one = in_process(tiny, "one-process", **{"train.grad_accumulation": 2})
+    assert one.manifest.metrics["processes"] == 1 and one.manifest.metrics["rows_per_step"] == 4
+    assert one.manifest.metrics["policy_is_reference"] is False
+    assert_same_training(one, two, rel=1e-4)
+
+
+def test_killed_run_resumes_from_its_last_checkpoint_to_the_same_weights(tiny):
+    settings = {"train.steps": 32, "train.checkpoint_every": 2, "run.name": "resume"}
+    tmp, model, data, outputs = tiny
+    cfg = config(tmp, model, data, **settings)
+    store = RunStore(cfg.run.root, cfg.run.name)
+    for stage, output in outputs.items():
+        store.record(output, cached=True, seconds=0.0)
+    uninterrupted = in_process(tiny, "uninterrupted", **settings)
+    assert uninterrupted.manifest.metrics["steps"] == 16
+
+    latest = Path(cfg.run.cache_dir).resolve() / train.RESUME_FOLDER / train.resume_key(cfg, readers(outputs)) / "latest"
+    assert not latest.exists(), "the uninterrupted run removed its resume state"
+    config_file = write_config(tiny, "resume", **settings)
+    proc = subprocess.Popen(cli(config_file), cwd=REPO, env=environment(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (latest.is_file() and latest.read_text() >= "state-00000004"):
+            assert proc.poll() is None, "the run ended before it was killed"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.01)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert store.current("train") is None, "the killed run committed nothing"
+    killed_at = int(latest.read_text().removeprefix("state-"))
+    assert 4 <= killed_at < 16
+
+    done = subprocess.run(cli(config_file), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"resuming from step {killed_at}" in done.stderr
+    resumed = StageReader(store.current("train").path)
+    assert resumed.manifest.metrics["resumed_from_step"] == killed_at
+    assert_same_training(uninterrupted, resumed, rel=1e-6)
+    assert not latest.parent.exists(), "resume state removed once the stage finished"
