@@ -245,7 +245,7 @@ def _score_both(
     return {"reference": reference, "policy": policy}
 
 
-def _safety_component(cfg: AlolConfig) -> str:
+def safety_component(cfg: AlolConfig) -> str:
     names = [c.name for c in cfg.score.components if c.kind == SAFETY_KIND]
     if not names:
         raise ValueError(
@@ -257,7 +257,7 @@ def _safety_component(cfg: AlolConfig) -> str:
 
 def harmlessness(cfg: AlolConfig, generations: Generations, scorer, out: StageWriter, schema: pa.Schema) -> dict[str, Any]:
     """Both models on Do-Not-Answer prompts, scored by the safety component; writes `eval_harmlessness`."""
-    component = _safety_component(cfg)
+    component = safety_component(cfg)
     ids, prompts = donotanswer_prompts(cfg.evaluate.harmlessness_prompts, cfg.run.seed)
     reference = generations.reference(ids, prompts)
     responses = {"reference": reference, "policy": generations.policy(prompts, reference)}

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import yaml
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 MODEL_LABELS = {"policy": "pi_theta", "reference": "pi_ref"}
 
@@ -140,7 +141,7 @@ def plot_training_curves(
     """Training loss (left) and validation reward (right, with pi_ref's as a dashed line) over optimiser steps."""
     fig = Figure(figsize=(9, 3.4))
     left, right = fig.subplots(1, 2)
-    left.plot(loss_steps, loss, color="tab:blue", linewidth=1)
+    left.plot(loss_steps, loss, color="tab:blue", linewidth=1, marker="o", markersize=2)
     left.set_xlabel("step")
     left.set_ylabel("training loss")
     left.set_title("Training loss")
@@ -151,6 +152,8 @@ def plot_training_curves(
     right.set_ylabel("mean validation reward")
     right.set_title("Validation reward")
     right.legend()
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _save(fig, path)
 
 
@@ -165,42 +168,40 @@ def render_report(
 ) -> str:
     """The whole Markdown report. `links` and `plots` map a caption to a path relative to the report."""
     diff = metrics["difference"]["reward"]
-    parts = [
-        f"# {title}\n",
-        f"Algorithm `{metrics.get('algorithm')}`, {metrics['prompts']} test prompts, "
-        f"{'sampled' if metrics['generation']['do_sample'] else 'greedy'} decoding of at most "
-        f"{metrics['generation']['max_new_tokens']} new tokens.\n",
-    ]
+    generation = metrics["generation"]
+    decoding = "sampled" if generation["do_sample"] else "greedy"
+    intro = (
+        f"Algorithm `{metrics.get('algorithm')}`, {metrics['prompts']} test prompts, {decoding} decoding of at "
+        f"most {generation['max_new_tokens']} new tokens."
+    )
     if metrics.get("policy_is_reference"):
-        parts.append("No checkpoint beat pi_ref on validation, so the policy **is** pi_ref.\n")
-    parts += [
-        "## Test metrics\n",
-        markdown_table(summary_rows(metrics)),
-        f"\nReward difference pi_theta − pi_ref: {interval_text(diff)} "
-        f"(95% paired bootstrap, {metrics['bootstrap_samples']} resamples).\n",
+        intro += " No checkpoint beat pi_ref on validation, so the policy **is** pi_ref."
+    sections = [
+        f"# {title}",
+        intro,
+        "## Test metrics",
+        markdown_table(summary_rows(metrics)).rstrip(),
+        f"Reward difference pi_theta − pi_ref: {interval_text(diff)} "
+        f"(95% paired bootstrap over prompts, {metrics['bootstrap_samples']} resamples).",
     ]
     harmless = metrics.get("harmlessness")
     if harmless:
-        parts += [
-            f"\n## Harmlessness ({harmless['prompts']} Do-Not-Answer prompts, component `{harmless['component']}`)\n",
-            markdown_table(
-                [
-                    {"model": MODEL_LABELS[m], harmless["component"]: interval_text(harmless["models"][m])}
-                    for m in ("policy", "reference")
-                ]
-            ),
-            f"\nDifference pi_theta − pi_ref: {interval_text(harmless['difference'])}.\n",
+        rows = [
+            {"model": MODEL_LABELS[m], harmless["component"]: interval_text(harmless["models"][m])}
+            for m in ("policy", "reference")
         ]
-    train = metrics.get("train") or {}
-    if train:
-        parts += ["\n## Training\n", markdown_table([train])]
+        sections += [
+            f"## Harmlessness ({harmless['prompts']} Do-Not-Answer prompts, component `{harmless['component']}`)",
+            markdown_table(rows).rstrip(),
+            f"Difference pi_theta − pi_ref: {interval_text(harmless['difference'])}.",
+        ]
+    if metrics.get("train"):
+        sections += ["## Training", markdown_table([metrics["train"]]).rstrip()]
     if advantage:
-        parts += ["\n## Advantage (training rows)\n", markdown_table([advantage])]
+        sections += ["## Advantage (training rows)", markdown_table([advantage]).rstrip()]
     if plots:
-        parts.append("\n## Plots\n")
-        parts += [f"![{caption}]({rel})\n" for caption, rel in plots.items()]
+        sections += ["## Plots", *(f"![{caption}]({rel})" for caption, rel in plots.items())]
     if links:
-        parts.append("\n## Tables\n")
-        parts += [f"- [{caption}]({rel})\n" for caption, rel in links.items()]
-    parts += ["\n## Configuration\n", "```yaml\n", yaml.safe_dump(dict(config), sort_keys=True), "```\n"]
-    return "".join(parts)
+        sections += ["## Tables", "\n".join(f"- [{caption}]({rel})" for caption, rel in links.items())]
+    sections += ["## Configuration", "```yaml\n" + yaml.safe_dump(dict(config), sort_keys=True) + "```"]
+    return "\n\n".join(sections) + "\n"
