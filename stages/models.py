@@ -318,13 +318,6 @@ def response_logprobs_and_prompt_states(
     return _response_forward(model, prompt_ids, response_ids, keep_prompt_states=True)
 
 
-def prompt_states(model: Any, prompt_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-    """Last-layer hidden states over the prompt tokens of a prompt-only forward (P_i x hidden per row)."""
-    input_ids, attention_mask = _right_padded(prompt_ids, _pad_id(model), model.device)
-    output = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return [output.last_hidden_state[i, : len(p)] for i, p in enumerate(prompt_ids)]
-
-
 # --------------------------------------------------------------------------- generation
 
 

@@ -5,10 +5,12 @@
    pairs), saved in transformers format as `pi_ref/` in this stage's output.
 2. Value targets: pi_ref decodes each distinct validation prompt greedily; the score stage's
    components score the outputs, giving R(x, y_ref).
-3. The value head is fitted on pi_ref's last-layer prompt states of those prompts (stages.value_head).
-4. One pass over the train and validation rows, in batches of similar length under
+3. One pass over the train and validation rows, in batches of similar length under
    `reference.token_budget`, no grad: l_t for every response token (EOS included), L_ref = sum_t l_t,
-   T, and V(x) from the prompt positions of the same causal forward.
+   T, and pi_ref's last-layer hidden states at the prompt positions of the same causal forward
+   (equal to a prompt-only forward). The validation rows go first: their prompt states are the
+   features of the value head (stages.value_head), fitted before the training rows' pass, which
+   then gives V(x) from its own forward. Each prompt is run through pi_ref once.
 
 Outputs: table `reference` (id, split, ref_logprob, ref_token_logprobs, response_tokens, value),
 table `value_targets` (prompt_id, prompt, response, one column per reward component, reward, value,
@@ -40,12 +42,10 @@ from schemas.reference import REFERENCE_SCHEMA, ReferenceConfig, value_targets_s
 from stages.models import (
     PI_REF_FOLDER,
     encode_pair,
-    encode_prompt,
     generate,
     length_batches,
     load_causal_lm,
     load_tokenizer,
-    prompt_states,
     resolve_model,
     response_logprobs_and_prompt_states,
     response_token_logprobs,
@@ -70,6 +70,7 @@ class EncodedRows:
     response_ids: list[list[int]] = field(default_factory=list)
     sft_rows: list[int] = field(default_factory=list)
     validation_prompts: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    validation_first_row: dict[str, int] = field(default_factory=dict)
     prompts_truncated: int = 0
     responses_truncated: int = 0
 
@@ -98,7 +99,9 @@ def encode_rows(ingest: StageReader, tokenizer: Any, ref: ReferenceConfig, batch
             if row["split"] == "train" and row["preference"] in (None, "chosen"):
                 rows.sft_rows.append(len(rows.ids))
             if row["split"] == "validation":
-                rows.validation_prompts.setdefault(prompt_key(row["prompt"]), row["prompt"])
+                key = prompt_key(row["prompt"])
+                rows.validation_prompts.setdefault(key, row["prompt"])
+                rows.validation_first_row.setdefault(key, len(rows.ids))
             rows.ids.append(row["id"])
             rows.splits.append(row["split"])
             rows.prompt_ids.append(prompt_ids)
@@ -137,26 +140,16 @@ def fine_tune_reference(
     return {"sft_steps": len(losses), "sft_first_loss": losses[0], "sft_last_loss": losses[-1]}
 
 
-# --------------------------------------------------------------------------- value targets and head
-
-
-def batched_prompt_states(model: Any, prompts: Sequence[list[int]], token_budget: int) -> list[torch.Tensor]:
-    """Last-layer prompt states (P_i x hidden, float32, on the CPU) of each prompt, in length-grouped batches."""
-    states: list[torch.Tensor | None] = [None] * len(prompts)
-    with torch.inference_mode():
-        for batch in length_batches([len(p) for p in prompts], token_budget):
-            for i, s in zip(batch, prompt_states(model, [prompts[i] for i in batch])):
-                states[i] = s.float().cpu().clone()
-    return states  # type: ignore[return-value]
-
-
 # --------------------------------------------------------------------------- the log-prob pass
 
 
 @dataclass
 class ReferencePass:
+    """Per row: l_t (float32), and V(x) when a head was given or the prompt states when asked for."""
+
     token_logprobs: list[np.ndarray]
     values: np.ndarray | None
+    prompt_states: list[torch.Tensor] | None
     tokens: int
     seconds: float
 
@@ -167,31 +160,42 @@ def reference_logprobs(
     response_ids: Sequence[list[int]],
     token_budget: int,
     head: AttentionPoolingValueHead | None = None,
+    keep_prompt_states: bool = False,
     progress: bool = True,
 ) -> ReferencePass:
-    """l_t of every response token (and V(x) with a head) in length-sorted batches under `token_budget`, no grad."""
-    token_logprobs: list[np.ndarray | None] = [None] * len(prompt_ids)
-    values = np.full(len(prompt_ids), np.nan) if head is not None else None
+    """l_t of every response token in length-sorted batches under `token_budget`, no grad.
+
+    With `head`, V(x) from the prompt positions of the same forward; with `keep_prompt_states`, those
+    states themselves (P_i x hidden, float32, CPU).
+    """
+    n = len(prompt_ids)
+    token_logprobs: list[np.ndarray | None] = [None] * n
+    values = np.full(n, np.nan) if head is not None else None
+    kept: list[torch.Tensor | None] | None = [None] * n if keep_prompt_states else None
     lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
     started = time.perf_counter()
     with torch.inference_mode():
         for batch in tqdm(length_batches(lengths, token_budget), desc="reference log-probs", unit="batch", disable=not progress):
             prompts, responses = [prompt_ids[i] for i in batch], [response_ids[i] for i in batch]
-            if head is None:
+            if head is None and kept is None:
                 rows = response_token_logprobs(model, prompts, responses)
             else:
                 rows, states = response_logprobs_and_prompt_states(model, prompts, responses)
-                values[batch] = predict_values(head, states).cpu().numpy()
+                if head is not None:
+                    values[batch] = predict_values(head, states).cpu().numpy()
+                if kept is not None:
+                    for i, state in zip(batch, states):
+                        kept[i] = state.float().cpu().clone()
             for i, lp in zip(batch, rows):
                 token_logprobs[i] = lp.float().cpu().numpy()
-    return ReferencePass(token_logprobs, values, sum(lengths), time.perf_counter() - started)  # type: ignore[arg-type]
+    return ReferencePass(token_logprobs, values, kept, sum(lengths), time.perf_counter() - started)  # type: ignore[arg-type]
 
 
-def _write_reference(out: StageWriter, rows: EncodedRows, result: ReferencePass) -> None:
+def _write_reference(out: StageWriter, rows: EncodedRows, token_logprobs: list[np.ndarray], values: np.ndarray) -> None:
     with out.table("reference", REFERENCE_SCHEMA) as table:
         for start in range(0, len(rows.ids), WRITE_ROWS):
             stop = min(start + WRITE_ROWS, len(rows.ids))
-            token_lps = result.token_logprobs[start:stop]
+            token_lps = token_logprobs[start:stop]
             table.write(
                 {
                     "id": rows.ids[start:stop],
@@ -199,7 +203,7 @@ def _write_reference(out: StageWriter, rows: EncodedRows, result: ReferencePass)
                     "ref_logprob": [float(lp.astype(np.float64).sum()) for lp in token_lps],
                     "ref_token_logprobs": [lp.tolist() for lp in token_lps],
                     "response_tokens": [len(lp) for lp in token_lps],
-                    "value": result.values[start:stop].tolist(),
+                    "value": values[start:stop].tolist(),
                 }
             )
 
@@ -211,6 +215,27 @@ def _stats(values: np.ndarray) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- the stage
+
+
+def _value_targets(
+    cfg: AlolConfig, inputs: dict[str, StageReader], model: Any, tokenizer: Any, rows: EncodedRows
+) -> tuple[list[str], list[list[dict[str, str]]], list[str], dict[str, np.ndarray], list[str], float]:
+    """pi_ref's greedy output on each distinct validation prompt, scored by the score stage's components."""
+    ref = cfg.reference
+    keys = list(rows.validation_prompts)
+    prompts = [rows.validation_prompts[k] for k in keys]
+    if len(prompts) < 2:
+        raise ValueError(
+            f"{inputs['ingest'].dir}: {len(prompts)} distinct validation prompts; the value head needs at least 2 "
+            "(raise data.max_rows_per_split or data.split_fractions.validation)"
+        )
+    responses = generate(
+        model, tokenizer, prompts, max_prompt_tokens=ref.max_prompt_tokens,
+        max_new_tokens=ref.generate_max_new_tokens, batch_size=ref.generate_batch_size, seed=cfg.run.seed,
+    )
+    scorer = load_scorer(cfg, inputs["score"])
+    scores = scorer.score(prompts, responses, ids=keys)
+    return keys, prompts, responses, scores, scorer.component_names, scorer.r_max
 
 
 def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> StageResult:
@@ -240,44 +265,35 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
         timings["sft_seconds"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    keys = list(rows.validation_prompts)
-    prompts = [rows.validation_prompts[k] for k in keys]
-    if len(prompts) < 2:
-        raise ValueError(
-            f"{inputs['ingest'].dir}: {len(prompts)} distinct validation prompts; the value head needs at least 2 "
-            "(raise data.max_rows_per_split or data.split_fractions.validation)"
-        )
-    responses = generate(
-        model, tokenizer, prompts, max_prompt_tokens=ref.max_prompt_tokens,
-        max_new_tokens=ref.generate_max_new_tokens, batch_size=ref.generate_batch_size, seed=cfg.run.seed,
+    keys, prompts, responses, scores, component_names, r_max = _value_targets(cfg, inputs, model, tokenizer, rows)
+    timings["value_targets_seconds"] = time.perf_counter() - clock
+
+    # Validation rows first: their prompt states (from the log-prob forward) are the value head's features.
+    validation = [i for i, s in enumerate(rows.splits) if s == "validation"]
+    train = [i for i, s in enumerate(rows.splits) if s == "train"]
+    first_pass = reference_logprobs(
+        model, [rows.prompt_ids[i] for i in validation], [rows.response_ids[i] for i in validation],
+        ref.token_budget, keep_prompt_states=True,
     )
-    timings["generate_seconds"] = time.perf_counter() - clock
+    position = {row: k for k, row in enumerate(validation)}
+    target_states = [first_pass.prompt_states[position[rows.validation_first_row[key]]] for key in keys]
 
     clock = time.perf_counter()
-    scorer = load_scorer(cfg, inputs["score"])
-    scores = scorer.score(prompts, responses, ids=keys)
-    component_names, r_max = scorer.component_names, scorer.r_max
-    del scorer
-    timings["score_seconds"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    prompt_tokens = [encode_prompt(tokenizer, p, ref.max_prompt_tokens) for p in prompts]
-    states = batched_prompt_states(model, prompt_tokens, ref.token_budget)
     value = cfg.value
     fit = fit_value_head(
-        states, scores["reward"].tolist(), r_max=r_max, heads=value.heads, dropout=value.dropout,
+        target_states, scores["reward"].tolist(), r_max=r_max, heads=value.heads, dropout=value.dropout,
         epochs=value.epochs, learning_rate=value.learning_rate, batch_size=value.batch_size,
         holdout_fraction=value.holdout_fraction, seed=cfg.run.seed,
     )
     save_value_head(fit.head, out.path(VALUE_HEAD_FILE))
-    target_values = predict_values(fit.head, states).numpy()
     out.write_table(
         "value_targets",
         pa.Table.from_pydict(
             {
                 "prompt_id": keys, "prompt": prompts, "response": responses,
                 **{name: scores[name] for name in component_names},
-                "reward": scores["reward"], "value": target_values, "holdout": fit.holdout_mask,
+                "reward": scores["reward"], "value": predict_values(fit.head, target_states).numpy(),
+                "holdout": fit.holdout_mask,
             },
             schema=value_targets_schema(component_names),
         ),
@@ -289,18 +305,28 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     )
 
     fit.head.to(device)
-    result = reference_logprobs(model, rows.prompt_ids, rows.response_ids, ref.token_budget, head=fit.head)
-    fit.head.cpu()
-    timings["logprob_seconds"] = result.seconds
-    _write_reference(out, rows, result)
+    second_pass = reference_logprobs(
+        model, [rows.prompt_ids[i] for i in train], [rows.response_ids[i] for i in train], ref.token_budget, head=fit.head
+    )
+    token_logprobs: list[np.ndarray] = [np.zeros(0, np.float32)] * len(rows.ids)
+    values = np.full(len(rows.ids), np.nan)
+    for index, lp in zip(validation, first_pass.token_logprobs):
+        token_logprobs[index] = lp
+    values[validation] = predict_values(fit.head.cpu(), first_pass.prompt_states).numpy()
+    for index, lp in zip(train, second_pass.token_logprobs):
+        token_logprobs[index] = lp
+    values[train] = second_pass.values
+    _write_reference(out, rows, token_logprobs, values)
 
-    ref_logprobs = np.array([lp.astype(np.float64).sum() for lp in result.token_logprobs])
+    tokens = first_pass.tokens + second_pass.tokens
+    timings["logprob_seconds"] = first_pass.seconds + second_pass.seconds
+    ref_logprobs = np.array([lp.astype(np.float64).sum() for lp in token_logprobs])
     metrics = {
         "pi_ref": "sft" if ref.sft_epochs > 0 else "base",
         "model": ref.model,
         "hidden_size": hidden,
         "device": device.type,
-        "rows": {s: rows.splits.count(s) for s in SPLITS},
+        "rows": {"train": len(train), "validation": len(validation)},
         "prompts_truncated": rows.prompts_truncated,
         "responses_truncated": rows.responses_truncated,
         "r_max": r_max,
@@ -308,10 +334,10 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
         "value_target_reward": _stats(scores["reward"]),
         **fit.metrics(),
         "ref_logprob": _stats(ref_logprobs),
-        "response_tokens": _stats(np.array([len(lp) for lp in result.token_logprobs], dtype=np.float64)),
-        "value": _stats(result.values),
-        "logprob_tokens": result.tokens,
-        "logprob_tokens_per_s": result.tokens / max(result.seconds, 1e-9),
+        "response_tokens": _stats(np.array([len(lp) for lp in token_logprobs], dtype=np.float64)),
+        "value": _stats(values),
+        "logprob_tokens": tokens,
+        "logprob_tokens_per_s": tokens / max(timings["logprob_seconds"], 1e-9),
         **sft_metrics,
         **{k: round(v, 3) for k, v in timings.items()},
     }

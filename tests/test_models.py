@@ -20,7 +20,6 @@ from stages.models import (
     length_batches,
     load_causal_lm,
     load_tokenizer,
-    prompt_states,
     render_prompt,
     resolve_model,
     response_logprobs_and_prompt_states,
@@ -135,7 +134,7 @@ def test_prompt_states_from_the_pair_forward_equal_a_prompt_only_forward(tiny):
     prompts, responses = _encoded(tokenizer)
     with torch.no_grad():
         logprobs, states = response_logprobs_and_prompt_states(model, prompts, responses)
-        alone = prompt_states(model, prompts)
+        alone = [model.get_decoder()(input_ids=torch.tensor([p])).last_hidden_state[0] for p in prompts]
         plain = response_token_logprobs(model, prompts, responses)
     for i, p in enumerate(prompts):
         assert states[i].shape == (len(p), model.config.hidden_size)
