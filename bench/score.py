@@ -1,7 +1,7 @@
 """Reward component throughput: rows/s batched (score.batch_size rows per call) versus one row per call.
 
 Rows: the chatterbot-corpus English (prompt, response) pairs, cycled to --rows (10,000). The batched path
-scores all of them; the one-row path scores the first --single-rows of them (default 1,000: one row at a
+scores all of them; the one-row path scores the first --single-rows of them (default 500: one row at a
 time through MiniLM would take minutes on 2 cores), and the two are checked to agree on those rows.
 Models are loaded and warmed up before timing. The batched speed-up of the neural components (toxicity,
 relevance) should be at least 5x.
@@ -49,7 +49,7 @@ def rows_per_s(scorer: Scorer, name: str, prompts, responses) -> tuple[float, np
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=10_000)
-    parser.add_argument("--single-rows", type=int, default=1_000)
+    parser.add_argument("--single-rows", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS)

@@ -10,8 +10,9 @@ and a new component only runs its own model.
 
 Outputs: table `score` (id, one float64 column per component, reward) and `scorer_state.json` (state
 fitted on the training responses, e.g. the tf-idf vocabulary). Metrics: `r_max`, `r_min`, `weights`,
-`components` (per component: kind, weight, bounds, mean, std, min, max, fingerprint, cached, cache_key,
-seconds, rows_per_s, compute_seconds) and `reward` (mean, std, min, max).
+`components` (per component: kind, weight, bounds, mean, std, min, max, fingerprint, cache_key, cached,
+seconds spent in this run, compute_seconds and rows_per_s of the scoring itself, now or when it was
+cached) and `reward` (mean, std, min, max).
 """
 
 from __future__ import annotations
@@ -157,10 +158,6 @@ def component_cache_key(config: ComponentConfig, component: RewardComponent, fin
     return sha256_text(canonical_json(payload))
 
 
-def _rows(dataset: pads.Dataset, batch_size: int) -> Iterator[pa.RecordBatch]:
-    yield from dataset.to_batches(columns=["id", "prompt", "response"], batch_size=batch_size)
-
-
 def score_column(
     scorer: Scorer, name: str, dataset: pads.Dataset, ids: pa.Array, input_hash: str, cache: ScoreCache
 ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -173,21 +170,20 @@ def score_column(
     if hit is not None:
         scores, meta = hit
         log.info("score %s: reusing cached scores (%s)", name, cache.path(key))
-        info = {"cached": True, "compute_seconds": meta.get("seconds")}
+        compute_seconds = meta.get("seconds")
     else:
         scores = np.empty(len(ids), dtype=np.float64)
         offset = 0
         with tqdm(total=len(ids), desc=f"score {name}", unit="rows") as bar:
-            for batch in _rows(dataset, scorer.batch_size):
+            for batch in dataset.to_batches(columns=["id", "prompt", "response"], batch_size=scorer.batch_size):
                 batch_ids = batch.column("id").to_pylist()
                 if batch_ids != ids[offset : offset + len(batch_ids)].to_pylist():
                     raise RuntimeError(f"ingest rows came back in a different order near row {offset}; rerun the stage")
                 prompts, responses = batch.column("prompt").to_pylist(), batch.column("response").to_pylist()
                 scores[offset : offset + len(batch_ids)] = scorer.score_component(name, prompts, responses, batch_ids, bar)
                 offset += len(batch_ids)
-        seconds = time.perf_counter() - started
-        cache.save(key, ids, scores, {"component": name, "kind": component.kind, "seconds": seconds, "rows": len(ids)})
-        info = {"cached": False, "compute_seconds": seconds}
+        compute_seconds = time.perf_counter() - started
+        cache.save(key, ids, scores, {"component": name, "kind": component.kind, "seconds": compute_seconds, "rows": len(ids)})
     seconds = time.perf_counter() - started
     stats = {
         "kind": component.kind,
@@ -197,9 +193,10 @@ def score_column(
         **summary(scores),
         "fingerprint": fingerprint,
         "cache_key": key,
-        **info,
+        "cached": hit is not None,
         "seconds": round(seconds, 4),
-        "rows_per_s": round(len(ids) / seconds, 1) if seconds > 0 else None,
+        "compute_seconds": compute_seconds,
+        "rows_per_s": round(len(ids) / compute_seconds, 1) if compute_seconds else None,
     }
     return scores, stats
 

@@ -79,9 +79,12 @@ class Relevance(RewardComponent):
         import torch
 
         tokenizer, model = self.load()
-        questions = [last_user_turn(p) for p in prompts]
+        texts = [last_user_turn(p) for p in prompts] + responses
+        unique = list(dict.fromkeys(texts))  # a prompt with several responses is encoded once
+        position = {text: i for i, text in enumerate(unique)}
         with torch.inference_mode():
-            both = embed(questions + responses, tokenizer, model, self.options.max_tokens, self.device)
+            vectors = embed(unique, tokenizer, model, self.options.max_tokens, self.device)
+        both = vectors[torch.as_tensor([position[t] for t in texts], device=vectors.device)]
         cosine = (both[: len(responses)] * both[len(responses):]).sum(dim=-1).double().cpu().numpy()
         # float32 rounding can put |cos| a hair above 1; clip before mapping to [0, 1].
         return (1.0 + np.clip(cosine, -1.0, 1.0)) / 2.0
