@@ -6,7 +6,7 @@ time through MiniLM would take minutes on 2 cores), and the two are checked to a
 Models are loaded and warmed up before timing. The batched speed-up of the neural components (toxicity,
 relevance) should be at least 5x.
 
-    .venv/bin/python bench/score.py [--rows 10000] [--single-rows 1000] [--batch-size 64] [--threads 2]
+    .venv/bin/python bench/score.py [--rows 10000] [--single-rows 500] [--batch-size 64] [--threads 2]
 """
 
 from __future__ import annotations

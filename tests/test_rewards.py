@@ -364,3 +364,9 @@ def test_missing_packages_are_named_with_the_install_command(monkeypatch):
             component("profanity").score([QUESTION], ["x"])
     finally:
         profanity.load_predictor.cache_clear()
+
+
+def test_models_are_loaded_once_per_process():
+    first, second = component("toxicity"), component("toxicity", label="insult")
+    assert first.load()[1] is second.load()[1], "two toxicity components share one BiLSTM"
+    assert component("relevance").load()[1] is component("relevance").load()[1]
