@@ -16,7 +16,8 @@ Outputs: table `reference` (id, split, ref_logprob, ref_token_logprobs, response
 table `value_targets` (prompt_id, prompt, response, one column per reward component, reward, value,
 holdout), `value_head.safetensors`, and `pi_ref/` when fine-tuned. Metrics: rows per split, r_max,
 value head fit (train and held-out MSE, the MSE of always predicting the mean on each, chosen epoch),
-log-prob and value statistics, truncation counts, timings and the log-prob pass's tokens/s.
+log-prob and value statistics, rows at the token limits (truncated, or exactly that long), timings
+and the log-prob pass's tokens/s.
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ class EncodedRows:
     sft_rows: list[int] = field(default_factory=list)
     validation_prompts: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     validation_first_row: dict[str, int] = field(default_factory=dict)
-    prompts_truncated: int = 0
-    responses_truncated: int = 0
+    prompts_at_token_limit: int = 0
+    responses_at_token_limit: int = 0
 
 
 def _device() -> torch.device:
@@ -94,8 +95,8 @@ def encode_rows(ingest: StageReader, tokenizer: Any, ref: ReferenceConfig, batch
             prompt_ids, response_ids = encode_pair(
                 tokenizer, row["prompt"], row["response"], ref.max_prompt_tokens, ref.max_response_tokens
             )
-            rows.prompts_truncated += len(prompt_ids) == ref.max_prompt_tokens
-            rows.responses_truncated += len(response_ids) == ref.max_response_tokens
+            rows.prompts_at_token_limit += len(prompt_ids) == ref.max_prompt_tokens
+            rows.responses_at_token_limit += len(response_ids) == ref.max_response_tokens
             if row["split"] == "train" and row["preference"] in (None, "chosen"):
                 rows.sft_rows.append(len(rows.ids))
             if row["split"] == "validation":
@@ -327,8 +328,8 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
         "hidden_size": hidden,
         "device": device.type,
         "rows": {"train": len(train), "validation": len(validation)},
-        "prompts_truncated": rows.prompts_truncated,
-        "responses_truncated": rows.responses_truncated,
+        "prompts_at_token_limit": rows.prompts_at_token_limit,
+        "responses_at_token_limit": rows.responses_at_token_limit,
         "r_max": r_max,
         "value_target_prompts": len(prompts),
         "value_target_reward": _stats(scores["reward"]),
