@@ -4,8 +4,9 @@
 Routing. A deployment run of the `alol` flow executes on a worker of some work pool. A stage that
 needs an accelerator (`accelerator` in `pipeline.runner.STAGES`) runs as a run of its own deployment
 `alol/<stage>` when that deployment's pool differs from the pool of the current run; the current run
-waits for it and continues with the output the child recorded in run.json. Everything else, and
-every run outside a worker (`alol run`), runs in-process. The pool names live only in prefect.yaml.
+waits for it and continues with the output the child recorded in run.json (an intact output for the
+stage's cache key is reused without submitting anything). Everything else, and every run outside a
+worker (`alol run`), runs in-process. The pool names live only in prefect.yaml.
 
 Services. `up` starts `prefect server start` on 127.0.0.1, waits for /api/health, creates the
 missing work pools as process pools, runs `prefect --no-prompt deploy --all` from the repository
@@ -302,16 +303,21 @@ def _wait_healthy(api_url: str, server_pid: int, log_path: Path) -> None:
     raise DeployError(f"the Prefect server did not answer {api_url}/health within {HEALTH_TIMEOUT_S:.0f} s; see {log_path}")
 
 
-def _existing_pool_types(pools: set[str]) -> dict[str, str]:
-    """Pool name -> type, for the pools that already exist on the server."""
-    found = {}
+def _ensure_pools(pools: set[str]) -> dict[str, str]:
+    """Create the missing pools as process pools; returns pool name -> type (existing pools keep theirs)."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.workers.process import ProcessWorker
+
+    types = {}
     with get_client(sync_client=True) as client:
-        for pool in pools:
+        for pool in sorted(pools):
             try:
-                found[pool] = client.read_work_pool(pool).type
+                types[pool] = client.read_work_pool(pool).type
             except ObjectNotFound:
-                continue
-    return found
+                template = ProcessWorker.get_default_base_job_template()
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
+                types[pool] = "process"
+    return types
 
 
 def _wait_workers_ready(workers: dict[str, int], home: Path) -> None:
@@ -369,10 +375,7 @@ def _start(services: Services, project: Path) -> None:
 
     started = time.monotonic()
     pools = deployment_pools(project / "prefect.yaml")
-    pool_types = _existing_pool_types(set(pools.values()))
-    for pool in sorted(set(pools.values()) - set(pool_types)):
-        _run_prefect(["work-pool", "create", pool, "--type", "process"], env, project)
-        pool_types[pool] = "process"
+    pool_types = _ensure_pools(set(pools.values()))
     _run_prefect(["--no-prompt", "deploy", "--all"], env, project)
     services.deployments = sorted(pools)
     services.save()

@@ -10,6 +10,7 @@ as users do.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -29,6 +30,8 @@ from pipeline.storage import RunStore, StageReader
 REPO = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).parent / "prefect")
 RUN_TIMEOUT_S = 1200
+
+log = logging.getLogger("alol.tests.deployments")
 
 
 def _spec() -> dict:
@@ -208,7 +211,10 @@ def _alol(args: list[str], env: dict[str, str], timeout: float = 300) -> subproc
 
 def _run_full(env: dict[str, str], params: dict) -> str:
     args = [PREFECT, "deployment", "run", "alol/full", "--params", json.dumps(params), "--watch", "--watch-interval", "1"]
-    return _ok(_run(args, env, RUN_TIMEOUT_S))
+    started = time.monotonic()
+    out = _ok(_run(args, env, RUN_TIMEOUT_S))
+    log.info("alol/full %s: %.1f s", json.dumps(params), time.monotonic() - started)
+    return out
 
 
 def _records(root: Path) -> dict[str, dict]:
@@ -246,9 +252,10 @@ def _check_outputs(root: Path, stages: list[str]) -> dict[str, dict]:
 
 
 def _refresh_target(stages: list[str]) -> str:
-    """The stage to refresh: an accelerator stage if one runs (the refresh then crosses pools)."""
-    accelerated = [s for s in stages if STAGES[s].accelerator]
-    return accelerated[0] if accelerated else ("score" if "score" in stages else stages[-1])
+    """The last CPU stage that has a later stage (advantage in the full chain): cheap to recompute,
+    and the accelerator stages after it must come back from the cache without a GPU-pool run."""
+    candidates = [s for s in stages[:-1] if not STAGES[s].accelerator]
+    return candidates[-1] if candidates else stages[-1]
 
 
 def _stop_all(home: Path, env: dict[str, str]) -> list[int]:
@@ -296,7 +303,9 @@ def test_full_deployment_runs_caches_and_refreshes_one_stage(tmp_path):
         params["stages"] = stages
     accelerated = [s for s in stages if STAGES[s].accelerator]
     try:
+        started = time.monotonic()
         _ok(_alol(["up", "--port", "0", "--home", str(home)], env))
+        log.info("alol up: %.1f s", time.monotonic() - started)
         services = deploy.Services.load(home)
         assert set(services.workers) == {cpu, gpu} and services.api_url.startswith("http://127.0.0.1:")
         env["PREFECT_API_URL"] = services.api_url
@@ -305,6 +314,7 @@ def test_full_deployment_runs_caches_and_refreshes_one_stage(tmp_path):
         _run_full(env, params)
         first = _check_outputs(root, stages)
         assert {s: e["cached"] for s, e in first.items()} == {s: False for s in stages}
+        first_finished = {s: _finished(e) for s, e in first.items()}
         runs = _flow_runs(services.api_url)
         assert sorted(runs) == sorted([("full", cpu, False, "Completed")] + [(s, gpu, True, "Completed") for s in accelerated])
         artifacts = _ok(_run([PREFECT, "artifact", "ls"], env))
@@ -318,14 +328,14 @@ def test_full_deployment_runs_caches_and_refreshes_one_stage(tmp_path):
         _run_full(env, params)
         second = _check_outputs(root, stages)
         assert {s: e["cached"] for s, e in second.items()} == {s: True for s in stages}
-        assert [(e["path"], e["content_hash"], _finished(e)) for e in second.values()] == [
-            (first[s]["path"], first[s]["content_hash"], _finished(first[s])) for s in second
-        ]
+        assert {s: (e["path"], e["content_hash"], _finished(e)) for s, e in second.items()} == {
+            s: (e["path"], e["content_hash"], first_finished[s]) for s, e in first.items()
+        }
         assert len(_flow_runs(services.api_url)) == len(runs) + 1
 
         # A bad parameter is refused when the run is created: no flow run.
         bad = _run([PREFECT, "deployment", "run", "alol/full", "-p", 'stages=["bogus"]'], env)
-        assert bad.returncode != 0 and "bogus" in bad.stdout + bad.stderr
+        assert bad.returncode != 0 and "'bogus' is not one of" in bad.stdout + bad.stderr, bad.stdout + bad.stderr
         assert len(_flow_runs(services.api_url)) == len(runs) + 1
 
         # 3. One stage refreshed: it runs; earlier stages stay cached; later ones run only if its output changed.
@@ -336,7 +346,11 @@ def test_full_deployment_runs_caches_and_refreshes_one_stage(tmp_path):
         changed = third[target]["content_hash"] != first[target]["content_hash"]
         expected = {s: (i < position or (i > position and not changed)) for i, s in enumerate(stages)}
         assert {s: e["cached"] for s, e in third.items()} == expected, f"refresh {target}, output changed: {changed}"
-        assert _finished(third[target]) > _finished(first[target])
+        assert {s: _finished(e) > first_finished[s] for s, e in third.items()} == {s: not c for s, c in expected.items()}
+        rerun_on_gpu = [s for s in accelerated if stages.index(s) > position and changed]
+        assert len(_flow_runs(services.api_url)) == len(runs) + 2 + len(rerun_on_gpu)
     finally:
+        started = time.monotonic()
         leftovers = _stop_all(home, env)
+        log.info("alol down: %.1f s", time.monotonic() - started)
     assert leftovers == [], f"alol down left processes running: {leftovers}"
