@@ -354,21 +354,20 @@ def up(home: str | Path = DEFAULT_HOME, port: int = DEFAULT_PORT, project: str |
     # This process talks to the API outside any flow run: keep its log lines local.
     with temporary_settings(updates={PREFECT_API_URL: services.api_url, PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}):
         try:
-            _start(services, project)
+            _start(services, project, port)
         except BaseException:
             down(home)
             raise
     return services
 
 
-def _start(services: Services, project: Path) -> None:
+def _start(services: Services, project: Path, port: int) -> None:
     home = Path(services.home)
     env = _prefect_env(home, services.api_url, project)
     prefect = _prefect_executable()
-    port = services.api_url.rsplit(":", 1)[1].split("/", 1)[0]
     started = time.monotonic()
     server_log = home / "server.log"
-    services.server_pid = _spawn([prefect, "server", "start", "--host", "127.0.0.1", "--port", port], server_log, env, project)
+    services.server_pid = _spawn([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_log, env, project)
     services.save()
     _wait_healthy(services.api_url, services.server_pid, server_log)
     log.info("Prefect server healthy at %s after %.1f s (pid %d)", services.api_url, time.monotonic() - started, services.server_pid)
