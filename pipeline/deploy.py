@@ -432,5 +432,6 @@ def summary(services: Services) -> str:
     lines = [f"Prefect server  {ui}  (pid {services.server_pid}, log {home / 'server.log'})"]
     lines += [f"worker {pool}  (pid {pid}, log {home / f'worker-{pool}.log'})" for pool, pid in services.workers.items()]
     lines += [f"deployments  {', '.join(services.deployments)}", "", "Point Prefect commands at this server:"]
-    lines += [f"  export PREFECT_API_URL={services.api_url}", f"Stop everything with: alol down --home {home}"]
+    down_args = "" if home == Path(DEFAULT_HOME).resolve() else f" --home {home}"
+    lines += [f"  export PREFECT_API_URL={services.api_url}", f"Stop everything with: alol down{down_args}"]
     return "\n".join(lines)
