@@ -156,7 +156,8 @@ def generations_key(model_id: str, ids: Sequence[str], prompts: Sequence[Prompt]
 def cached_generations(folder: Path, ids: Sequence[str], produce: Callable[[], list[str]]) -> tuple[list[str], bool]:
     """The responses stored in `folder/responses.parquet` (one per id, in order), else `produce()` them and store.
 
-    Written to a temporary sibling and renamed, so a crash leaves no half-written cache.
+    Written to a temporary name and renamed over the final one, so a crash leaves no half-written
+    file and two processes storing the same generations at once both succeed.
     Returns (responses, whether they came from the cache).
     """
     path = folder / "responses.parquet"
@@ -168,14 +169,10 @@ def cached_generations(folder: Path, ids: Sequence[str], produce: Callable[[], l
     responses = produce()
     if len(responses) != len(ids):
         raise RuntimeError(f"generation returned {len(responses)} responses for {len(ids)} prompts")
-    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir(parents=True)
-    pq.write_table(pa.table({"id": list(ids), "response": responses}), tmp / "responses.parquet")
-    if folder.exists():
-        os.replace(tmp / "responses.parquet", path)
-        tmp.rmdir()
-    else:
-        os.replace(tmp, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".responses.{uuid.uuid4().hex[:8]}.tmp"
+    pq.write_table(pa.table({"id": list(ids), "response": responses}), tmp)
+    os.replace(tmp, path)
     return responses, False
 
 
@@ -187,7 +184,6 @@ def generate_responses(model_path: Path, prompts: Sequence[Prompt], settings: di
     """Load a model folder and decode every prompt (batched, left padding) with the given settings."""
     tokenizer = models.load_tokenizer(model_path)
     model = models.load_causal_lm(model_path).to(_device())
-    model.eval()
     log.info("generating %d responses with %s", len(prompts), model_path)
     return models.generate(model, tokenizer, list(prompts), **settings)
 
@@ -246,6 +242,7 @@ def _score_both(
 
 
 def safety_component(cfg: AlolConfig) -> str:
+    """The first score component of kind `toxicity` (1 = not toxic): what harmlessness is scored with."""
     names = [c.name for c in cfg.score.components if c.kind == SAFETY_KIND]
     if not names:
         raise ValueError(

@@ -46,7 +46,7 @@ def test_cached_generations_produce_once(tmp_path):
     # Different ids under the same folder are not trusted: generated again and stored.
     _, hit = cached_generations(folder, ["b", "a"], produce)
     assert (hit, len(calls)) == (False, 2)
-    assert [p.name for p in (tmp_path / "generations").iterdir()] == ["key"]  # no temporaries left
+    assert [p.name for p in folder.iterdir()] == ["responses.parquet"]  # no temporaries left
 
 
 def test_cached_generations_refuse_a_wrong_count(tmp_path):
