@@ -36,7 +36,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -237,9 +237,11 @@ class StepSums:
             self.clipped += int(out.clipped.sum().item())
 
     def reduced(self, accelerator: Any) -> StepSums:
-        values = torch.tensor([getattr(self, f) for f in self.__dataclass_fields__], dtype=torch.float64)
-        total = accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu().tolist()
-        return StepSums(**{f: type(getattr(self, f))(v) for f, v in zip(self.__dataclass_fields__, total)})
+        """The sums over all processes."""
+        names = [f.name for f in fields(self)]
+        values = torch.tensor([getattr(self, n) for n in names], dtype=torch.float64, device=accelerator.device)
+        total = accelerator.reduce(values, reduction="sum").cpu().tolist()
+        return StepSums(**{n: type(getattr(self, n))(v) for n, v in zip(names, total)})
 
 
 def backward_micro_batches(accelerator: Any, model: Any, policy: Any, batches: list[MicroBatch], loss_fn: Any) -> StepSums:
