@@ -39,7 +39,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import WorkPoolStatus
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from pipeline.flow import Profile
 from pipeline.runner import STAGES, reusable_output, upstream_from_run
@@ -351,8 +351,7 @@ def up(home: str | Path = DEFAULT_HOME, port: int = DEFAULT_PORT, project: str |
     if _port_in_use(port):
         raise DeployError(f"127.0.0.1:{port} is already in use: stop what listens there, or pass --port 0 for a free port")
     services = Services(home=str(home), api_url=f"http://127.0.0.1:{port}/api")
-    # This process talks to the API outside any flow run: keep its log lines local.
-    with temporary_settings(updates={PREFECT_API_URL: services.api_url, PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}):
+    with temporary_settings(updates={PREFECT_API_URL: services.api_url}):
         try:
             _start(services, project, port)
         except BaseException:
