@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -151,27 +150,37 @@ def nll_backward(model, batch, pad_id: int, accumulation: int) -> None:
     (loss / accumulation).backward()
 
 
-def child(mode: str, root: Path, steps: int) -> None:
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: a child started by fork/vfork + exec keeps
+    the parent's high-water mark there, and the parent built the inputs."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def child(mode: str, root: Path, steps: int, folders: dict[str, str]) -> None:
     import torch
 
     from pipeline.storage import StageReader
 
     torch.set_num_threads(2)
     cfg = bench_config(root, steps)
-    inputs = {name: StageReader(output.path) for name, output in upstream(cfg).items()}
+    inputs = {name: StageReader(folder) for name, folder in folders.items()}
     timings = run_stage(cfg, inputs, steps) if mode == "stage" else run_loop(mode, cfg, inputs, steps)
     measured = timings[1:]
     print(json.dumps({
         "tokens_per_s": sum(n for n, _ in measured) / sum(s for _, s in measured),
         "steps": len(timings),
         "tokens": sum(n for n, _ in measured),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }))
 
 
-def measure(mode: str, root: Path, steps: int) -> dict:
+def measure(mode: str, root: Path, steps: int, folders: dict[str, str]) -> dict:
     done = subprocess.run(
-        [sys.executable, __file__, "--child", mode, "--root", str(root), "--steps", str(steps)],
+        [sys.executable, __file__, "--child", mode, "--root", str(root), "--steps", str(steps),
+         "--inputs", json.dumps(folders)],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"},
     )
     if done.returncode != 0:
@@ -184,13 +193,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="optimiser steps per measurement (the first is not timed)")
     parser.add_argument("--root", type=Path, default=ROOT / "data" / "bench-train", help="run root for the upstream stages")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--inputs", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.root, args.steps)
+        child(args.child, args.root, args.steps, json.loads(args.inputs))
         return
-    upstream(bench_config(args.root, args.steps))
+    # Built once here, so that no measured process runs an upstream stage.
+    folders = {name: output.path for name, output in upstream(bench_config(args.root, args.steps)).items()}
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; {args.steps} steps of 8 rows each")
-    results = {mode: measure(mode, args.root, args.steps) for mode in MODES}
+    results = {mode: measure(mode, args.root, args.steps, folders) for mode in MODES}
     print(f"{'run':>10} {'tokens/s':>9} {'timed tokens':>13} {'peak RSS MB':>12}")
     for mode, r in results.items():
         print(f"{mode:>10} {r['tokens_per_s']:>9.1f} {r['tokens']:>13} {r['peak_rss_mb']:>12.0f}")

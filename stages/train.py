@@ -496,6 +496,52 @@ def _should_validate(step: int, total: int, every: int) -> bool:
     return step % every == 0 or step == total
 
 
+class Trainer:
+    """pi_theta, its optimiser and schedule, the sampler and the loss, prepared by accelerate."""
+
+    def __init__(self, cfg: AlolConfig, inputs: dict[str, StageReader], accelerator: Any):
+        train = cfg.train
+        self.cfg, self.accelerator = cfg, accelerator
+        self.rows = load_train_rows(train.algorithm, inputs)
+        self.sampler = PrioritySampler(self.rows.weight, seed=cfg.run.seed)
+        self.total_steps = step_budget(train, self.rows.positive_rows, self.rows.train_rows)
+        path = reference_model_path(cfg, inputs["reference"])
+        self.tokenizer = load_tokenizer(path)
+        self.model = build_policy(path, train, cfg.run.seed)
+        optimizer = torch.optim.AdamW(
+            trainable_parameters(self.model).values(), lr=train.learning_rate, weight_decay=train.weight_decay
+        )
+        # Stepped here once per optimiser step (accelerate's prepared scheduler would step once per process).
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: learning_rate_factor(s, train, self.total_steps)
+        )
+        self.prepared, self.optimizer = accelerator.prepare(self.model, optimizer)
+        self.policy = PolicyForward(self.prepared, accelerator.unwrap_model(self.prepared))
+        self.loss_fn = loss_function(train)
+
+    def step(self, step: int) -> dict[str, Any]:
+        """One optimiser step on batch_size x grad_accumulation x processes drawn rows; its train_log row."""
+        train, acc = self.cfg.train, self.accelerator
+        clock = time.perf_counter()
+        per_process = train.batch_size * train.grad_accumulation
+        drawn = self.sampler.draw(per_process * acc.num_processes)
+        mine = self.rows.take(drawn[acc.process_index * per_process : (acc.process_index + 1) * per_process])
+        batches = [
+            encode_micro_batch(mine[k * train.batch_size : (k + 1) * train.batch_size], self.tokenizer, self.cfg)
+            for k in range(train.grad_accumulation)
+        ]
+        sums = backward_micro_batches(acc, self.prepared, self.policy, batches, self.loss_fn).reduced(acc)
+        grad_norm = float(acc.clip_grad_norm_(trainable_parameters(self.model).values(), train.max_grad_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return _log_row(step, sums, lr, grad_norm, time.perf_counter() - clock)
+
+    def validate(self, validation: Validation, scorer: Any) -> float:
+        return validation_reward(self.accelerator.unwrap_model(self.prepared), self.tokenizer, validation, scorer, self.cfg)
+
+
 def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> StageResult:
     """Train pi_theta; write `train_log` and, when a checkpoint beat pi_ref on validation, `policy/`."""
     from accelerate import Accelerator
@@ -509,88 +555,59 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
         mixed_precision=resolve_mixed_precision(train.mixed_precision), cpu=not torch.cuda.is_available()
     )
     main_process = accelerator.is_main_process
-    rows = load_train_rows(train.algorithm, inputs)
-    sampler = PrioritySampler(rows.weight, seed=cfg.run.seed)
-    total_steps = step_budget(train, rows.positive_rows, rows.train_rows)
+    trainer = Trainer(cfg, inputs, accelerator)
     log.info(
-        "%s: %d of %d training rows drawable, %d steps (of %d), %d process(es)",
-        train.algorithm, len(rows.weight), rows.train_rows, total_steps, train.steps, accelerator.num_processes,
+        "%s: %d of %d training rows drawable, %d steps (of %d), %d process(es)", train.algorithm,
+        len(trainer.rows.weight), trainer.rows.train_rows, trainer.total_steps, train.steps, accelerator.num_processes,
     )
-
-    path = reference_model_path(cfg, inputs["reference"])
-    tokenizer = load_tokenizer(path)
-    model = build_policy(path, train, cfg.run.seed)
-    optimizer = torch.optim.AdamW(trainable_parameters(model).values(), lr=train.learning_rate, weight_decay=train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, train, total_steps))
-    prepared, optimizer = accelerator.prepare(model, optimizer)
-    policy = PolicyForward(prepared, accelerator.unwrap_model(prepared))
-    loss_fn = loss_function(train)
-
     validation = load_validation(inputs["reference"], train.validation_prompts)
     scorer = load_scorer(cfg, inputs["score"]) if main_process else None
     resume = ResumeFolder(Path(cfg.run.cache_dir).resolve() / RESUME_FOLDER / resume_key(cfg, inputs), accelerator)
     progress = Progress()
-    resumed = resume.load(model, optimizer, scheduler, progress)
-    resumed_from = progress.step
-    if resumed:
-        sampler.load_state_dict(progress.sampler)
+    if resume.load(trainer.model, trainer.optimizer, trainer.scheduler, progress):
+        trainer.sampler.load_state_dict(progress.sampler)
         log.info("resuming from step %d (%s)", progress.step, resume.folder)
+    resumed_from = progress.step
     checkpoint_every = train.checkpoint_every or train.eval_every
-    per_process = train.batch_size * train.grad_accumulation
     started = time.perf_counter() - progress.seconds
 
-    bar = tqdm(total=total_steps, initial=progress.step, desc=f"train {train.algorithm}", unit="step", disable=not main_process)
-    for step in range(progress.step + 1, total_steps + 1):
-        clock = time.perf_counter()
-        drawn = sampler.draw(per_process * accelerator.num_processes)
-        mine = rows.take(drawn[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process])
-        batches = [
-            encode_micro_batch(mine[k * train.batch_size : (k + 1) * train.batch_size], tokenizer, cfg)
-            for k in range(train.grad_accumulation)
-        ]
-        sums = backward_micro_batches(accelerator, prepared, policy, batches, loss_fn).reduced(accelerator)
-        grad_norm = float(accelerator.clip_grad_norm_(trainable_parameters(model).values(), train.max_grad_norm))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        row = _log_row(step, sums, lr, grad_norm, time.perf_counter() - clock)
-
-        if _should_validate(step, total_steps, train.eval_every):
+    bar = tqdm(total=trainer.total_steps, initial=progress.step, desc=f"train {train.algorithm}", unit="step",
+               disable=not main_process)
+    for step in range(progress.step + 1, trainer.total_steps + 1):
+        row = trainer.step(step)
+        if _should_validate(step, trainer.total_steps, train.eval_every):
             if main_process:
-                reward = validation_reward(accelerator.unwrap_model(prepared), tokenizer, validation, scorer, cfg)
-                row["validation_reward"] = reward
-                log.info("step %d: validation reward %.4f (pi_ref %.4f)", step, reward, validation.reference_reward)
-                if progress.best_reward is None or reward > progress.best_reward:
-                    resume.save_best(model, step)
-                    progress.best_step, progress.best_reward = step, reward
+                row["validation_reward"] = trainer.validate(validation, scorer)
+                log.info("step %d: validation reward %.4f (pi_ref %.4f)", step, row["validation_reward"],
+                         validation.reference_reward)
+                if progress.best_reward is None or row["validation_reward"] > progress.best_reward:
+                    resume.save_best(trainer.model, step)
+                    progress.best_step, progress.best_reward = step, row["validation_reward"]
             accelerator.wait_for_everyone()
         progress.log.append(row)
         progress.step = step
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4g}")
-        if step % checkpoint_every == 0 and step < total_steps:
-            progress.sampler = sampler.state_dict()
+        if step % checkpoint_every == 0 and step < trainer.total_steps:
+            progress.sampler = trainer.sampler.state_dict()
             progress.seconds = time.perf_counter() - started
-            resume.save(model, optimizer, scheduler, progress)
+            resume.save(trainer.model, trainer.optimizer, trainer.scheduler, progress)
     bar.close()
     train_seconds = time.perf_counter() - started
 
     beat = progress.best_reward is not None and progress.best_reward > validation.reference_reward
     if main_process:
         if beat:
-            _write_policy(model, tokenizer, resume.best_path(progress.best_step), out.path(POLICY_FOLDER))
+            _write_policy(trainer.model, trainer.tokenizer, resume.best_path(progress.best_step), out.path(POLICY_FOLDER))
         else:
-            log.warning(
-                "no checkpoint beat pi_ref on validation (best %.4f vs pi_ref %.4f): keeping pi_ref",
-                progress.best_reward, validation.reference_reward,
-            )
+            log.warning("no checkpoint beat pi_ref on validation (best %.4f vs pi_ref %.4f): keeping pi_ref",
+                        progress.best_reward, validation.reference_reward)
         out.write_table("train_log", pa.Table.from_pylist(progress.log, schema=TRAIN_LOG_SCHEMA))
     accelerator.wait_for_everyone()
     if main_process:
         resume.remove()
-    metrics = _metrics(cfg, rows, total_steps, progress, validation, beat, train_seconds, accelerator, resumed_from)
-    return StageResult(rows_in=rows.train_rows, rows_out=len(progress.log), metrics=metrics)
+    metrics = _metrics(cfg, trainer, progress, validation, beat, train_seconds, resumed_from)
+    return StageResult(rows_in=trainer.rows.train_rows, rows_out=len(progress.log), metrics=metrics)
 
 
 def _write_policy(model: Any, tokenizer: Any, best: Path, folder: Path) -> None:
@@ -603,9 +620,10 @@ def _write_policy(model: Any, tokenizer: Any, best: Path, folder: Path) -> None:
 
 
 def _metrics(
-    cfg: AlolConfig, rows: TrainRows, total_steps: int, progress: Progress, validation: Validation,
-    beat: bool, train_seconds: float, accelerator: Any, resumed_from: int,
+    cfg: AlolConfig, trainer: Trainer, progress: Progress, validation: Validation, beat: bool, train_seconds: float,
+    resumed_from: int,
 ) -> dict[str, Any]:
+    rows, accelerator = trainer.rows, trainer.accelerator
     speeds = [r["tokens_per_s"] for r in progress.log]
     return {
         "algorithm": cfg.train.algorithm,
@@ -616,7 +634,7 @@ def _metrics(
         "reference_validation_reward": validation.reference_reward,
         "validation_prompts": len(validation.prompts),
         "train_seconds": round(train_seconds, 3),
-        "steps": total_steps,
+        "steps": trainer.total_steps,
         "steps_full": cfg.train.steps,
         "train_rows": rows.train_rows,
         "positive_rows": rows.positive_rows,

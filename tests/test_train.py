@@ -22,7 +22,7 @@ from tests.test_train_fixtures import UPSTREAM, build_upstream, config, readers,
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(tmp folder, model folder, data file, upstream outputs) shared by the stage tests."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # tiny matrices: a second thread only waits for a core on a busy machine
     tmp = tmp_path_factory.mktemp("train")
     model, data = tiny_setup(tmp)
     return tmp, model, data, build_upstream(config(tmp, model, data))

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # tiny matrices: a second thread only waits for a core on a busy machine
     tmp = tmp_path_factory.mktemp("train-processes")
     model, data = tiny_setup(tmp)
     return tmp, model, data, build_upstream(config(tmp, model, data))
