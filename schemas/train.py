@@ -24,8 +24,11 @@ class TrainConfig(Section):
     clip_epsilon: float = Field(0.9, gt=0, le=1, description="Two-sided clip of the detached importance weight (paper HHA: 0.9).")
     kl_beta: float | None = Field(None, gt=0, description="KL weight; required by a_lol_kl only.")
     steps: int = Field(64, gt=0, description="Optimiser steps before the A-LoL positive-fraction shrink.")
-    batch_size: int = Field(4, gt=0, description="Rows per micro-batch (per process).")
-    grad_accumulation: int = Field(2, gt=0, description="Micro-batches per optimiser step (paper: 8 x 2 rows per update).")
+    batch_size: int = Field(4, gt=0, description="Rows per micro-batch.")
+    grad_accumulation: int = Field(
+        2, gt=0, description="Micro-batches per optimiser step, shared out over the processes (a multiple of their "
+        "number); batch_size x grad_accumulation rows per update (paper: 8 x 2).",
+    )
     learning_rate: float = Field(2e-5, gt=0, description="AdamW learning rate (paper: 2e-5 full fine-tune, 2e-4 QLoRA).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (paper: 0.01).")
     schedule: Literal["constant", "linear"] = Field("linear", description="Learning-rate schedule after warm-up (paper: linear decay; constant for QLoRA).")

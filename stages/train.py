@@ -1,12 +1,14 @@
 """Train stage: pi_theta, initialised from pi_ref, trained on the offline rows with one of the eight
 losses of ../shared/method.md (stages.losses).
 
-One optimiser step: draw batch_size x grad_accumulation x processes rows with replacement
-(stages.sampler: in proportion to A+ for the A-LoL family, so A <= 0 is never drawn; to R for wBC,
-R-GOLD and R-LoL; uniformly for NLL); each process takes its share as grad_accumulation
-micro-batches; per micro-batch one forward of pi_theta gives l_t^theta of the response tokens,
-pi_ref's l_t^ref and L_ref come from the reference table (pi_ref is never loaded: the only model in
-memory is pi_theta), backward of loss / grad_accumulation; then gradient-norm clip, AdamW, schedule.
+One optimiser step: draw batch_size x grad_accumulation rows with replacement (stages.sampler: in
+proportion to A+ for the A-LoL family, so A <= 0 is never drawn; to R for wBC, R-GOLD and R-LoL;
+uniformly for NLL) as grad_accumulation micro-batches, shared out over the processes; per
+micro-batch one forward of pi_theta gives l_t^theta of the response tokens, pi_ref's l_t^ref and
+L_ref come from the reference table (pi_ref is never loaded: the only model in memory is pi_theta),
+backward of loss / (micro-batches of this process); the gradients are averaged over the processes,
+so the step's gradient is the mean over all micro-batches whatever the number of processes; then
+gradient-norm clip, AdamW, schedule.
 The A-LoL family's step budget is int(steps x #(A > 0) / N).
 
 Validation every `eval_every` steps and at the last: greedy decoding of the validation prompts,
@@ -21,7 +23,8 @@ outlives the stage's discarded partial output; a rerun after a crash continues f
 the same weights. The folder is deleted when the stage finishes.
 
 Several processes: `torchrun --nproc_per_node N -m stages.train --profile P [--set k=v ...]`
-(see `main`); the result equals one process with N times the gradient accumulation.
+(see `main`); grad_accumulation must be a multiple of N, each process runs grad_accumulation / N
+micro-batches, and the result equals one process running all grad_accumulation of them.
 """
 
 from __future__ import annotations
@@ -502,6 +505,12 @@ class Trainer:
     def __init__(self, cfg: AlolConfig, inputs: dict[str, StageReader], accelerator: Any):
         train = cfg.train
         self.cfg, self.accelerator = cfg, accelerator
+        if train.grad_accumulation % accelerator.num_processes:
+            raise TrainError(
+                f"train.grad_accumulation ({train.grad_accumulation}) must be a multiple of the number of "
+                f"processes ({accelerator.num_processes}): each process runs an equal share of the micro-batches"
+            )
+        self.micro_batches = train.grad_accumulation // accelerator.num_processes
         self.rows = load_train_rows(train.algorithm, inputs)
         self.sampler = PrioritySampler(self.rows.weight, seed=cfg.run.seed)
         self.total_steps = step_budget(train, self.rows.positive_rows, self.rows.train_rows)
@@ -520,15 +529,18 @@ class Trainer:
         self.loss_fn = loss_function(train)
 
     def step(self, step: int) -> dict[str, Any]:
-        """One optimiser step on batch_size x grad_accumulation x processes drawn rows; its train_log row."""
+        """One optimiser step on batch_size x grad_accumulation drawn rows; its train_log row.
+
+        Process p of W takes micro-batches p x k/W .. (p + 1) x k/W - 1 of the k = grad_accumulation.
+        """
         train, acc = self.cfg.train, self.accelerator
         clock = time.perf_counter()
-        per_process = train.batch_size * train.grad_accumulation
-        drawn = self.sampler.draw(per_process * acc.num_processes)
-        mine = self.rows.take(drawn[acc.process_index * per_process : (acc.process_index + 1) * per_process])
+        drawn = self.sampler.draw(train.batch_size * train.grad_accumulation)
+        mine = range(acc.process_index * self.micro_batches, (acc.process_index + 1) * self.micro_batches)
         batches = [
-            encode_micro_batch(mine[k * train.batch_size : (k + 1) * train.batch_size], self.tokenizer, self.cfg)
-            for k in range(train.grad_accumulation)
+            encode_micro_batch(self.rows.take(drawn[k * train.batch_size : (k + 1) * train.batch_size]),
+                               self.tokenizer, self.cfg)
+            for k in mine
         ]
         sums = backward_micro_batches(acc, self.prepared, self.policy, batches, self.loss_fn).reduced(acc)
         grad_norm = float(acc.clip_grad_norm_(trainable_parameters(self.model).values(), train.max_grad_norm))
@@ -639,7 +651,7 @@ def _metrics(
         "train_rows": rows.train_rows,
         "positive_rows": rows.positive_rows,
         "drawable_rows": len(rows.weight),
-        "rows_per_step": cfg.train.batch_size * cfg.train.grad_accumulation * accelerator.num_processes,
+        "rows_per_step": cfg.train.batch_size * cfg.train.grad_accumulation,
         "processes": accelerator.num_processes,
         "device": accelerator.device.type,
         "mixed_precision": accelerator.mixed_precision,
@@ -685,10 +697,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     store = RunStore(cfg.run.root, cfg.run.name)
     upstream = {name: upstream_from_run(store, name) for name in STAGES["train"].upstream}
     rank = int(os.environ.get("RANK", "0"))
-    if not args.refresh and reusable_output(store, "train", cache_key(cfg, "train", upstream)) is not None:
-        log.info("train output with this cache key exists; nothing to do (use --refresh to retrain)")
+    existing = None if args.refresh else reusable_output(store, "train", cache_key(cfg, "train", upstream))
+    if existing is not None:
+        log.info("train output with this cache key exists: %s (use --refresh to retrain)", existing.path)
         if rank == 0:
-            store.record(reusable_output(store, "train", cache_key(cfg, "train", upstream)), cached=True, seconds=0.0)
+            store.record(existing, cached=True, seconds=0.0)
         return
     if rank == 0:
         started = time.perf_counter()

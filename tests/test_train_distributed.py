@@ -1,6 +1,6 @@
 """The train stage as separate processes (`python -m stages.train`): two CPU processes under torchrun
-(gloo) equal one process with twice the gradient accumulation, and a run killed with SIGKILL resumes
-from its last checkpoint to the same final weights as an uninterrupted run."""
+(gloo), each running half of the micro-batches, equal one process running all of them; a run killed
+with SIGKILL resumes from its last checkpoint to the same final weights as an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -80,7 +80,8 @@ def assert_same_training(a: StageReader, b: StageReader, rel: float) -> None:
 
 
 def test_two_processes_equal_one_process_with_twice_the_accumulation(tiny):
-    config_file = write_config(tiny, "two-processes", **{"train.grad_accumulation": 1})
+    # grad_accumulation 2: each of two processes runs one micro-batch, one process runs both.
+    config_file = write_config(tiny, "two-processes", **{"train.grad_accumulation": 2})
     done = subprocess.run(cli(config_file, processes=2), cwd=REPO, env=environment(), capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -90,6 +91,11 @@ def test_two_processes_equal_one_process_with_twice_the_accumulation(tiny):
     assert one.manifest.metrics["processes"] == 1 and one.manifest.metrics["rows_per_step"] == 4
     assert one.manifest.metrics["policy_is_reference"] is False
     assert_same_training(one, two, rel=1e-4)
+
+    # The number of processes does not change the result, so one process reuses the two-process output.
+    again = subprocess.run(cli(config_file), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "train output with this cache key exists" in again.stderr, again.stderr[-4000:]
+    assert recorded_train_output(tiny).dir == two.dir
 
 
 def test_killed_run_resumes_from_its_last_checkpoint_to_the_same_weights(tiny):
