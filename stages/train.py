@@ -125,9 +125,14 @@ def load_train_rows(algorithm: str, inputs: dict[str, StageReader]) -> TrainRows
         rows, positive = con.execute(ROW_COUNTS_SQL.format(advantage=sql_literal(globs["advantage"]))).fetchone()
     finally:
         con.close()
+    if table.num_rows == 0:
+        raise TrainError(
+            f"{globs['advantage']}: none of the {rows} training rows has a positive `{weight}` "
+            f"({positive} with A > 0); {algorithm} has nothing to train on"
+        )
     for column, stage in (("ref_logprob", "reference"), ("prompt", "ingest")):
         missing = table[column].is_null()
-        if table.num_rows and pc.any(missing).as_py():
+        if pc.any(missing).as_py():
             row_id = table.filter(missing)["id"][0].as_py()
             raise TrainError(f"{globs[stage]}: training row id {row_id} of the advantage table is missing here")
     return TrainRows(table=table, weight=table["weight"].to_numpy(), train_rows=rows, positive_rows=positive)

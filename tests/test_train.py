@@ -232,3 +232,18 @@ def test_changing_only_train_settings_reuses_every_upstream_stage(tiny):
     for stage in UPSTREAM:
         output, reused = execute_stage(cfg, stage, {n: outputs[n] for n in needs[stage]})
         assert reused and output.path == outputs[stage].path, stage
+
+
+def test_no_drawable_row_is_an_error_naming_the_advantage_table(tiny, tmp_path):
+    import pyarrow as pa
+
+    from tests.test_advantage import committed_stage
+
+    inputs = readers(tiny[3])
+    table = inputs["advantage"].read("advantage")
+    zeros = pa.array([0.0] * table.num_rows)
+    table = table.set_column(table.schema.get_field_index("weight_advantage"), "weight_advantage", zeros)
+    inputs["advantage"] = committed_stage(tmp_path / "advantage", "advantage", {"advantage": table})
+    with pytest.raises(train.TrainError, match=r"advantage/\*\.parquet: none of the 32 training rows has a positive"):
+        train.load_train_rows("a_lol", inputs)
+    assert len(train.load_train_rows("nll", inputs).weight) == 32
