@@ -61,8 +61,11 @@ def test_train_stage_on_smoke(smoke, algorithm):
     assert all(np.isfinite(r["loss"]) and r["loss"] > 0 and r["advantage_mean"] > 0 for r in log)
     assert log[-1]["validation_reward"] is not None
     assert metrics["best_validation_reward"] == max(r["validation_reward"] for r in log if r["validation_reward"] is not None)
-    reference_reward = StageReader(outputs["reference"].path).read("value_targets", columns=["reward"])["reward"]
-    assert metrics["reference_validation_reward"] == pytest.approx(float(np.mean(reference_reward.to_numpy())))
+    # pi_ref's validation reward: its value-target decodes of the same (first, by prompt id) validation prompts.
+    targets = StageReader(outputs["reference"].path).read("value_targets", columns=["prompt_id", "reward"])
+    first = targets.sort_by("prompt_id")["reward"].to_numpy()[: cfg.train.validation_prompts]
+    assert metrics["validation_prompts"] == len(first) == min(cfg.train.validation_prompts, targets.num_rows)
+    assert metrics["reference_validation_reward"] == pytest.approx(float(np.mean(first)))
 
     path = policy_model_path(cfg, out, StageReader(outputs["reference"].path))
     if metrics["policy_is_reference"]:
