@@ -16,7 +16,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from schemas.train import TrainConfig
+from schemas.train import CLIPPED, TrainConfig
 
 GOLD_MIN_PROBABILITY = 0.1
 """R-GOLD's lower bound on the per-token weight pi_theta(y_t): sg[max(exp(l_t), 0.1)]."""
@@ -133,16 +133,11 @@ LOSSES: dict[str, Callable[..., LossOutput]] = {
 def loss_function(cfg: TrainConfig) -> Callable[[LossBatch], LossOutput]:
     """The loss of `cfg.algorithm` with its hyper-parameter (clip epsilon or KL beta) bound."""
     fn = LOSSES[cfg.algorithm]
-    if cfg.algorithm in ("r_lol", "a_lol", "a_lol_seq"):
+    if cfg.algorithm in CLIPPED:
         return partial(fn, clip_epsilon=cfg.clip_epsilon)
     if cfg.algorithm == "a_lol_kl":
         return partial(fn, kl_beta=cfg.kl_beta)
     return fn
-
-
-def uses_reference(algorithm: str) -> bool:
-    """Whether the loss reads pi_ref's log-probs (the importance-weighted and KL variants)."""
-    return algorithm in ("r_lol", "a_lol", "a_lol_seq", "a_lol_kl")
 
 
 def pad_rows(rows: list[Tensor], width: int | None = None) -> tuple[Tensor, Tensor]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from schemas.train import ALGORITHMS, TrainConfig
-from stages.losses import LOSSES, LossBatch, a_lol, loss_function, pad_rows, uses_reference
+from stages.losses import LOSSES, LossBatch, a_lol, loss_function, pad_rows
 
 EPS = 0.5  # clip to [0.5, 1.5]
 BETA = 0.2
@@ -126,7 +126,3 @@ def test_weights_are_detached_so_the_ratio_gets_no_gradient_of_its_own():
     batch, theta = toy_batch()
     a_lol(batch, clip_epsilon=1.0).loss.backward()
     assert theta.grad[1, :2].tolist() == pytest.approx([-0.25 * RHO[1] / 2] * 2, rel=1e-12)
-
-
-def test_reference_use():
-    assert {a for a in ALGORITHMS if uses_reference(a)} == {"r_lol", "a_lol", "a_lol_seq", "a_lol_kl"}
