@@ -41,6 +41,7 @@ SELECT
 FROM read_parquet({reference}) AS r
 LEFT JOIN read_parquet({score}) AS s USING (id)
 WHERE r.split = 'train'
+ORDER BY id
 """
 
 METRICS_SQL = """
@@ -70,8 +71,8 @@ def sql_literal(text: str) -> str:
 def connect(cfg: AlolConfig, temp_dir: str) -> duckdb.DuckDBPyConnection:
     """In-memory DuckDB limited to `advantage.threads` and `advantage.memory_limit`, spilling to `temp_dir`.
 
-    Insertion order is not preserved (it costs memory and time on the join); the train stage orders
-    rows by id itself.
+    Rows are written in id order (ADVANTAGE_SQL ends with ORDER BY id, and insertion order is kept), so the
+    same inputs give the same bytes and content hash: a refreshed advantage stage leaves train cached.
     """
     return duckdb.connect(
         ":memory:",
@@ -79,7 +80,6 @@ def connect(cfg: AlolConfig, temp_dir: str) -> duckdb.DuckDBPyConnection:
             "threads": cfg.advantage.threads,
             "memory_limit": cfg.advantage.memory_limit,
             "temp_directory": temp_dir,
-            "preserve_insertion_order": False,
         },
     )
 

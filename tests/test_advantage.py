@@ -133,3 +133,28 @@ def test_cache_key_ignores_train_settings():
     assert cache_key(base, "advantage", inputs) == cache_key(changed, "advantage", inputs)
     threads = AlolConfig.model_validate({"advantage": {"threads": 1}})
     assert cache_key(base, "advantage", inputs) != cache_key(threads, "advantage", inputs)
+
+
+def test_recomputed_output_has_the_same_bytes(tmp_path):
+    """Content-addressed caching needs a deterministic output: same inputs, same Parquet bytes."""
+    import duckdb
+
+    from pipeline.storage import file_sha256
+    from schemas.config import load_config
+    from stages.advantage import connect, write_advantage
+
+    ids = [f"{i:032x}" for i in range(20_000)]
+    duckdb.sql(f"COPY (SELECT id, random() AS reward FROM (SELECT unnest({ids!r}) AS id)) TO '{tmp_path}/s.parquet'")
+    duckdb.sql(f"COPY (SELECT id, 'train' AS split, random() AS value FROM read_parquet('{tmp_path}/s.parquet') "
+               f"ORDER BY random()) TO '{tmp_path}/r.parquet'")
+    cfg = load_config("smoke", overrides={"advantage.threads": 2})
+    shas = []
+    for n in range(3):
+        con = connect(cfg, str(tmp_path))
+        write_advantage(con, str(tmp_path / "s.parquet"), str(tmp_path / "r.parquet"), tmp_path / f"a{n}.parquet")
+        shas.append(file_sha256(tmp_path / f"a{n}.parquet"))
+    assert len(set(shas)) == 1
+    import pyarrow.parquet as pq
+
+    written = pq.read_table(tmp_path / "a0.parquet").column("id").to_pylist()
+    assert written == sorted(ids)
