@@ -11,19 +11,9 @@ from pipeline.storage import StageReader, StageWriter
 from schemas.advantage import ADVANTAGE_SCHEMA, QUANTILES, SAMPLING_WEIGHT_COLUMN
 from schemas.config import AlolConfig
 from schemas.manifest import StageOutput, StageResult
+from schemas.reference import REFERENCE_SCHEMA
 from schemas.train import ALGORITHMS
 from stages import advantage
-
-REFERENCE_TYPES = pa.schema(
-    [
-        ("id", pa.string()),
-        ("split", pa.string()),
-        ("ref_logprob", pa.float64()),
-        ("ref_token_logprobs", pa.list_(pa.float32())),
-        ("response_tokens", pa.int32()),
-        ("value", pa.float64()),
-    ]
-)
 
 
 def committed_stage(folder, stage: str, tables: dict[str, pa.Table]) -> StageReader:
@@ -41,7 +31,7 @@ def reference_table(ids, splits, values) -> pa.Table:
     return pa.table(
         {"id": ids, "split": splits, "ref_logprob": [-3.0] * n, "ref_token_logprobs": [[-1.0, -2.0]] * n,
          "response_tokens": [2] * n, "value": values},
-        schema=REFERENCE_TYPES,
+        schema=REFERENCE_SCHEMA,
     )
 
 

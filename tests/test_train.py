@@ -16,7 +16,7 @@ from schemas.train import ALGORITHMS, TRAIN_LOG_SCHEMA, TrainConfig
 from stages import train
 from stages.losses import loss_function
 from stages.models import encode_pair, load_causal_lm, load_tokenizer, response_token_logprobs
-from tests.test_train_fixtures import UPSTREAM, build_upstream, config, readers, tiny_setup
+from tests.train_fixtures import UPSTREAM, build_upstream, config, readers, tiny_setup
 
 
 @pytest.fixture(scope="module")

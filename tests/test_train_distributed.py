@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from pipeline.storage import RunStore, StageReader, StageWriter
 from schemas.config import apply_overrides
 from stages import train
-from tests.test_train_fixtures import build_upstream, config, overrides, readers, tiny_setup
+from tests.train_fixtures import build_upstream, config, overrides, readers, tiny_setup
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -54,7 +54,7 @@ def overrides(tmp: Path, model: Path, data: Path, **extra) -> dict:
         "data.max_rows_per_split": None,
         "score.components": [
             {"name": "cats", "kind": "python",
-             "options": {"function": "tests.test_train_fixtures:cats_reward", "lower": 0.0, "upper": 1.0}},
+             "options": {"function": "tests.train_fixtures:cats_reward", "lower": 0.0, "upper": 1.0}},
         ],
         "reference.model": str(model),
         "reference.max_prompt_tokens": 24,
