@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,6 +22,8 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import CachePolicy
 from prefect.locking.filesystem import FileSystemLockManager
+
+import psutil
 
 from pipeline.runner import ALL_STAGES, STAGES, StageName, cache_key, execute_stage, upstream_from_run
 from pipeline.storage import IntegrityError, RunStore, StageReader
@@ -38,6 +42,66 @@ class StageCacheKey(CachePolicy):
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
         return inputs.get("key")
+
+
+class StageLockManager(FileSystemLockManager):
+    """Prefect's file locks, plus an owner file (host, PID, process start time) beside each lock.
+
+    A run that is killed (Ctrl-C twice, SIGKILL, out of memory) leaves its lock behind, and Prefect's
+    locks never expire, so the next run of the same stage key would wait forever. A lock whose owner
+    process on this host is gone is removed; a lock without an owner file (written by an older alol,
+    or a crash between the two writes) counts as stale once it is older than `orphan_seconds`. Locks
+    held by another host (a shared file system) are always respected.
+    """
+
+    orphan_seconds = 60.0
+
+    def _owner_path(self, key: str) -> Path:
+        return self.lock_files_directory / f"{key}.owner"
+
+    def _stale(self, key: str) -> bool:
+        lock = self.lock_files_directory / f"{key}.lock"
+        try:
+            owner = json.loads(self._owner_path(key).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            try:
+                return time.time() - lock.stat().st_mtime > self.orphan_seconds
+            except FileNotFoundError:
+                return False
+        except ValueError:
+            return False  # being written right now
+        if owner.get("host") != socket.gethostname():
+            return False
+        try:
+            return psutil.Process(owner["pid"]).create_time() != owner["started"]
+        except psutil.NoSuchProcess:
+            return True
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        if super().is_locked(key, use_cache=use_cache) and self._stale(key):
+            log.warning("removing the lock of stage key %s left by a process that no longer runs", key[:16])
+            for path in (self.lock_files_directory / f"{key}.lock", self._owner_path(key)):
+                path.unlink(missing_ok=True)
+            self._locks.pop(key, None)
+            return False
+        return super().is_locked(key, use_cache=use_cache)
+
+    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
+        acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout)
+        if acquired:
+            me = psutil.Process(os.getpid())
+            owner = {"host": socket.gethostname(), "pid": me.pid, "started": me.create_time(), "holder": holder}
+            tmp = self._owner_path(key).with_suffix(f".owner.{me.pid}")
+            tmp.write_text(json.dumps(owner), encoding="utf-8")
+            tmp.replace(self._owner_path(key))
+        return acquired
+
+    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
+        return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
+
+    def release_lock(self, key: str, holder: str) -> None:
+        super().release_lock(key, holder)
+        self._owner_path(key).unlink(missing_ok=True)
 
 
 def _artifact_key(stage: str) -> str:
@@ -98,7 +162,7 @@ def run_stage(stage: str, key: str, config: dict[str, Any], inputs: dict[str, St
 
 def _stage_task(cfg: AlolConfig, refresh: bool):
     root = Path(cfg.run.root).resolve()
-    lock_manager = FileSystemLockManager(lock_files_directory=root / RESULTS_FOLDER / "locks")
+    lock_manager = StageLockManager(lock_files_directory=root / RESULTS_FOLDER / "locks")
     return run_stage.with_options(
         result_storage=root / RESULTS_FOLDER,
         cache_policy=StageCacheKey().configure(isolation_level="SERIALIZABLE", lock_manager=lock_manager),
