@@ -123,6 +123,7 @@ def fine_tune_reference(
     optimizer = torch.optim.AdamW(model.parameters(), lr=ref.sft_learning_rate)
     model.train()
     losses: list[float] = []
+    epoch_means: list[float] = []
     for epoch in range(1, ref.sft_epochs + 1):
         order = [rows.sft_rows[i] for i in torch.randperm(len(rows.sft_rows), generator=generator).tolist()]
         batches = [order[s : s + ref.sft_batch_size] for s in range(0, len(order), ref.sft_batch_size)]
@@ -136,9 +137,11 @@ def fine_tune_reference(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             losses.append(float(loss.detach()))
-        log.info("SFT epoch %d: mean summed-token NLL %.4f", epoch, float(np.mean(losses[-len(batches) :])))
+        epoch_means.append(float(np.mean(losses[-len(batches) :])))
+        log.info("SFT epoch %d: mean summed-token NLL %.4f", epoch, epoch_means[-1])
     model.eval()
-    return {"sft_steps": len(losses), "sft_first_loss": losses[0], "sft_last_loss": losses[-1]}
+    # Single batches are noisy; the per-epoch means show whether the fine-tuning converged.
+    return {"sft_steps": len(losses), "sft_first_loss": losses[0], "sft_last_loss": losses[-1], "sft_epoch_losses": epoch_means}
 
 
 # --------------------------------------------------------------------------- the log-prob pass

@@ -189,6 +189,8 @@ def test_sft_fine_tunes_pi_ref_on_the_training_rows(tiny_run, tmp_path):
     metrics = reference.manifest.metrics
     assert metrics["pi_ref"] == "sft" and metrics["sft_steps"] == 3 * 6
     assert metrics["sft_last_loss"] < metrics["sft_first_loss"]
+    epoch_losses = metrics["sft_epoch_losses"]
+    assert len(epoch_losses) == 3 and epoch_losses[-1] < epoch_losses[0]
 
     def train_mean(reader):
         return np.mean([r["ref_logprob"] for r in reader.read("reference").to_pylist() if r["split"] == "train"])
