@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 import duckdb  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
+from bench.memory import peak_rss_mb  # noqa: E402
 from pipeline.storage import StageReader, StageWriter  # noqa: E402
 from schemas.manifest import StageResult  # noqa: E402
 
@@ -85,15 +86,6 @@ def run_pyarrow(folder: Path) -> None:
     joined = joined.append_column("weight_reward", pc.max_element_wise(joined["reward"], 0.0))
     with tempfile.TemporaryDirectory() as tmp:
         pq.write_table(joined, Path(tmp) / "advantage.parquet", compression="zstd")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM). Not ru_maxrss: a child started by fork/vfork + exec keeps
-    the parent's high-water mark there, and the parent built the inputs."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def child(kind: str, folder: Path) -> None:

@@ -32,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.memory import peak_rss_mb  # noqa: E402
+
 MODES = ("stage", "nll-loop", "alol-loop", "ref-loop")
 
 
@@ -148,15 +150,6 @@ def nll_backward(model, batch, pad_id: int, accumulation: int) -> None:
         labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
     loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
     (loss / accumulation).backward()
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM). Not ru_maxrss: a child started by fork/vfork + exec keeps
-    the parent's high-water mark there, and the parent built the inputs."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def child(mode: str, root: Path, steps: int, folders: dict[str, str]) -> None:
