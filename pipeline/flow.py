@@ -60,7 +60,7 @@ class StageLockManager(FileSystemLockManager):
         return self.lock_files_directory / f"{key}.owner"
 
     def _stale(self, key: str) -> bool:
-        lock = self.lock_files_directory / f"{key}.lock"
+        lock = self._lock_path_for_key(key)
         try:
             owner = json.loads(self._owner_path(key).read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -78,13 +78,14 @@ class StageLockManager(FileSystemLockManager):
             return True
 
     def is_locked(self, key: str, use_cache: bool = False) -> bool:
-        if super().is_locked(key, use_cache=use_cache) and self._stale(key):
+        locked = super().is_locked(key, use_cache=use_cache)
+        if locked and self._stale(key):
             log.warning("removing the lock of stage key %s left by a process that no longer runs", key[:16])
-            for path in (self.lock_files_directory / f"{key}.lock", self._owner_path(key)):
+            for path in (self._lock_path_for_key(key), self._owner_path(key)):
                 path.unlink(missing_ok=True)
             self._locks.pop(key, None)
             return False
-        return super().is_locked(key, use_cache=use_cache)
+        return locked
 
     def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
         acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout)
