@@ -26,7 +26,7 @@ import duckdb  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from bench.memory import peak_rss_mb  # noqa: E402
-from pipeline.storage import StageReader, StageWriter  # noqa: E402
+from stages.io import StageReader, StageWriter  # noqa: E402
 from schemas.manifest import StageResult  # noqa: E402
 
 

@@ -55,7 +55,7 @@ def write_rows(path: Path, n: int, seed: int = 0) -> None:
 
 def child(path: str | None, out: str, batch_rows: int) -> None:
     """Runs in the subprocess: ingest `path` (or only import the stage when path is None) and print JSON."""
-    from pipeline.storage import StageWriter
+    from stages.io import StageWriter
     from schemas.config import AlolConfig
     from schemas.ingest import DataConfig
     from stages.ingest import run

@@ -65,7 +65,7 @@ def upstream(cfg) -> dict:
 def run_stage(cfg, inputs, steps: int) -> list[tuple[int, float]]:
     import tempfile
 
-    from pipeline.storage import StageWriter
+    from stages.io import StageWriter
     from stages import train
 
     positive, rows = _counts(inputs)
@@ -155,7 +155,7 @@ def nll_backward(model, batch, pad_id: int, accumulation: int) -> None:
 def child(mode: str, root: Path, steps: int, folders: dict[str, str]) -> None:
     import torch
 
-    from pipeline.storage import StageReader
+    from stages.io import StageReader
 
     torch.set_num_threads(2)
     cfg = bench_config(root, steps)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from schemas.base import UserInputError
 from schemas.config import PROFILES, AlolConfig, ConfigError, load_config, parse_override
+from schemas.stages import STAGE_NAMES
 
-STAGE_NAMES = ("ingest", "score", "reference", "advantage", "train", "evaluate")
 
 
 def _config_options(parser: argparse.ArgumentParser) -> None:

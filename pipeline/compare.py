@@ -1,7 +1,7 @@
 """`alol compare`: train and evaluate several algorithms over one cached upstream, one table of results.
 
-Every algorithm is a run of the flow with only `train.algorithm` (and `train.kl_beta` for a_lol_kl)
-changed. Ingest, score, reference and advantage do not read `train.*`, so their cache keys, and
+Every algorithm is a run of the flow with only `train.algorithm` (and the hyper-parameters the
+algorithm registry gives compare defaults, e.g. `train.kl_beta` for a_lol_kl) changed. Ingest, score, reference and advantage do not read `train.*`, so their cache keys, and
 their outputs, are shared; pi_ref's test generations are cached by the evaluate stage. Adding an
 algorithm to the list trains and evaluates only that one.
 
@@ -14,22 +14,22 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.storage import atomic_write_text
+from stages.io import atomic_write_text
+from schemas.algorithms import ALGORITHM_REGISTRY, ALGORITHMS, OPTIONAL_HYPERPARAMETERS
 from schemas.config import load_config
-from schemas.train import ALGORITHMS
+from schemas.evaluate import EvaluateMetrics, Interval
+from stages.io import StageReader
 from stages.report import interval_text, markdown_table
 
 log = logging.getLogger("alol.compare")
 
 COMPARE_STAGES = ["ingest", "score", "reference", "advantage", "train", "evaluate"]
-DEFAULT_KL_BETA = 0.1
 REFERENCE_ROW = "pi_ref"
 
 
@@ -47,37 +47,42 @@ class Comparison:
 
 
 def algorithm_overrides(base: dict[str, Any], algorithm: str) -> dict[str, Any]:
-    """The run's overrides with this algorithm; a_lol_kl gets `train.kl_beta` (the user's, else 0.1), the others none."""
+    """The run's overrides with this algorithm. Each optional hyper-parameter (`train.kl_beta`) is the
+    user's value, else the registry's compare default, for the algorithms that take it, and None for the others."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}")
-    beta = base.get("train.kl_beta") or DEFAULT_KL_BETA
-    return {**base, "train.algorithm": algorithm, "train.kl_beta": beta if algorithm == "a_lol_kl" else None}
+    spec = ALGORITHM_REGISTRY[algorithm]
+    overrides = {**base, "train.algorithm": algorithm}
+    for name in OPTIONAL_HYPERPARAMETERS:
+        given = base.get(f"train.{name}")
+        overrides[f"train.{name}"] = (given or spec.compare_defaults[name]) if name in spec.hyperparameters else None
+    return overrides
 
 
-def method_row(method: str, metrics: dict[str, Any], model: str) -> dict[str, Any]:
-    """One row of the comparison from an evaluation's metrics.json; model is "policy" or "reference"."""
-    m = metrics["models"][model]
+def method_row(method: str, metrics: EvaluateMetrics, model: str) -> dict[str, Any]:
+    """One row of the comparison from an evaluation's metrics; model is "policy" or "reference"."""
+    m = metrics.models[model]
     is_policy = model == "policy"
-    diff = metrics["difference"]["reward"] if is_policy else {"mean": 0.0, "low": 0.0, "high": 0.0}
-    win = metrics["win_rate"] if is_policy else {}
+    diff = metrics.difference["reward"] if is_policy else Interval(mean=0.0, low=0.0, high=0.0)
+    win = metrics.win_rate if is_policy else None
     row: dict[str, Any] = {
         "method": method,
-        "reward": m["reward"]["mean"],
-        "reward_low": m["reward"]["low"],
-        "reward_high": m["reward"]["high"],
-        **{name: m[name]["mean"] for name in metrics["components"]},
-        "reward_diff": diff["mean"],
-        "reward_diff_low": diff["low"],
-        "reward_diff_high": diff["high"],
-        "length_words": m["length_words"],
-        "distinct_1": m["distinct_1"],
-        "distinct_2": m["distinct_2"],
-        "distinct_3": m["distinct_3"],
-        "win_rate": win.get("win_rate"),
-        "tie_rate": win.get("tie_rate"),
-        "loss_rate": win.get("loss_rate"),
-        "policy_is_reference": metrics["policy_is_reference"] if is_policy else None,
-        "train_seconds": metrics["train"].get("train_seconds") if is_policy else None,
+        "reward": m.reward.mean,
+        "reward_low": m.reward.low,
+        "reward_high": m.reward.high,
+        **{name: m.component(name).mean for name in metrics.components},
+        "reward_diff": diff.mean,
+        "reward_diff_low": diff.low,
+        "reward_diff_high": diff.high,
+        "length_words": m.length_words,
+        "distinct_1": m.distinct_1,
+        "distinct_2": m.distinct_2,
+        "distinct_3": m.distinct_3,
+        "win_rate": win.win_rate if win else None,
+        "tie_rate": win.tie_rate if win else None,
+        "loss_rate": win.loss_rate if win else None,
+        "policy_is_reference": metrics.policy_is_reference if is_policy else None,
+        "train_seconds": metrics.train.train_seconds if is_policy else None,
     }
     return row
 
@@ -86,7 +91,7 @@ def markdown_rows(rows: Sequence[dict[str, Any]], components: Sequence[str]) -> 
     """The rows as the paper prints them: intervals in brackets, win/tie in one cell."""
     out = []
     for row in rows:
-        interval = lambda key: {"mean": row[key], "low": row[f"{key}_low"], "high": row[f"{key}_high"]}  # noqa: E731
+        interval = lambda key: Interval(mean=row[key], low=row[f"{key}_low"], high=row[f"{key}_high"])  # noqa: E731
         method = row["method"] + (" (= pi_ref: no checkpoint beat it)" if row["policy_is_reference"] else "")
         out.append(
             {
@@ -141,10 +146,10 @@ def compare(
     for algorithm, algorithm_cfg in zip(algorithms, per_algorithm):
         log.info("compare: %s", algorithm)
         outputs = run_alol(profile, config_file, algorithm_cfg, stages=COMPARE_STAGES)
-        metrics = json.loads((Path(outputs["evaluate"].path) / "metrics.json").read_text(encoding="utf-8"))
-        components = metrics["components"]
+        metrics = StageReader(outputs["evaluate"].path).metrics
+        components = metrics.components
         reference = reference or method_row(REFERENCE_ROW, metrics, "reference")
         rows.append(method_row(algorithm, metrics, "policy"))
     folder = Path(cfg.run.root).resolve() / cfg.run.name / "compare"
-    title = f"alol compare: run {cfg.run.name}, {metrics['prompts']} test prompts"
+    title = f"alol compare: run {cfg.run.name}, {metrics.prompts} test prompts"
     return write_comparison(folder, [reference, *rows], components, title)

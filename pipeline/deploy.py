@@ -41,10 +41,10 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from pipeline.flow import Profile
 from pipeline.runner import STAGES, reusable_output, upstream_from_run
 from pipeline.storage import RunStore
 from schemas.manifest import StageOutput
+from schemas.config import Profile
 from schemas.train import Algorithm
 
 log = logging.getLogger("alol.deploy")

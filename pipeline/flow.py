@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -25,14 +25,16 @@ from prefect.locking.filesystem import FileSystemLockManager
 
 import psutil
 
-from pipeline.runner import ALL_STAGES, STAGES, StageName, cache_key, execute_stage, upstream_from_run
-from pipeline.storage import IntegrityError, RunStore, StageReader
-from schemas.config import AlolConfig, load_config
+from pipeline.runner import STAGES, cache_key, execute_stage, upstream_from_run
+from pipeline.storage import RunStore
+from stages.io import IntegrityError, StageReader
+from schemas.config import AlolConfig, Profile, load_config
 from schemas.manifest import StageOutput
+from schemas.stages import STAGE_NAMES, StageName
+from stages.catalog import METRICS_TABLE_FILE, REPORT_FILE
 
 log = logging.getLogger("alol.flow")
 
-Profile = Literal["default", "smoke", "quality"]
 RESULTS_FOLDER = ".prefect-results"
 
 
@@ -135,10 +137,10 @@ def _publish_artifacts(reader: StageReader) -> None:
     """The manifest summary of every stage, and the evaluation report and metrics table when present."""
     stage = reader.manifest.stage
     create_markdown_artifact(key=_artifact_key(stage), markdown=_manifest_markdown(reader), description=f"alol {stage} manifest")
-    report = reader.path("report.md")
+    report = reader.path(REPORT_FILE)
     if report.is_file():
         create_markdown_artifact(key="alol-report", markdown=report.read_text(encoding="utf-8"), description="alol evaluation report")
-    metrics_table = reader.path("metrics_table.json")
+    metrics_table = reader.path(METRICS_TABLE_FILE)
     if metrics_table.is_file():
         create_table_artifact(key="alol-metrics", table=json.loads(metrics_table.read_text(encoding="utf-8")))
 
@@ -193,7 +195,7 @@ def alol(
     from pipeline.deploy import accelerator_deployment, run_stage_deployment  # deploy imports this module
 
     cfg = load_config(profile, config_file, overrides or {})
-    selected = [s for s in ALL_STAGES if s in set(stages or ALL_STAGES)]
+    selected = [s for s in STAGE_NAMES if s in set(stages or STAGE_NAMES)]
     forced = set(refresh or [])
     store = RunStore(cfg.run.root, cfg.run.name)
     config_json = cfg.model_dump(mode="json")

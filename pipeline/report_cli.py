@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pipeline.storage import RunStore, StageReader
+from pipeline.storage import RunStore
+from stages.io import StageReader
 from schemas.config import AlolConfig
+from schemas.evaluate import EvaluateMetrics
+from stages.catalog import REPORT_FILE
 from stages.report import format_cell, interval_text, summary_rows
 
 log = logging.getLogger("alol.report")
@@ -24,15 +26,15 @@ def text_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def load_metrics(store: RunStore) -> tuple[dict[str, Any], StageReader]:
-    """The metrics.json of the evaluation this run last recorded, from its verified output folder."""
+def load_metrics(store: RunStore) -> tuple[EvaluateMetrics, StageReader]:
+    """The metrics of the evaluation this run last recorded, from its verified output folder."""
     current = store.current("evaluate")
     if current is None:
         raise FileNotFoundError(
             f"run {store.name!r} under {store.root} has no evaluation yet; run `alol run` (or `alol run --stages evaluate`)"
         )
     reader = StageReader(current.path)
-    return json.loads(reader.path("metrics.json").read_text(encoding="utf-8")), reader
+    return reader.metrics, reader
 
 
 def print_report(run_name: str | None, cfg: AlolConfig) -> str:
@@ -40,21 +42,21 @@ def print_report(run_name: str | None, cfg: AlolConfig) -> str:
     name = run_name or RunStore.latest_name(cfg.run.root) or cfg.run.name
     metrics, reader = load_metrics(RunStore(cfg.run.root, name))
     lines = [
-        f"run {name}: algorithm {metrics['algorithm']}, {metrics['prompts']} test prompts",
+        f"run {name}: algorithm {metrics.algorithm}, {metrics.prompts} test prompts",
         "",
         text_table(summary_rows(metrics)),
         "",
-        f"reward difference pi_theta - pi_ref: {interval_text(metrics['difference']['reward'])} (95% paired bootstrap)",
+        f"reward difference pi_theta - pi_ref: {interval_text(metrics.difference['reward'])} (95% paired bootstrap)",
     ]
-    if metrics.get("policy_is_reference"):
+    if metrics.policy_is_reference:
         lines.append("no checkpoint beat pi_ref on validation: the policy is pi_ref")
-    harmless = metrics.get("harmlessness")
-    if harmless:
+    harmless = metrics.harmlessness
+    if harmless is not None:
         lines.append(
-            f"harmlessness ({harmless['prompts']} Do-Not-Answer prompts, {harmless['component']}): "
-            f"pi_theta {interval_text(harmless['models']['policy'])}, pi_ref {interval_text(harmless['models']['reference'])}"
+            f"harmlessness ({harmless.prompts} Do-Not-Answer prompts, {harmless.component}): "
+            f"pi_theta {interval_text(harmless.models['policy'])}, pi_ref {interval_text(harmless.models['reference'])}"
         )
-    lines.append(f"report: {reader.path('report.md')}")
+    lines.append(f"report: {reader.path(REPORT_FILE)}")
     return "\n".join(lines)
 
 

@@ -13,17 +13,17 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pipeline.storage import IntegrityError, RunStore, StageReader, StageWriter
+from pipeline.storage import RunStore
+from stages.io import IntegrityError, StageReader, StageWriter
 from schemas.base import canonical_json, sha256_text
 from schemas.config import AlolConfig
 from schemas.manifest import StageOutput
+from schemas.stages import STAGE_NAMES
 
 log = logging.getLogger("alol.runner")
 
-StageName = Literal["ingest", "score", "reference", "advantage", "train", "evaluate"]
-ALL_STAGES: tuple[str, ...] = StageName.__args__  # type: ignore[attr-defined]
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -57,6 +57,9 @@ STAGES: dict[str, StageSpec] = {
         ("ingest", "score", "reference", "advantage", "train"), True,
     ),
 }
+
+
+assert tuple(STAGES) == STAGE_NAMES, "STAGES must list every stage of schemas.stages, in pipeline order"
 
 
 class MissingUpstreamError(RuntimeError):

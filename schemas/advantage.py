@@ -6,6 +6,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from schemas.base import Section
+from schemas.manifest import StageMetrics
 
 
 class AdvantageConfig(Section):
@@ -16,7 +17,8 @@ class AdvantageConfig(Section):
 
 
 # The stage must not read train.* (its cache key would change with every training setting), so it
-# writes the sampling weight of every family and the train stage picks one (SAMPLING_WEIGHT_COLUMN).
+# writes the sampling weight of every family and the train stage picks its algorithm's
+# (`weight_column` in schemas.algorithms.ALGORITHM_REGISTRY).
 ADVANTAGE_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -31,17 +33,17 @@ ADVANTAGE_SCHEMA = pa.schema(
     ]
 )
 
-SAMPLING_WEIGHT_COLUMN: dict[str, str] = {
-    "nll": "weight_uniform",
-    "wbc": "weight_reward",
-    "r_gold": "weight_reward",
-    "r_lol": "weight_reward",
-    "a_lol": "weight_advantage",
-    "a_lol_ref_free": "weight_advantage",
-    "a_lol_seq": "weight_advantage",
-    "a_lol_kl": "weight_advantage",
-}
-"""Algorithm -> advantage-table column its rows are drawn in proportion to (method.md, priority sampling):
-A+ = max(A, 0) for the A-LoL family, max(R, 0) for the reward baselines, 1 for NLL."""
-
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+
+
+class AdvantageMetrics(StageMetrics):
+    """The training rows' advantage statistics (the positive fraction shrinks the A-LoL step budget)."""
+
+    rows: int = Field(..., description="Training rows.")
+    positive_rows: int = Field(..., description="Training rows with A > 0.")
+    positive_fraction: float
+    reward_mean: float
+    value_mean: float
+    advantage_mean: float
+    advantage_quantiles: dict[str, float] = Field(..., description="p1 .. p99 of A.")
+    negative_reward_rows: int = Field(..., description="Rows with R < 0 (drawn with weight 0 by the reward baselines).")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -17,7 +17,9 @@ from schemas.reference import ReferenceConfig, ValueConfig, check_value_heads
 from schemas.score import ScoreConfig
 from schemas.train import TrainConfig
 
-PROFILES = ("default", "smoke", "quality")
+Profile = Literal["default", "smoke", "quality"]
+PROFILES: tuple[str, ...] = Profile.__args__  # type: ignore[attr-defined]
+"""The shipped profiles, schemas/profiles/<name>.yaml: the one list of profile names."""
 
 
 class RunConfig(Section):
@@ -96,10 +98,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
 
 
 def profile_path(name: str) -> Path:
-    """A shipped profile's YAML file (pipeline/profiles/<name>.yaml)."""
+    """A shipped profile's YAML file (schemas/profiles/<name>.yaml)."""
     if name not in PROFILES:
         raise ConfigError("--profile", [("profile", f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")])
-    return Path(str(importlib.resources.files("pipeline") / "profiles" / f"{name}.yaml"))
+    return Path(str(importlib.resources.files("schemas") / "profiles" / f"{name}.yaml"))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.base import Section
+from schemas.manifest import StageMetrics
 from schemas.ingest import MESSAGE_TYPE
 
 MODELS = ("policy", "reference")
@@ -42,3 +44,88 @@ def eval_schema(component_names: Sequence[str]) -> pa.Schema:
             ("length_words", pa.int32()),
         ]
     )
+
+
+class Interval(BaseModel):
+    """A sample mean and its 95% percentile-bootstrap interval."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mean: float
+    low: float
+    high: float
+
+
+class ModelEvaluation(BaseModel):
+    """One model's test metrics: `reward` and one Interval per reward component (extra fields named
+    after the components), mean length in words and corpus distinct-1/2/3."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, Interval] = Field(init=False)
+
+    reward: Interval
+    length_words: float
+    distinct_1: float
+    distinct_2: float
+    distinct_3: float
+
+    def component(self, name: str) -> Interval:
+        """The Interval of reward component `name`."""
+        return (self.model_extra or {})[name]
+
+
+class WinRate(BaseModel):
+    """Per prompt, pi_theta against pi_ref by total reward; ties counted apart."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    wins: int
+    ties: int
+    losses: int
+    win_rate: float
+    tie_rate: float
+    loss_rate: float
+
+
+class TrainSummary(BaseModel):
+    """The train stage's outcome as the evaluation reports it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy_is_reference: bool
+    best_step: int | None
+    best_validation_reward: float | None
+    reference_validation_reward: float
+    train_seconds: float
+
+
+class Harmlessness(BaseModel):
+    """Both models on Do-Not-Answer prompts, scored by the safety component."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: int
+    component: str
+    models: dict[str, Interval] = Field(..., description="Model (policy, reference) -> safety score.")
+    difference: Interval
+
+
+class EvaluateMetrics(StageMetrics):
+    """The evaluation of pi_theta against pi_ref on the distinct test prompts (also `metrics.json`)."""
+
+    algorithm: str
+    prompts: int = Field(..., description="Distinct test prompts.")
+    components: list[str] = Field(..., description="Reward component names, in the score stage's order.")
+    bootstrap_samples: int
+    policy_is_reference: bool
+    models: dict[str, ModelEvaluation] = Field(..., description="Model (policy, reference) -> its metrics.")
+    difference: dict[str, Interval] = Field(..., description="Score column -> paired difference policy - reference.")
+    win_rate: WinRate
+    train: TrainSummary
+    generation: dict[str, Any] = Field(..., description="The decoding settings of both models.")
+    harmlessness: Harmlessness | None = None
+    advantage: dict[str, float | int] = Field(..., description="Statistics of the training rows' advantage.")
+    reference_generations_cached: int | None = Field(
+        None, description="pi_ref's generation sets that came from the cache (manifest only, not in metrics.json)."
+    )
+

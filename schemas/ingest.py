@@ -8,6 +8,7 @@ import pyarrow as pa
 from pydantic import Field, PositiveInt, model_validator
 
 from schemas.base import Section
+from schemas.manifest import StageMetrics
 
 SPLITS = ("train", "validation", "test")
 
@@ -125,3 +126,16 @@ REJECTED_SCHEMA = pa.schema(
         ("raw", pa.string()),
     ]
 )
+
+
+class IngestMetrics(StageMetrics):
+    """What the ingest stage read and kept: every candidate row is in `ingest` or `ingest_rejected`."""
+
+    source: str = Field(..., description="Source name (part of every row id).")
+    format: str | None = Field(..., description="Row format detected or configured; None when no row fitted one.")
+    source_rows: int = Field(..., description="Rows read from the source (a preference pair is one source row).")
+    rows_per_split: dict[str, int] = Field(..., description="Rows of `ingest` per split.")
+    pairs_out: int = Field(..., description="Preference pairs kept (two rows each).")
+    rejected_by_reason: dict[str, int] = Field(..., description="Rows of `ingest_rejected` per reason.")
+    rows_invalid: int = Field(..., description="Rejected rows other than those cut by data.max_rows_per_split.")
+    rows_in_equals_out_plus_rejected: bool = Field(..., description="The accounting check (always true: the stage fails otherwise).")

@@ -22,15 +22,34 @@ class OutputFile(BaseModel):
     sha256: str
 
 
-class StageResult(BaseModel):
-    """What a stage function returns: counts and stage-specific metrics (the rest is added by the pipeline)."""
+class StageMetrics(BaseModel):
+    """Base of every stage's metrics model (one per stage, in schemas/<stage>.py, listed in
+    schemas.stages.STAGE_METRICS): written to the manifest as JSON and read back through
+    `StageReader.metrics`, so no reader depends on a key spelled as a string. Unknown fields are errors."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class Summary(BaseModel):
+    """Mean, standard deviation, minimum and maximum of a column (None when it has no rows)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mean: float | None
+    std: float | None
+    min: float | None
+    max: float | None
+
+
+class StageResult(BaseModel):
+    """What a stage function returns: counts and the stage's typed metrics (the rest is added by the pipeline)."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     rows_in: int
     rows_out: int
     rows_rejected: int = 0
-    metrics: dict[str, Any] = Field(default_factory=dict, description="Stage-specific statistics (JSON).")
+    metrics: StageMetrics = Field(..., description="The stage's metrics model (schemas.stages.STAGE_METRICS).")
 
 
 class StageManifest(BaseModel):

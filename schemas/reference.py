@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 from pydantic import Field, model_validator
 
 from schemas.base import Section
+from schemas.manifest import StageMetrics, Summary
 from schemas.ingest import MESSAGE_TYPE
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
@@ -102,3 +104,40 @@ def value_targets_schema(component_names: list[str]) -> pa.Schema:
             ("holdout", pa.bool_()),
         ]
     )
+
+
+class ReferenceMetrics(StageMetrics):
+    """pi_ref, its value head fit and its log-prob pass. `*_seconds` are wall-clock timings."""
+
+    pi_ref: Literal["sft", "base"] = Field(..., description="Whether pi_ref is the fine-tuned or the base model.")
+    model: str = Field(..., description="reference.model.")
+    hidden_size: int
+    device: str
+    rows: dict[str, int] = Field(..., description="Rows of the reference table per split.")
+    prompts_at_token_limit: int = Field(..., description="Rows whose prompt was cut to reference.max_prompt_tokens.")
+    responses_at_token_limit: int = Field(..., description="Rows whose response was cut to reference.max_response_tokens.")
+    r_max: float
+    value_target_prompts: int = Field(..., description="Distinct validation prompts decoded by pi_ref as value targets.")
+    value_target_reward: Summary
+    value_chosen_epoch: int = Field(..., description="Epoch of the value head with the lowest held-out MSE.")
+    value_train_mse: float
+    value_holdout_mse: float
+    value_mean_baseline_train_mse: float = Field(..., description="MSE of predicting the mean training target.")
+    value_mean_baseline_holdout_mse: float
+    value_train_rows: int
+    value_holdout_rows: int
+    value_holdout_mse_by_epoch: list[float]
+    ref_logprob: Summary = Field(..., description="L_ref over the rows.")
+    response_tokens: Summary = Field(..., description="T over the rows (EOS included).")
+    value: Summary = Field(..., description="V(x) over the rows.")
+    logprob_tokens: int = Field(..., description="Tokens through the log-prob pass.")
+    logprob_tokens_per_s: float
+    sft_steps: int | None = Field(None, description="SFT optimiser steps (None without SFT).")
+    sft_first_loss: float | None = None
+    sft_last_loss: float | None = None
+    sft_epoch_losses: list[float] | None = Field(None, description="Mean summed-token NLL of each SFT epoch.")
+    load_seconds: float
+    sft_seconds: float | None = None
+    value_targets_seconds: float
+    value_head_seconds: float
+    logprob_seconds: float

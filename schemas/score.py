@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from schemas.base import Section
+from schemas.manifest import StageMetrics, Summary
 
 ComponentKind = Literal[
     "toxicity", "sentiment", "profanity", "relevance", "tfidf", "length", "hf_classifier", "python"
@@ -186,3 +187,34 @@ class ScoreConfig(Section):
 def score_schema(component_names: list[str]) -> pa.Schema:
     """The `score` table: id, one float64 column per component (in config order), reward."""
     return pa.schema([("id", pa.string())] + [(n, pa.float64()) for n in component_names] + [("reward", pa.float64())])
+
+
+class ComponentStats(BaseModel):
+    """One reward component's scores over the ingest rows and how they were obtained."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str
+    weight: float
+    lower: float = Field(..., description="Declared lower bound of the component's scores.")
+    upper: float = Field(..., description="Declared upper bound.")
+    mean: float | None
+    std: float | None
+    min: float | None
+    max: float | None
+    fingerprint: str | None = Field(..., description="Fingerprint of the component's model files (None without a model).")
+    cache_key: str = Field(..., description="Key of the per-component score cache entry.")
+    cached: bool = Field(..., description="Whether the scores came from the score cache.")
+    seconds: float = Field(..., description="Seconds spent on this component in this run.")
+    compute_seconds: float | None = Field(..., description="Seconds the scoring itself took, now or when it was cached.")
+    rows_per_s: float | None = Field(..., description="Rows per second of that scoring.")
+
+
+class ScoreMetrics(StageMetrics):
+    """R_max and R_min of the weighted sum, and per-component statistics."""
+
+    r_max: float = Field(..., description="sum of weight x upper bound: the value head's scale.")
+    r_min: float = Field(..., description="sum of weight x lower bound.")
+    weights: dict[str, float] = Field(..., description="Component name -> weight.")
+    components: dict[str, ComponentStats]
+    reward: Summary = Field(..., description="The total reward over all ingest rows.")

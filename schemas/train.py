@@ -7,14 +7,11 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+from schemas.algorithms import ALGORITHM_REGISTRY, ALGORITHMS, OPTIONAL_HYPERPARAMETERS
 from schemas.base import Section
+from schemas.manifest import StageMetrics
 
-Algorithm = Literal["nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl"]
-ALGORITHMS: tuple[str, ...] = Algorithm.__args__  # type: ignore[attr-defined]
-A_LOL_FAMILY: tuple[str, ...] = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl")
-"""Algorithms that train on A > 0 only, drawn in proportion to A+, with the step budget shrunk by the positive fraction."""
-CLIPPED: tuple[str, ...] = ("r_lol", "a_lol", "a_lol_seq")
-"""Algorithms whose importance weight is clipped to [1 - clip_epsilon, 1 + clip_epsilon]."""
+Algorithm = Literal[ALGORITHMS]  # type: ignore[valid-type]
 
 
 class TrainConfig(Section):
@@ -48,10 +45,14 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> TrainConfig:
-        if self.algorithm == "a_lol_kl" and self.kl_beta is None:
-            raise ValueError("train.algorithm a_lol_kl needs train.kl_beta (e.g. 0.1)")
-        if self.algorithm != "a_lol_kl" and self.kl_beta is not None:
-            raise ValueError(f"train.kl_beta is only used by a_lol_kl, not {self.algorithm}")
+        uses = ALGORITHM_REGISTRY[self.algorithm].hyperparameters
+        for name in OPTIONAL_HYPERPARAMETERS:
+            if name in uses and getattr(self, name) is None:
+                example = next(s.compare_defaults[name] for s in ALGORITHM_REGISTRY.values() if name in s.compare_defaults)
+                raise ValueError(f"train.algorithm {self.algorithm} needs train.{name} (e.g. {example})")
+            if name not in uses and getattr(self, name) is not None:
+                users = ", ".join(s.name for s in ALGORITHM_REGISTRY.values() if name in s.hyperparameters)
+                raise ValueError(f"train.{name} is only used by {users}, not {self.algorithm}")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"train.warmup_steps ({self.warmup_steps}) must be below train.steps ({self.steps})")
         if self.lora_rank is None and self.lora_alpha is not None:
@@ -79,3 +80,29 @@ clipping; `importance_weight_mean` / `clipped_fraction` are over rows (r_lol, a_
 tokens (a_lol_seq: rho_t; r_gold: pi_theta(y_t), "clipped" when below 0.1), null for the other
 losses; `tokens` counts prompt and response tokens of the step; `validation_reward` is the mean
 reward of greedy decodes of the validation prompts, null when not measured at that step."""
+
+
+class TrainMetrics(StageMetrics):
+    """The training run: step budget, validation, the kept checkpoint. `train_seconds` and
+    `tokens_per_s_median` are wall-clock figures."""
+
+    algorithm: str
+    policy_is_reference: bool = Field(..., description="No checkpoint beat pi_ref on validation: the policy is pi_ref.")
+    best_step: int | None = Field(..., description="Step of the kept checkpoint (None when the policy is pi_ref).")
+    best_validation_reward: float | None
+    best_validation_step: int | None
+    reference_validation_reward: float = Field(..., description="pi_ref's mean reward on the same validation prompts.")
+    validation_prompts: int
+    train_seconds: float
+    steps: int = Field(..., description="Optimiser steps run (after the A-LoL shrink).")
+    steps_full: int = Field(..., description="train.steps.")
+    train_rows: int
+    positive_rows: int
+    drawable_rows: int = Field(..., description="Rows with a positive sampling weight.")
+    rows_per_step: int
+    processes: int
+    device: str
+    mixed_precision: str
+    tokens_per_s_median: float | None
+    final_loss: float | None
+    resumed_from_step: int = Field(..., description="Step the run resumed from (0: a fresh start).")

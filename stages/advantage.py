@@ -20,10 +20,10 @@ from typing import Any
 import duckdb
 import pyarrow.parquet as pq
 
-from pipeline.storage import StageReader, StageWriter
-from schemas.advantage import ADVANTAGE_SCHEMA, QUANTILES
+from schemas.advantage import ADVANTAGE_SCHEMA, QUANTILES, AdvantageMetrics
 from schemas.config import AlolConfig
 from schemas.manifest import StageResult
+from stages.io import StageReader, StageWriter, sql_literal
 
 log = logging.getLogger("alol.advantage")
 
@@ -38,8 +38,8 @@ SELECT
     greatest(s.reward - r.value, 0)::DOUBLE    AS weight_advantage,  -- A+
     greatest(s.reward, 0)::DOUBLE              AS weight_reward,     -- R (clipped at 0: a probability weight)
     1.0::DOUBLE                                AS weight_uniform
-FROM read_parquet({reference}) AS r
-LEFT JOIN read_parquet({score}) AS s USING (id)
+FROM {reference} AS r
+LEFT JOIN {score} AS s USING (id)
 WHERE r.split = 'train'
 ORDER BY id
 """
@@ -63,11 +63,6 @@ class AdvantageError(ValueError):
     """The score and reference tables do not fit together."""
 
 
-def sql_literal(text: str) -> str:
-    """A single-quoted SQL string literal (file paths go into COPY, which takes no parameters)."""
-    return "'" + text.replace("'", "''") + "'"
-
-
 def connect(cfg: AlolConfig, temp_dir: str) -> duckdb.DuckDBPyConnection:
     """In-memory DuckDB limited to `advantage.threads` and `advantage.memory_limit`, spilling to `temp_dir`.
 
@@ -84,9 +79,10 @@ def connect(cfg: AlolConfig, temp_dir: str) -> duckdb.DuckDBPyConnection:
     )
 
 
-def write_advantage(con: duckdb.DuckDBPyConnection, score_glob: str, reference_glob: str, target: Path) -> None:
-    """Stream `ADVANTAGE_SQL` into one Parquet file and check it has exactly ADVANTAGE_SCHEMA."""
-    query = ADVANTAGE_SQL.format(reference=sql_literal(reference_glob), score=sql_literal(score_glob))
+def write_advantage(con: duckdb.DuckDBPyConnection, score_table: str, reference_table: str, target: Path) -> None:
+    """Stream `ADVANTAGE_SQL` over the two table expressions (`StageReader.sql_table`) into one Parquet
+    file and check it has exactly ADVANTAGE_SCHEMA."""
+    query = ADVANTAGE_SQL.format(reference=reference_table, score=score_table)
     con.execute(f"COPY ({query}) TO {sql_literal(str(target))} (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1)")
     written = pq.read_schema(target)
     # DuckDB marks columns it knows to be non-null as required; names and types are what readers rely on.
@@ -94,7 +90,7 @@ def write_advantage(con: duckdb.DuckDBPyConnection, score_glob: str, reference_g
         raise AdvantageError(f"{target}: DuckDB wrote schema {written}, expected {ADVANTAGE_SCHEMA}")
 
 
-def advantage_metrics(con: duckdb.DuckDBPyConnection, advantage_glob: str, sources: dict[str, str]) -> dict[str, Any]:
+def advantage_metrics(con: duckdb.DuckDBPyConnection, advantage_glob: str, sources: dict[str, str]) -> AdvantageMetrics:
     """Positive fraction, advantage quantiles and means of the training rows; refuses rows without R or V."""
     query = METRICS_SQL.format(advantage=sql_literal(advantage_glob), quantiles=list(QUANTILES))
     row = con.execute(query).fetchone()
@@ -116,32 +112,33 @@ def advantage_metrics(con: duckdb.DuckDBPyConnection, advantage_glob: str, sourc
         log.warning(
             "%d training rows have R < 0; the reward baselines draw them with weight 0", stats["negative_reward_rows"]
         )
-    return {
-        "rows": stats["rows"],
-        "positive_rows": stats["positive_rows"],
-        "positive_fraction": stats["positive_rows"] / stats["rows"],
-        "reward_mean": stats["reward_mean"],
-        "value_mean": stats["value_mean"],
-        "advantage_mean": stats["advantage_mean"],
-        "advantage_quantiles": {f"p{round(q * 100)}": v for q, v in zip(QUANTILES, stats["advantage_quantiles"])},
-        "negative_reward_rows": stats["negative_reward_rows"],
-    }
+    return AdvantageMetrics(
+        rows=stats["rows"],
+        positive_rows=stats["positive_rows"],
+        positive_fraction=stats["positive_rows"] / stats["rows"],
+        reward_mean=stats["reward_mean"],
+        value_mean=stats["value_mean"],
+        advantage_mean=stats["advantage_mean"],
+        advantage_quantiles={f"p{round(q * 100)}": v for q, v in zip(QUANTILES, stats["advantage_quantiles"])},
+        negative_reward_rows=stats["negative_reward_rows"],
+    )
 
 
 def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> StageResult:
     """The `advantage` table (ADVANTAGE_SCHEMA, training rows only) and its statistics."""
-    sources = {"score": inputs["score"].table_glob("score"), "reference": inputs["reference"].table_glob("reference")}
+    score, reference = inputs["score"], inputs["reference"]
+    sources = {"score": score.table_glob("score"), "reference": reference.table_glob("reference")}
     folder = out.external_table("advantage", ADVANTAGE_SCHEMA)
     target = folder / "part-00000.parquet"
     with tempfile.TemporaryDirectory(prefix="alol-advantage-") as spill:
         con = connect(cfg, spill)
         try:
-            write_advantage(con, sources["score"], sources["reference"], target)
+            write_advantage(con, score.sql_table("score"), reference.sql_table("reference"), target)
             metrics = advantage_metrics(con, str(target), sources)
         finally:
             con.close()
     log.info(
         "%d training rows, %.1f%% with A > 0, mean R %.4f, mean V %.4f",
-        metrics["rows"], 100 * metrics["positive_fraction"], metrics["reward_mean"], metrics["value_mean"],
+        metrics.rows, 100 * metrics.positive_fraction, metrics.reward_mean, metrics.value_mean,
     )
-    return StageResult(rows_in=metrics["rows"], rows_out=metrics["rows"], metrics=metrics)
+    return StageResult(rows_in=metrics.rows, rows_out=metrics.rows, metrics=metrics)

@@ -12,13 +12,11 @@ Outputs: the `eval` table (schemas.evaluate.eval_schema), optionally `eval_harml
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import inspect
 import json
 import logging
 import os
-import uuid
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -30,14 +28,23 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.storage import StageReader, StageWriter
 from schemas.base import canonical_json, sha256_text
 from schemas.config import AlolConfig
-from schemas.evaluate import eval_schema
+from schemas.evaluate import EvaluateMetrics, TrainSummary, eval_schema
 from schemas.manifest import StageResult
 from stages import models
+from stages.catalog import (
+    EVAL_METRICS_FILE,
+    METRICS_TABLE_FILE,
+    REPORT_FILE,
+    load_scorer,
+    policy_is_reference,
+    policy_model_path,
+    prompt_key,
+    reference_model_path,
+)
+from stages.io import StageReader, StageWriter, atomic_path, file_sha256
 from stages.metrics import bootstrap_mean, compare_models, paired_difference, words
-from stages.reference import prompt_key
 from stages.report import (
     advantage_statistics,
     plot_advantage_histogram,
@@ -46,8 +53,6 @@ from stages.report import (
     render_report,
     summary_rows,
 )
-from stages.score import load_scorer
-from stages.train import policy_model_path
 
 log = logging.getLogger("alol.evaluate")
 
@@ -108,14 +113,6 @@ def generation_settings(cfg: AlolConfig) -> dict[str, Any]:
     }
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_fingerprint(model_path: Path, reference: StageReader) -> str:
     """sha256 over (relative path, file sha256) of the model folder's files.
 
@@ -128,7 +125,7 @@ def model_fingerprint(model_path: Path, reference: StageReader) -> str:
         prefix = model_path.relative_to(root).as_posix() + "/"
         files = sorted((f.path[len(prefix) :], f.sha256) for f in reference.manifest.outputs if f.path.startswith(prefix))
     else:
-        files = sorted((p.relative_to(model_path).as_posix(), _file_sha256(p)) for p in model_path.rglob("*") if p.is_file())
+        files = sorted((p.relative_to(model_path).as_posix(), file_sha256(p)) for p in model_path.rglob("*") if p.is_file())
     if not files:
         raise FileNotFoundError(f"{model_path}: no model files to fingerprint")
     return sha256_text(canonical_json(files))
@@ -169,10 +166,8 @@ def cached_generations(folder: Path, ids: Sequence[str], produce: Callable[[], l
     responses = produce()
     if len(responses) != len(ids):
         raise RuntimeError(f"generation returned {len(responses)} responses for {len(ids)} prompts")
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".responses.{uuid.uuid4().hex[:8]}.tmp"
-    pq.write_table(pa.table({"id": list(ids), "response": responses}), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table({"id": list(ids), "response": responses}), tmp)
     return responses, False
 
 
@@ -194,9 +189,9 @@ class Generations:
     def __init__(self, cfg: AlolConfig, inputs: dict[str, StageReader]):
         self.settings = generation_settings(cfg)
         self.cache_root = Path(cfg.run.cache_dir) / "generations"
-        self.reference_path = models.reference_model_path(cfg, inputs["reference"])
+        self.reference_path = reference_model_path(cfg, inputs["reference"])
         self.reference_id = model_fingerprint(self.reference_path, inputs["reference"])
-        self.policy_is_reference = bool(inputs["train"].manifest.metrics.get("policy_is_reference", False))
+        self.policy_is_reference = policy_is_reference(inputs["train"])
         self.policy_path = None if self.policy_is_reference else policy_model_path(cfg, inputs["train"], inputs["reference"])
         self.reference_cache_hits = 0
 
@@ -269,9 +264,12 @@ def harmlessness(cfg: AlolConfig, generations: Generations, scorer, out: StageWr
     }
 
 
-def _train_summary(train: StageReader) -> dict[str, Any]:
-    keys = ("policy_is_reference", "best_step", "best_validation_reward", "reference_validation_reward", "train_seconds")
-    return {k: train.manifest.metrics.get(k) for k in keys}
+def _train_summary(train: StageReader) -> TrainSummary:
+    m = train.metrics
+    return TrainSummary(
+        policy_is_reference=m.policy_is_reference, best_step=m.best_step, best_validation_reward=m.best_validation_reward,
+        reference_validation_reward=m.reference_validation_reward, train_seconds=m.train_seconds,
+    )
 
 
 def _config(cfg: AlolConfig, inputs: dict[str, StageReader]) -> dict[str, Any]:
@@ -298,18 +296,16 @@ def _training_plot(train: StageReader, path: Path) -> Path | None:
         [value for _, value in losses],
         [step for step, _ in validation],
         [value for _, value in validation],
-        train.manifest.metrics.get("reference_validation_reward"),
+        train.metrics.reference_validation_reward,
         path,
     )
 
 
 def write_report(
-    out: StageWriter, inputs: dict[str, StageReader], metrics: dict[str, Any], config: dict[str, Any],
-    rewards: dict[str, np.ndarray],
+    out: StageWriter, inputs: dict[str, StageReader], metrics: EvaluateMetrics, config: dict[str, Any],
+    rewards: dict[str, np.ndarray], advantage_values: np.ndarray,
 ) -> None:
     """report.md, metrics.json, metrics_table.json and the plots, all inside the stage output."""
-    advantage_values = inputs["advantage"].read("advantage", columns=["advantage"])["advantage"].to_numpy()
-    metrics["advantage"] = advantage_statistics(advantage_values)
     plots = {
         "Test reward, policy vs pi_ref": plot_reward_distribution(
             rewards["policy"], rewards["reference"], out.path("plots/reward_distribution.png")
@@ -322,22 +318,25 @@ def write_report(
     if training is not None:
         plots["Training loss and validation reward"] = training
     links = {"eval (this stage)": "eval/"}
-    if "harmlessness" in metrics:
+    if metrics.harmlessness is not None:
         links["eval_harmlessness (this stage)"] = "eval_harmlessness/"
     for stage, reader in inputs.items():
         for table in reader.tables():
             links[f"{table} ({stage})"] = os.path.relpath(reader.dir / table, out.dir) + "/"
     text = render_report(
-        title=f"alol evaluation: {metrics['algorithm']}",
+        title=f"alol evaluation: {metrics.algorithm}",
         metrics=metrics,
         config=config,
-        advantage=metrics["advantage"],
+        advantage=metrics.advantage,
         links=links,
         plots={caption: path.relative_to(out.dir).as_posix() for caption, path in plots.items()},
     )
-    out.path("report.md").write_text(text, encoding="utf-8")
-    out.path("metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    out.path("metrics_table.json").write_text(json.dumps(summary_rows(metrics), indent=2), encoding="utf-8")
+    out.path(REPORT_FILE).write_text(text, encoding="utf-8")
+    # Whether pi_ref's generations came from the cache is in the manifest only: metrics.json stays
+    # the same whichever algorithm was evaluated first.
+    as_json = metrics.model_dump(mode="json", exclude={"reference_generations_cached"})
+    out.path(EVAL_METRICS_FILE).write_text(json.dumps(as_json, indent=2), encoding="utf-8")
+    out.path(METRICS_TABLE_FILE).write_text(json.dumps(summary_rows(metrics), indent=2), encoding="utf-8")
 
 
 def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> StageResult:
@@ -353,28 +352,31 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     out.write_table("eval", table, schema)
 
     samples, seed = cfg.evaluate.bootstrap_samples, cfg.run.seed
-    metrics: dict[str, Any] = {
-        "algorithm": inputs["train"].manifest.config.get("train", {}).get("algorithm"),
+    fields: dict[str, Any] = {
+        "algorithm": inputs["train"].metrics.algorithm,
         "prompts": len(ids),
         "components": list(scorer.component_names),
         "bootstrap_samples": samples,
         "policy_is_reference": generations.policy_is_reference,
         **compare_models(responses["policy"], scores["policy"], responses["reference"], scores["reference"], samples, seed),
-        "train": _train_summary(inputs["train"]),
+        "train": _train_summary(inputs["train"]).model_dump(),
         "generation": generation_settings(cfg),
     }
     rows_in, rows_out = len(ids), table.num_rows
     if cfg.evaluate.harmlessness_prompts > 0:
-        metrics["harmlessness"] = harmlessness(cfg, generations, scorer, out, schema)
-        rows_in += metrics["harmlessness"]["prompts"]
-        rows_out += 2 * metrics["harmlessness"]["prompts"]
-    write_report(out, inputs, metrics, _config(cfg, inputs), {m: scores[m]["reward"] for m in ("policy", "reference")})
+        fields["harmlessness"] = harmlessness(cfg, generations, scorer, out, schema)
+        rows_in += fields["harmlessness"]["prompts"]
+        rows_out += 2 * fields["harmlessness"]["prompts"]
+    advantage_values = inputs["advantage"].read("advantage", columns=["advantage"])["advantage"].to_numpy()
+    fields["advantage"] = advantage_statistics(advantage_values)
+    fields["reference_generations_cached"] = generations.reference_cache_hits
+    metrics = EvaluateMetrics.model_validate(fields)
+    rewards = {m: scores[m]["reward"] for m in ("policy", "reference")}
+    write_report(out, inputs, metrics, _config(cfg, inputs), rewards, advantage_values)
+    difference = metrics.difference["reward"]
     log.info(
         "test reward: policy %.4f, pi_ref %.4f, difference %.4f [%.4f, %.4f]",
-        metrics["models"]["policy"]["reward"]["mean"], metrics["models"]["reference"]["reward"]["mean"],
-        *(metrics["difference"]["reward"][k] for k in ("mean", "low", "high")),
+        metrics.models["policy"].reward.mean, metrics.models["reference"].reward.mean,
+        difference.mean, difference.low, difference.high,
     )
-    # Whether pi_ref's generations came from the cache goes to the manifest only: metrics.json stays
-    # the same whichever algorithm was evaluated first.
-    metrics["reference_generations_cached"] = generations.reference_cache_hits
     return StageResult(rows_in=rows_in, rows_out=rows_out, metrics=metrics)

@@ -37,11 +37,11 @@ import pyarrow.parquet as pq
 import yaml
 from tqdm import tqdm
 
-from pipeline.storage import StageReader, StageWriter, TableWriter
 from schemas.base import UserInputError
 from schemas.config import AlolConfig
-from schemas.ingest import INGEST_SCHEMA, REJECTED_SCHEMA, SPLITS, ColumnMapping, DataConfig, SplitFractions
+from schemas.ingest import INGEST_SCHEMA, REJECTED_SCHEMA, SPLITS, ColumnMapping, DataConfig, IngestMetrics, SplitFractions
 from schemas.manifest import StageResult
+from stages.io import StageReader, StageWriter, TableWriter
 from stages.ingest_formats import (
     Candidate,
     Limits,
@@ -675,16 +675,16 @@ class Ingestor:
             rows_in=self.rows_in,
             rows_out=self.rows_out,
             rows_rejected=rows_rejected,
-            metrics={
-                "source": self.source.name,
-                "format": self.fmt,
-                "source_rows": self.source_rows,
-                "rows_per_split": {split: self.split_rows[split] for split in SPLITS},
-                "pairs_out": self.pairs_out,
-                "rejected_by_reason": dict(sorted(self.reasons.items())),
-                "rows_invalid": rows_rejected - self.reasons[CAPPED],
-                "rows_in_equals_out_plus_rejected": True,
-            },
+            metrics=IngestMetrics(
+                source=self.source.name,
+                format=self.fmt,
+                source_rows=self.source_rows,
+                rows_per_split={split: self.split_rows[split] for split in SPLITS},
+                pairs_out=self.pairs_out,
+                rejected_by_reason=dict(sorted(self.reasons.items())),
+                rows_invalid=rows_rejected - self.reasons[CAPPED],
+                rows_in_equals_out_plus_rejected=True,
+            ),
         )
 
 
@@ -708,6 +708,6 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
         result = ingestor.finish()
     log.info(
         "ingest %s: %d rows in, %d out %s, %d rejected %s", source.name, result.rows_in, result.rows_out,
-        result.metrics["rows_per_split"], result.rows_rejected, result.metrics["rejected_by_reason"],
+        result.metrics.rows_per_split, result.rows_rejected, result.metrics.rejected_by_reason,
     )
     return result

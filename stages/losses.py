@@ -16,7 +16,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from schemas.train import CLIPPED, TrainConfig
+from schemas.algorithms import ALGORITHM_REGISTRY
+from schemas.train import TrainConfig
 
 GOLD_MIN_PROBABILITY = 0.1
 """R-GOLD's lower bound on the per-token weight pi_theta(y_t): sg[max(exp(l_t), 0.1)]."""
@@ -128,16 +129,13 @@ LOSSES: dict[str, Callable[..., LossOutput]] = {
     "a_lol_seq": a_lol_seq,
     "a_lol_kl": a_lol_kl,
 }
+"""Algorithm name -> its loss; the other facts of each algorithm are in schemas.algorithms.ALGORITHM_REGISTRY."""
 
 
 def loss_function(cfg: TrainConfig) -> Callable[[LossBatch], LossOutput]:
-    """The loss of `cfg.algorithm` with its hyper-parameter (clip epsilon or KL beta) bound."""
-    fn = LOSSES[cfg.algorithm]
-    if cfg.algorithm in CLIPPED:
-        return partial(fn, clip_epsilon=cfg.clip_epsilon)
-    if cfg.algorithm == "a_lol_kl":
-        return partial(fn, kl_beta=cfg.kl_beta)
-    return fn
+    """The loss of `cfg.algorithm` with its hyper-parameters (the registry's `hyperparameters`) bound from `cfg`."""
+    spec = ALGORITHM_REGISTRY[cfg.algorithm]
+    return partial(LOSSES[cfg.algorithm], **{name: getattr(cfg, name) for name in spec.hyperparameters})
 
 
 def pad_rows(rows: list[Tensor], width: int | None = None) -> tuple[Tensor, Tensor]:

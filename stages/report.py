@@ -16,6 +16,8 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from schemas.evaluate import EvaluateMetrics, Interval
+
 MODEL_LABELS = {"policy": "pi_theta", "reference": "pi_ref"}
 
 
@@ -43,29 +45,27 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def interval_text(interval: Mapping[str, float]) -> str:
+def interval_text(interval: Interval) -> str:
     """`mean [low, high]` with 3 decimals."""
-    return f"{interval['mean']:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
+    return f"{interval.mean:.3f} [{interval.low:.3f}, {interval.high:.3f}]"
 
 
-def summary_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+def summary_rows(metrics: EvaluateMetrics) -> list[dict[str, Any]]:
     """One row per model (pi_theta, pi_ref): reward with its 95% interval, components, length, distinct-n, win rate.
 
-    `metrics` is the evaluate stage's metrics.json. The win rate column is the policy's
-    wins/ties/losses against pi_ref per prompt; pi_ref's row leaves it empty.
+    The win rate column is the policy's wins/ties/losses against pi_ref per prompt; pi_ref's row leaves it empty.
     """
     rows = []
+    win = metrics.win_rate
     for model in ("policy", "reference"):
-        m = metrics["models"][model]
-        row: dict[str, Any] = {"model": MODEL_LABELS[model], "reward (95% CI)": interval_text(m["reward"])}
-        for name in metrics["components"]:
-            row[name] = m[name]["mean"]
-        row["length"] = m["length_words"]
-        for n in (1, 2, 3):
-            row[f"dist-{n}"] = m[f"distinct_{n}"]
-        win = metrics["win_rate"]
+        m = metrics.models[model]
+        row: dict[str, Any] = {"model": MODEL_LABELS[model], "reward (95% CI)": interval_text(m.reward)}
+        for name in metrics.components:
+            row[name] = m.component(name).mean
+        row["length"] = m.length_words
+        row["dist-1"], row["dist-2"], row["dist-3"] = m.distinct_1, m.distinct_2, m.distinct_3
         row["win/tie/loss vs pi_ref"] = (
-            f"{win['win_rate']:.2f}/{win['tie_rate']:.2f}/{win['loss_rate']:.2f}" if model == "policy" else None
+            f"{win.win_rate:.2f}/{win.tie_rate:.2f}/{win.loss_rate:.2f}" if model == "policy" else None
         )
         rows.append(row)
     return rows
@@ -160,21 +160,21 @@ def plot_training_curves(
 def render_report(
     *,
     title: str,
-    metrics: Mapping[str, Any],
+    metrics: EvaluateMetrics,
     config: Mapping[str, Any],
     advantage: Mapping[str, Any] | None,
     links: Mapping[str, str],
     plots: Mapping[str, str],
 ) -> str:
     """The whole Markdown report. `links` and `plots` map a caption to a path relative to the report."""
-    diff = metrics["difference"]["reward"]
-    generation = metrics["generation"]
+    diff = metrics.difference["reward"]
+    generation = metrics.generation
     decoding = "sampled" if generation["do_sample"] else "greedy"
     intro = (
-        f"Algorithm `{metrics.get('algorithm')}`, {metrics['prompts']} test prompts, {decoding} decoding of at "
+        f"Algorithm `{metrics.algorithm}`, {metrics.prompts} test prompts, {decoding} decoding of at "
         f"most {generation['max_new_tokens']} new tokens."
     )
-    if metrics.get("policy_is_reference"):
+    if metrics.policy_is_reference:
         intro += " No checkpoint beat pi_ref on validation, so the policy **is** pi_ref."
     sections = [
         f"# {title}",
@@ -182,21 +182,20 @@ def render_report(
         "## Test metrics",
         markdown_table(summary_rows(metrics)).rstrip(),
         f"Reward difference pi_theta − pi_ref: {interval_text(diff)} "
-        f"(95% paired bootstrap over prompts, {metrics['bootstrap_samples']} resamples).",
+        f"(95% paired bootstrap over prompts, {metrics.bootstrap_samples} resamples).",
     ]
-    harmless = metrics.get("harmlessness")
-    if harmless:
+    harmless = metrics.harmlessness
+    if harmless is not None:
         rows = [
-            {"model": MODEL_LABELS[m], harmless["component"]: interval_text(harmless["models"][m])}
+            {"model": MODEL_LABELS[m], harmless.component: interval_text(harmless.models[m])}
             for m in ("policy", "reference")
         ]
         sections += [
-            f"## Harmlessness ({harmless['prompts']} Do-Not-Answer prompts, component `{harmless['component']}`)",
+            f"## Harmlessness ({harmless.prompts} Do-Not-Answer prompts, component `{harmless.component}`)",
             markdown_table(rows).rstrip(),
-            f"Difference pi_theta − pi_ref: {interval_text(harmless['difference'])}.",
+            f"Difference pi_theta − pi_ref: {interval_text(harmless.difference)}.",
         ]
-    if metrics.get("train"):
-        sections += ["## Training", markdown_table([metrics["train"]]).rstrip()]
+    sections += ["## Training", markdown_table([metrics.train.model_dump()]).rstrip()]
     if advantage:
         sections += ["## Advantage (training rows)", markdown_table([advantage]).rstrip()]
     if plots:

@@ -22,19 +22,17 @@ Resume: the state (trainable weights, optimiser, scheduler, sampler, RNG, log) i
 outlives the stage's discarded partial output; a rerun after a crash continues from it and reaches
 the same weights. The folder is deleted when the stage finishes.
 
-Several processes: `torchrun --nproc_per_node N -m stages.train --profile P [--set k=v ...]`
-(see `main`); grad_accumulation must be a multiple of N, each process runs grad_accumulation / N
+Several processes: `torchrun --nproc_per_node N -m pipeline.launch --profile P [--set k=v ...]`
+(pipeline/launch.py); grad_accumulation must be a multiple of N, each process runs grad_accumulation / N
 micro-batches, and the result equals one process running all grad_accumulation of them.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -50,43 +48,35 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from pipeline.storage import StageReader, StageWriter, atomic_write_text
-from schemas.advantage import SAMPLING_WEIGHT_COLUMN
+from schemas.algorithms import ALGORITHM_REGISTRY
 from schemas.base import canonical_json, sha256_text
 from schemas.config import AlolConfig
 from schemas.manifest import StageResult
-from schemas.train import A_LOL_FAMILY, TRAIN_LOG_SCHEMA, TrainConfig
-from stages.advantage import sql_literal
+from schemas.train import TRAIN_LOG_SCHEMA, TrainConfig, TrainMetrics
+from stages.catalog import POLICY_FOLDER, load_scorer, reference_model_path
+from stages.io import StageReader, StageWriter, atomic_write_text
 from stages.losses import LossBatch, LossOutput, loss_function, pad_rows
-from stages.models import (
-    encode_pair,
-    generate,
-    load_causal_lm,
-    load_tokenizer,
-    reference_model_path,
-    response_token_logprobs,
-)
+from stages.models import encode_pair, generate, load_causal_lm, load_tokenizer, response_token_logprobs
 from stages.sampler import PrioritySampler
 
 log = logging.getLogger("alol.train")
 
-POLICY_FOLDER = "policy"
 RESUME_FOLDER = "train-resume"
 TRAINING_SOURCES = ("train.py", "losses.py", "sampler.py", "models.py")
 
 TRAIN_ROWS_SQL = """
 SELECT a.id, i.prompt, i.response, a.reward, a.advantage, a.{weight} AS weight,
        r.ref_logprob, r.ref_token_logprobs, r.response_tokens
-FROM read_parquet({advantage}) AS a
-LEFT JOIN read_parquet({reference}) AS r USING (id)
-LEFT JOIN read_parquet({ingest}) AS i USING (id)
+FROM {advantage} AS a
+LEFT JOIN {reference} AS r USING (id)
+LEFT JOIN {ingest} AS i USING (id)
 WHERE a.split = 'train' AND a.{weight} > 0
 ORDER BY a.id
 """
 
 ROW_COUNTS_SQL = """
 SELECT count(*) AS rows, count(*) FILTER (WHERE positive) AS positive_rows
-FROM read_parquet({advantage}) WHERE split = 'train'
+FROM {advantage} WHERE split = 'train'
 """
 
 
@@ -112,7 +102,7 @@ class TrainRows:
 
 def load_train_rows(algorithm: str, inputs: dict[str, StageReader]) -> TrainRows:
     """The training rows of the advantage table with their prompt, response and pi_ref log-probs."""
-    weight = SAMPLING_WEIGHT_COLUMN[algorithm]
+    weight = ALGORITHM_REGISTRY[algorithm].weight_column
     globs = {
         "advantage": inputs["advantage"].table_glob("advantage"),
         "reference": inputs["reference"].table_glob("reference"),
@@ -120,8 +110,9 @@ def load_train_rows(algorithm: str, inputs: dict[str, StageReader]) -> TrainRows
     }
     con = duckdb.connect(":memory:")
     try:
-        table = con.sql(TRAIN_ROWS_SQL.format(weight=weight, **{k: sql_literal(v) for k, v in globs.items()})).to_arrow_table()
-        rows, positive = con.execute(ROW_COUNTS_SQL.format(advantage=sql_literal(globs["advantage"]))).fetchone()
+        tables = {name: inputs[name].sql_table(name) for name in globs}
+        table = con.sql(TRAIN_ROWS_SQL.format(weight=weight, **tables)).to_arrow_table()
+        rows, positive = con.execute(ROW_COUNTS_SQL.format(advantage=tables["advantage"])).fetchone()
     finally:
         con.close()
     if table.num_rows == 0:
@@ -139,7 +130,7 @@ def load_train_rows(algorithm: str, inputs: dict[str, StageReader]) -> TrainRows
 
 def step_budget(train: TrainConfig, positive_rows: int, rows: int) -> int:
     """Optimiser steps: int(steps x #(A > 0) / N) for the A-LoL family (at least 1), `steps` otherwise."""
-    if train.algorithm not in A_LOL_FAMILY:
+    if not ALGORITHM_REGISTRY[train.algorithm].shrinks_steps:
         return train.steps
     return max(1, int(train.steps * positive_rows / rows))
 
@@ -562,8 +553,6 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     """Train pi_theta; write `train_log` and, when a checkpoint beat pi_ref on validation, `policy/`."""
     from accelerate import Accelerator
 
-    from stages.score import load_scorer
-
     train = cfg.train
     torch.manual_seed(cfg.run.seed)
     # cpu=True on a machine without a GPU is what makes accelerate run several CPU processes (gloo).
@@ -638,89 +627,28 @@ def _write_policy(model: Any, tokenizer: Any, best: Path, folder: Path) -> None:
 def _metrics(
     cfg: AlolConfig, trainer: Trainer, progress: Progress, validation: Validation, beat: bool, train_seconds: float,
     resumed_from: int,
-) -> dict[str, Any]:
+) -> TrainMetrics:
     rows, accelerator = trainer.rows, trainer.accelerator
     speeds = [r["tokens_per_s"] for r in progress.log]
-    return {
-        "algorithm": cfg.train.algorithm,
-        "policy_is_reference": not beat,
-        "best_step": progress.best_step if beat else None,
-        "best_validation_reward": progress.best_reward,
-        "best_validation_step": progress.best_step,
-        "reference_validation_reward": validation.reference_reward,
-        "validation_prompts": len(validation.prompts),
-        "train_seconds": round(train_seconds, 3),
-        "steps": trainer.total_steps,
-        "steps_full": cfg.train.steps,
-        "train_rows": rows.train_rows,
-        "positive_rows": rows.positive_rows,
-        "drawable_rows": len(rows.weight),
-        "rows_per_step": cfg.train.batch_size * cfg.train.grad_accumulation,
-        "processes": accelerator.num_processes,
-        "device": accelerator.device.type,
-        "mixed_precision": accelerator.mixed_precision,
-        "tokens_per_s_median": float(np.median(speeds)) if speeds else None,
-        "final_loss": progress.log[-1]["loss"] if progress.log else None,
-        "resumed_from_step": resumed_from,
-    }
-
-
-def policy_model_path(cfg: AlolConfig, train_stage: StageReader, reference_stage: StageReader) -> Path:
-    """The trained policy's folder, or pi_ref's when no checkpoint beat it (`policy_is_reference`)."""
-    if train_stage.manifest.metrics.get("policy_is_reference", False):
-        return reference_model_path(cfg, reference_stage)
-    folder = train_stage.path(POLICY_FOLDER)
-    if not (folder / "config.json").is_file():
-        raise TrainError(f"{folder}: the train output says a checkpoint beat pi_ref but holds no policy folder")
-    return folder
-
-
-# --------------------------------------------------------------------------- several processes
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`[torchrun --nproc_per_node N] python -m stages.train --profile P [--config-file F] [--set k=v ...]`.
-
-    Trains on the upstream outputs recorded in the run's run.json. The main process runs the stage
-    through the runner (cache key, atomic commit, run.json); the others train alongside it with a
-    scratch output that is discarded. An intact output with the same cache key is reused.
-    """
-    from pipeline.runner import STAGES, cache_key, execute_stage, reusable_output, upstream_from_run
-    from pipeline.storage import RunStore
-    from schemas.config import load_config
-
-    parser = argparse.ArgumentParser(prog="python -m stages.train", description=main.__doc__)
-    parser.add_argument("--profile", default="default")
-    parser.add_argument("--config-file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    parser.add_argument("--refresh", action="store_true", help="train even if an output with the same key exists")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    cfg = load_config(args.profile, args.config_file, args.overrides)
-    store = RunStore(cfg.run.root, cfg.run.name)
-    upstream = {name: upstream_from_run(store, name) for name in STAGES["train"].upstream}
-    rank = int(os.environ.get("RANK", "0"))
-    existing = None if args.refresh else reusable_output(store, "train", cache_key(cfg, "train", upstream))
-    if existing is not None:
-        log.info("train output with this cache key exists: %s (use --refresh to retrain)", existing.path)
-        if rank == 0:
-            store.record(existing, cached=True, seconds=0.0)
-        return
-    if rank == 0:
-        started = time.perf_counter()
-        output, _ = execute_stage(cfg, "train", upstream, refresh=True)
-        store.record(output, cached=False, seconds=time.perf_counter() - started)
-        log.info("train output: %s", output.path)
-        return
-    readers = {name: StageReader(output.path, verify=False) for name, output in upstream.items()}
-    with tempfile.TemporaryDirectory(prefix=f"alol-train-rank{rank}-") as scratch:
-        writer = StageWriter(Path(scratch) / "train")
-        try:
-            run(cfg, readers, writer)
-        finally:
-            writer.abort()
-
-
-if __name__ == "__main__":
-    main()
+    return TrainMetrics(
+        algorithm=cfg.train.algorithm,
+        policy_is_reference=not beat,
+        best_step=progress.best_step if beat else None,
+        best_validation_reward=progress.best_reward,
+        best_validation_step=progress.best_step,
+        reference_validation_reward=validation.reference_reward,
+        validation_prompts=len(validation.prompts),
+        train_seconds=round(train_seconds, 3),
+        steps=trainer.total_steps,
+        steps_full=cfg.train.steps,
+        train_rows=rows.train_rows,
+        positive_rows=rows.positive_rows,
+        drawable_rows=len(rows.weight),
+        rows_per_step=cfg.train.batch_size * cfg.train.grad_accumulation,
+        processes=accelerator.num_processes,
+        device=accelerator.device.type,
+        mixed_precision=accelerator.mixed_precision,
+        tokens_per_s_median=float(np.median(speeds)) if speeds else None,
+        final_loss=progress.log[-1]["loss"] if progress.log else None,
+        resumed_from_step=resumed_from,
+    )

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.runner import cache_key
-from pipeline.storage import StageReader, StageWriter
+from stages.io import StageReader, StageWriter
 from schemas.advantage import ADVANTAGE_SCHEMA, QUANTILES, SAMPLING_WEIGHT_COLUMN
 from schemas.config import AlolConfig
 from schemas.manifest import StageOutput, StageResult
@@ -129,7 +129,7 @@ def test_recomputed_output_has_the_same_bytes(tmp_path):
     """Content-addressed caching needs a deterministic output: same inputs, same Parquet bytes."""
     import duckdb
 
-    from pipeline.storage import file_sha256
+    from stages.io import file_sha256
     from schemas.config import load_config
     from stages.advantage import connect, write_advantage
 

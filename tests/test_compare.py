@@ -10,11 +10,12 @@ import pytest
 
 from pipeline.compare import algorithm_overrides, method_row, write_comparison
 from pipeline.report_cli import print_report, text_table
-from pipeline.storage import RunStore, StageReader, StageWriter
+from pipeline.storage import RunStore
+from stages.io import StageReader, StageWriter
 from schemas.config import load_config
 from schemas.manifest import StageResult
 from stages.metrics import compare_models
-from tests.test_report import parse_markdown_tables
+from tests.support.tables import parse_markdown_tables
 
 
 def evaluation_metrics(shift: float, policy_is_reference: bool = False, seconds: float = 10.0) -> dict:

@@ -14,9 +14,10 @@ import pytest
 
 from pipeline.compare import compare
 from pipeline.report_cli import print_report
-from pipeline.storage import RunStore, StageReader
+from pipeline.storage import RunStore
+from stages.io import StageReader
 from schemas.config import load_config
-from tests.test_report import parse_markdown_tables
+from tests.support.tables import parse_markdown_tables
 
 SHARED_CACHE = Path(__file__).resolve().parent.parent / "data" / "cache"
 

@@ -24,8 +24,10 @@ import pytest
 import yaml
 
 from pipeline import deploy
-from pipeline.runner import ALL_STAGES, STAGES, load_stage_function
-from pipeline.storage import RunStore, StageReader
+from pipeline.runner import STAGES, load_stage_function
+from schemas.stages import STAGE_NAMES
+from pipeline.storage import RunStore
+from stages.io import StageReader
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -52,8 +54,8 @@ def test_prefect_yaml_has_every_deployment_on_its_pool():
     cpu, gpu = _pools()
     assert cpu != gpu
     deployments = {d["name"]: d for d in _spec()["deployments"]}
-    assert set(deployments) == {"full", "compare", *ALL_STAGES}
-    for stage in ALL_STAGES:
+    assert set(deployments) == {"full", "compare", *STAGE_NAMES}
+    for stage in STAGE_NAMES:
         d = deployments[stage]
         assert d["entrypoint"] == "pipeline/flow.py:alol"
         assert d["parameters"] == {"stages": [stage]}
@@ -94,10 +96,10 @@ def test_parameter_schema_refuses_bad_values(entrypoint, good, bad, complaint):
 
 def test_stages_run_in_process_outside_a_worker(monkeypatch):
     monkeypatch.delenv("PREFECT__FLOW_RUN_ID", raising=False)
-    assert [deploy.accelerator_deployment(stage) for stage in ALL_STAGES] == [None] * len(ALL_STAGES)
+    assert [deploy.accelerator_deployment(stage) for stage in STAGE_NAMES] == [None] * len(STAGE_NAMES)
     # CPU stages never leave the flow run's process, whatever the pool (no API call is made).
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "00000000-0000-0000-0000-000000000000")
-    cpu_stages = [s for s in ALL_STAGES if not STAGES[s].accelerator]
+    cpu_stages = [s for s in STAGE_NAMES if not STAGES[s].accelerator]
     assert cpu_stages and [deploy.accelerator_deployment(s) for s in cpu_stages] == [None] * len(cpu_stages)
 
 
@@ -179,9 +181,9 @@ def available_stages() -> list[str]:
     """ALOL_E2E_STAGES, or the stages in pipeline order up to the first whose module does not import."""
     if os.environ.get("ALOL_E2E_STAGES"):
         wanted = os.environ["ALOL_E2E_STAGES"].split(",")
-        return [s for s in ALL_STAGES if s in wanted]
+        return [s for s in STAGE_NAMES if s in wanted]
     found = []
-    for stage in ALL_STAGES:
+    for stage in STAGE_NAMES:
         try:
             load_stage_function(stage)
         except (ImportError, AttributeError, SyntaxError):
@@ -300,7 +302,7 @@ def test_full_deployment_runs_caches_and_refreshes_one_stage(tmp_path):
     home, root = tmp_path / "prefect-home", tmp_path / "runs"
     env = _env(home)
     params = {"profile": "smoke", "overrides": {"run.root": str(root)}}
-    if stages != list(ALL_STAGES):
+    if stages != list(STAGE_NAMES):
         params["stages"] = stages
     accelerated = [s for s in stages if STAGES[s].accelerator]
     try:

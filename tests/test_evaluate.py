@@ -17,16 +17,17 @@ import pytest
 import torch
 
 from pipeline.runner import execute_stage
-from pipeline.storage import RunStore, StageReader, StageWriter
+from pipeline.storage import RunStore
+from stages.io import StageReader, StageWriter
 from schemas.manifest import StageResult
 from schemas.train import TRAIN_LOG_SCHEMA
 from stages.metrics import distinct_n
 from stages.models import generate, load_causal_lm, load_tokenizer, reference_model_path
 from stages.score import load_scorer
 from stages.train import POLICY_FOLDER, policy_model_path
-from tests.test_models_tiny import tiny_model_folder
+from tests.support.models import tiny_model_folder
 from tests.test_reference import _config
-from tests.test_report import PNG_SIGNATURE, parse_markdown_tables
+from tests.support.tables import PNG_SIGNATURE, parse_markdown_tables
 
 ALGORITHMS = ("a_lol", "nll")
 TRAIN = {

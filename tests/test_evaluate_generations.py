@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.storage import StageReader, StageWriter
+from stages.io import StageReader, StageWriter
 from schemas.config import load_config
 from schemas.evaluate import eval_schema
 from schemas.manifest import StageResult

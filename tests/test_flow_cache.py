@@ -11,7 +11,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline import runner
-from pipeline.storage import RunStore, StageReader
+from pipeline.storage import RunStore
+from stages.io import StageReader
 from schemas.manifest import StageResult
 
 CALLS: list[str] = []

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.storage import StageReader, StageWriter
+from stages.io import StageReader, StageWriter
 from schemas.config import AlolConfig, load_config
 from schemas.ingest import INGEST_SCHEMA, REJECTED_SCHEMA, DataConfig, SplitFractions
 from schemas.manifest import StageResult
@@ -389,7 +389,7 @@ def test_tables_have_the_declared_schemas(tmp_path):
 
 
 def test_per_split_caps_cap_only_the_named_splits(tmp_path):
-    from pipeline.storage import StageReader, StageWriter
+    from stages.io import StageReader, StageWriter
     from schemas.config import load_config
     from stages.ingest import run
 

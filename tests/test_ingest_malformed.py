@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.storage import StageWriter
+from stages.io import StageWriter
 from schemas.config import AlolConfig
 from schemas.ingest import DataConfig
 from stages.ingest import IngestError, read_chatterbot, run

@@ -25,7 +25,7 @@ from stages.models import (
     response_logprobs_and_prompt_states,
     response_token_logprobs,
 )
-from tests.test_models_tiny import tiny_model_folder
+from tests.support.models import tiny_model_folder
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from pipeline.runner import execute_stage
-from pipeline.storage import StageReader
+from stages.io import StageReader
 from schemas.config import load_config
 from stages.models import encode_pair, encode_prompt, generate, load_causal_lm, load_tokenizer, reference_model_path
 from stages.reference import prompt_key
 from stages.score import load_scorer
 from stages.value_head import load_value_head, predict_values
-from tests.test_models_tiny import tiny_model_folder
+from tests.support.models import tiny_model_folder
 
 WORDS = "hello there how are you today i am fine thank you what is your name tell me a joke about cats dogs music".split()
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline.runner import execute_stage
-from pipeline.storage import StageReader
+from stages.io import StageReader
 from schemas.config import load_config
 from stages.models import SMOLLM2, generate, load_causal_lm, load_tokenizer, resolve_model
 

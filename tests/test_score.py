@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipeline.runner import execute_stage
-from pipeline.storage import StageReader, StageWriter
+from stages.io import StageReader, StageWriter
 from schemas.config import load_config
 from schemas.ingest import INGEST_SCHEMA
 from schemas.manifest import StageResult

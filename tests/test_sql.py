@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import sql
-from pipeline.storage import RunStore, StageReader, StageWriter
+from pipeline.storage import RunStore
+from stages.io import StageReader, StageWriter
 from schemas.manifest import StageResult
 
 

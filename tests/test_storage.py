@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from pipeline.storage import IntegrityError, StageReader, StageWriter, atomic_write_text
+from stages.io import IntegrityError, StageReader, StageWriter, atomic_write_text
 from schemas.manifest import StageResult
 
 SCHEMA = pa.schema([("id", pa.string()), ("v", pa.float64())])

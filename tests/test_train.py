@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from pipeline.runner import execute_stage
-from pipeline.storage import StageReader, StageWriter
+from stages.io import StageReader, StageWriter
 from schemas.config import ConfigError, load_config
 from schemas.train import ALGORITHMS, TRAIN_LOG_SCHEMA, TrainConfig
 from stages import train

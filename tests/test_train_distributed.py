@@ -1,4 +1,4 @@
-"""The train stage as separate processes (`python -m stages.train`): two CPU processes under torchrun
+"""The train stage as separate processes (`python -m pipeline.launch`): two CPU processes under torchrun
 (gloo), each running half of the micro-batches, equal one process running all of them; a run killed
 with SIGKILL resumes from its last checkpoint to the same final weights as an uninterrupted run."""
 
@@ -16,7 +16,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline.storage import RunStore, StageReader, StageWriter
+from pipeline.storage import RunStore
+from stages.io import StageReader, StageWriter
 from schemas.config import apply_overrides
 from stages import train
 from tests.train_fixtures import build_upstream, config, overrides, readers, tiny_setup
@@ -41,7 +42,7 @@ def write_config(tiny, name: str, **extra) -> Path:
 
 def cli(config_file: Path, processes: int = 1) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    return [*(launcher if processes > 1 else [sys.executable]), "-m", "stages.train", "--profile", "smoke",
+    return [*(launcher if processes > 1 else [sys.executable]), "-m", "pipeline.launch", "--profile", "smoke",
             "--config-file", str(config_file)]
 
 

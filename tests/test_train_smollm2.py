@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipeline.runner import execute_stage
-from pipeline.storage import StageReader
+from stages.io import StageReader
 from schemas.config import load_config
 from stages.models import load_causal_lm
 from stages.train import policy_model_path

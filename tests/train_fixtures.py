@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.runner import execute_stage
-from pipeline.storage import RunStore, StageReader
+from pipeline.storage import RunStore
+from stages.io import StageReader
 from schemas.config import AlolConfig, load_config
 from schemas.manifest import StageOutput
-from tests.test_models_tiny import tiny_model_folder
+from tests.support.models import tiny_model_folder
 
 WORDS = "hello there how are you today i am fine thank you what is your name tell me a joke about dogs music".split()
 UPSTREAM = ("ingest", "score", "reference", "advantage")
