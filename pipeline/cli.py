@@ -60,10 +60,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.flow import run_alol
 
     _quiet_user_errors()
-    overrides = _overrides(args)
-    load_config(args.profile, args.config, overrides)  # a config error stops here, before Prefect starts
-    outputs = run_alol(args.profile, args.config, overrides, stages=args.stages, refresh=args.refresh)
-    cfg = load_config(args.profile, args.config, overrides)
+    cfg = _config(args)  # read once; a config error stops here, before Prefect starts
+    outputs = run_alol(cfg, stages=args.stages, refresh=args.refresh)
     print(_status_table(cfg.run.root, cfg.run.name, only=list(outputs)))
     return 0
 
@@ -132,14 +130,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from pipeline.deploy import summary, up
+    from pipeline.services import summary, up
 
     print(summary(up(home=args.home, port=args.port)))
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from pipeline.deploy import down
+    from pipeline.services import down
 
     print("\n".join(down(home=args.home)))
     return 0

@@ -20,16 +20,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.io import atomic_write_text
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from pipeline.flow import run_alol
+from pipeline.routing import FLOW_NAME
 from schemas.algorithms import ALGORITHM_REGISTRY, ALGORITHMS, OPTIONAL_HYPERPARAMETERS
-from schemas.config import load_config
+from schemas.config import Profile, load_config
 from schemas.evaluate import EvaluateMetrics, Interval
-from stages.io import StageReader
+from schemas.stages import STAGE_NAMES
+from schemas.train import Algorithm
+from stages.io import StageReader, atomic_write_text
 from stages.report import interval_text, markdown_table
 
 log = logging.getLogger("alol.compare")
 
-COMPARE_STAGES = ["ingest", "score", "reference", "advantage", "train", "evaluate"]
+COMPARE_STAGES = list(STAGE_NAMES)
 REFERENCE_ROW = "pi_ref"
 
 
@@ -134,18 +140,17 @@ def compare(
     overrides: dict[str, Any] | None = None,
 ) -> Comparison:
     """Run the flow once per algorithm (default: all eight) and write the comparison table under the run folder."""
-    from pipeline.flow import run_alol
-
     algorithms = list(algorithms or ALGORITHMS)
     base = dict(overrides or {})
-    per_algorithm = [algorithm_overrides(base, a) for a in algorithms]  # unknown names fail before any work
-    cfg = load_config(profile, config_file, per_algorithm[0])
+    # Every configuration is read before any work: an unknown name or a bad setting fails at once.
+    configs = [load_config(profile, config_file, algorithm_overrides(base, a)) for a in algorithms]
+    cfg = configs[0]
     rows: list[dict[str, Any]] = []
     reference: dict[str, Any] | None = None
     components: list[str] = []
-    for algorithm, algorithm_cfg in zip(algorithms, per_algorithm):
+    for algorithm, algorithm_cfg in zip(algorithms, configs):
         log.info("compare: %s", algorithm)
-        outputs = run_alol(profile, config_file, algorithm_cfg, stages=COMPARE_STAGES)
+        outputs = run_alol(algorithm_cfg, stages=COMPARE_STAGES)
         metrics = StageReader(outputs["evaluate"].path).metrics
         components = metrics.components
         reference = reference or method_row(REFERENCE_ROW, metrics, "reference")
@@ -153,3 +158,22 @@ def compare(
     folder = Path(cfg.run.root).resolve() / cfg.run.name / "compare"
     title = f"alol compare: run {cfg.run.name}, {metrics.prompts} test prompts"
     return write_comparison(folder, [reference, *rows], components, title)
+
+
+@flow(name=FLOW_NAME, flow_run_name="compare")
+def compare_flow(
+    algorithms: list[Algorithm] | None = None,
+    profile: Profile | None = "default",
+    config_file: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> str:
+    """`alol compare` as the deployment `alol/compare`: train and evaluate each algorithm (all of the
+    registry by default) over one cached upstream, write the comparison table and publish it as the
+    artifact `alol-compare`. Returns the path of comparison.md.
+
+    A flow of its own (named `alol`, so the deployment is `alol/compare`) because it loops over
+    algorithms and writes a table, which a selection of stages of the `alol` flow cannot express.
+    """
+    result = compare(algorithms, profile, config_file, overrides or {})
+    create_markdown_artifact(key="alol-compare", markdown=result.markdown(), description="alol compare: one row per method plus pi_ref")
+    return str(result.markdown_path)

@@ -25,11 +25,12 @@ from prefect.locking.filesystem import FileSystemLockManager
 
 import psutil
 
+from pipeline.routing import accelerator_deployment, run_stage_deployment
 from pipeline.runner import STAGES, cache_key, execute_stage, upstream_from_run
 from pipeline.storage import RunStore
 from stages.io import IntegrityError, StageReader
 from schemas.config import AlolConfig, Profile, load_config
-from schemas.manifest import StageOutput
+from schemas.manifest import StageOutput, StageRun
 from schemas.stages import STAGE_NAMES, StageName
 from stages.catalog import METRICS_TABLE_FILE, REPORT_FILE
 
@@ -152,15 +153,14 @@ def _publish_artifacts(reader: StageReader) -> None:
     result_serializer="json",
     cache_expiration=timedelta(days=30),
 )
-def run_stage(stage: str, key: str, config: dict[str, Any], inputs: dict[str, StageOutput], refresh: bool = False) -> StageOutput:
+def run_stage(stage: str, key: str, cfg: AlolConfig, inputs: dict[str, StageOutput], refresh: bool = False) -> StageRun:
     """Compute one stage (or reuse its intact output folder for the same key) and publish its manifest."""
-    cfg = AlolConfig.model_validate(config)
     output, reused = execute_stage(cfg, stage, inputs, refresh=refresh)
     if output.cache_key != key:
         raise RuntimeError(f"stage {stage}: cache key changed while running ({key[:16]} -> {output.cache_key[:16]})")
     _publish_artifacts(StageReader(output.path, verify=False))
     log.info("%s: %s rows, folder %s%s", stage, output.rows, output.path, " (reused)" if reused else "")
-    return output
+    return StageRun(output=output, reused=reused)
 
 
 def _stage_task(cfg: AlolConfig, refresh: bool):
@@ -189,53 +189,43 @@ def alol(
     profile: Profile | None = "default",
     config_file: str | None = None,
     overrides: dict[str, Any] | None = None,
+    config: AlolConfig | None = None,
 ) -> dict[str, StageOutput]:
     """Run the selected stages (all by default) in order; unselected upstream stages contribute
-    the output recorded for this run. `refresh` forces those stages to recompute."""
-    from pipeline.deploy import accelerator_deployment, run_stage_deployment  # deploy imports this module
+    the output recorded for this run. `refresh` forces those stages to recompute.
 
-    cfg = load_config(profile, config_file, overrides or {})
+    The configuration is `config` when given (the resolved configuration `alol run` and `alol compare`
+    pass, so it is read once per run), else the profile, `config_file` and `overrides` (deployment runs).
+    """
+    cfg = config if config is not None else load_config(profile, config_file, overrides or {})
     selected = [s for s in STAGE_NAMES if s in set(stages or STAGE_NAMES)]
     forced = set(refresh or [])
     store = RunStore(cfg.run.root, cfg.run.name)
-    config_json = cfg.model_dump(mode="json")
     outputs: dict[str, StageOutput] = {}
     for stage in selected:
         inputs = {up: outputs[up] if up in outputs else upstream_from_run(store, up) for up in STAGES[stage].upstream}
         key = cache_key(cfg, stage, inputs)
         deployment = accelerator_deployment(stage)
         if deployment is not None:
-            # A worker run on another pool: the stage runs on its accelerator pool (pipeline.deploy).
-            params = {"profile": profile, "config_file": config_file, "overrides": overrides or {}}
+            # A worker run on another pool: the stage runs on its accelerator pool (pipeline.routing),
+            # with exactly this run's configuration.
+            params = {"config": cfg.model_dump(mode="json")}
             outputs[stage] = run_stage_deployment(deployment, store, stage, key, refresh=stage in forced, parameters=params)
             continue
         started = time.time()
-        state = _stage_task(cfg, stage in forced)(stage, key, config_json, inputs, stage in forced, return_state=True)
-        output: StageOutput = state.result()
+        state = _stage_task(cfg, stage in forced)(stage, key, cfg, inputs, stage in forced, return_state=True)
+        run: StageRun = state.result()
         cached = state.name == "Cached"
-        if cached and not _verified(output):
-            state = _stage_task(cfg, True)(stage, key, config_json, inputs, True, return_state=True)
-            output, cached = state.result(), False
-        if not cached:
-            # The task may have reused an intact folder with the same key; that is a cache hit too.
-            manifest = StageReader(output.path, verify=False).manifest
-            cached = manifest.finished.timestamp() < started
-        store.record(output, cached=cached, seconds=time.time() - started)
-        outputs[stage] = output
+        if cached and not _verified(run.output):
+            state = _stage_task(cfg, True)(stage, key, cfg, inputs, True, return_state=True)
+            run, cached = state.result(), False
+        # A cache hit of Prefect's record, or an intact output folder with the same key that the task reused.
+        store.record(run.output, cached=cached or run.reused, seconds=time.time() - started)
+        outputs[stage] = run.output
     return outputs
 
 
-def run_alol(
-    profile: str | None = "default",
-    config_file: str | None = None,
-    overrides: dict[str, Any] | list[str] | None = None,
-    stages: list[str] | None = None,
-    refresh: list[str] | None = None,
-) -> dict[str, StageOutput]:
-    """Validate the configuration first (a clear error, no flow run), then run the flow in-process."""
-    if isinstance(overrides, list):
-        from schemas.config import parse_override
-
-        overrides = {".".join(path): value for path, value in map(parse_override, overrides)}
-    load_config(profile, config_file, overrides or {})
-    return alol(stages=stages, refresh=refresh, profile=profile, config_file=config_file, overrides=overrides or {})
+def run_alol(cfg: AlolConfig, stages: list[str] | None = None, refresh: list[str] | None = None) -> dict[str, StageOutput]:
+    """Run the flow in-process on an already validated configuration (`load_config` raised any error
+    before a Prefect server started)."""
+    return alol(stages=stages, refresh=refresh, config=cfg)

@@ -27,34 +27,41 @@ log = logging.getLogger("alol.runner")
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
+CACHES = ("run.cache_dir",)
+"""Where shared caches live: a stage that uses them may read it, but it is in no cache key (moving
+the cache folder changes no output)."""
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """A stage: its function (`module:function`), the config it reads and the stages it reads from.
 
     `sections` are section names, or `section.field` for a single field (e.g. `run.seed`): exactly
-    what goes into the cache key, so a stage must read nothing else from the config.
+    what goes into the cache key. `unkeyed` are settings the stage may read that do not change its
+    output (CACHES). The stage function gets a `StageConfig` that refuses to read anything else.
     """
 
     function: str
     sections: tuple[str, ...]
     upstream: tuple[str, ...]
     accelerator: bool = False
+    unkeyed: tuple[str, ...] = ()
 
 
 STAGES: dict[str, StageSpec] = {
     "ingest": StageSpec("stages.ingest:run", ("data",), ()),
-    "score": StageSpec("stages.score:run", ("score", "run.cache_dir"), ("ingest",)),
+    "score": StageSpec("stages.score:run", ("score",), ("ingest",), unkeyed=CACHES),
     "reference": StageSpec(
-        "stages.reference:run", ("reference", "value", "score", "run.seed", "run.cache_dir"), ("ingest", "score"), True
+        "stages.reference:run", ("reference", "value", "score", "run.seed"), ("ingest", "score"), True, CACHES
     ),
     "advantage": StageSpec("stages.advantage:run", ("advantage",), ("score", "reference")),
     "train": StageSpec(
-        "stages.train:run", ("train", "reference", "score", "run.seed", "run.cache_dir"),
-        ("ingest", "score", "reference", "advantage"), True,
+        "stages.train:run", ("train", "reference", "score", "run.seed"),
+        ("ingest", "score", "reference", "advantage"), True, CACHES,
     ),
     "evaluate": StageSpec(
-        "stages.evaluate:run", ("evaluate", "reference", "score", "run.seed", "run.cache_dir"),
-        ("ingest", "score", "reference", "advantage", "train"), True,
+        "stages.evaluate:run", ("evaluate", "reference", "score", "run.seed"),
+        ("ingest", "score", "reference", "advantage", "train"), True, CACHES,
     ),
 }
 
@@ -64,6 +71,49 @@ assert tuple(STAGES) == STAGE_NAMES, "STAGES must list every stage of schemas.st
 
 class MissingUpstreamError(RuntimeError):
     """A stage was asked to run alone but an upstream stage has no output in this run."""
+
+
+class UndeclaredConfigError(AttributeError):
+    """A stage read a config setting it did not declare in STAGES (it would be missing from its cache key)."""
+
+
+class _SectionView:
+    """The declared fields of one config section (e.g. `run.seed` without the rest of `run`)."""
+
+    def __init__(self, stage: str, name: str, section: Any, fields: set[str]):
+        self._stage, self._name, self._section, self._fields = stage, name, section, fields
+
+    def __getattr__(self, field: str) -> Any:
+        if field.startswith("_") or field not in self._fields:
+            raise UndeclaredConfigError(
+                f"stage {self._stage!r} read {self._name}.{field}, which it does not declare in pipeline.runner.STAGES"
+            )
+        return getattr(self._section, field)
+
+
+class StageConfig:
+    """What a stage function sees of the configuration: the sections and fields of its StageSpec
+    (`sections` and `unkeyed`), read like an AlolConfig; anything else raises UndeclaredConfigError."""
+
+    def __init__(self, cfg: AlolConfig, stage: str):
+        spec = STAGES[stage]
+        self._cfg, self._stage = cfg, stage
+        self._fields: dict[str, set[str] | None] = {}
+        for name in (*spec.sections, *spec.unkeyed):
+            section, _, field = name.partition(".")
+            if not field:
+                self._fields[section] = None
+            elif self._fields.get(section, set()) is not None:
+                self._fields.setdefault(section, set()).add(field)
+
+    def __getattr__(self, section: str) -> Any:
+        if section.startswith("_") or section not in self._fields:
+            raise UndeclaredConfigError(
+                f"stage {self._stage!r} read config section {section!r}, which it does not declare in pipeline.runner.STAGES"
+            )
+        fields = self._fields[section]
+        value = getattr(self._cfg, section)
+        return value if fields is None else _SectionView(self._stage, section, value, fields)
 
 
 @lru_cache(maxsize=1)
@@ -156,7 +206,7 @@ def execute_stage(
     readers = {name: StageReader(inputs[name].path) for name in STAGES[stage].upstream}
     writer = StageWriter(store.stage_dir(stage, key))
     try:
-        result = load_stage_function(stage)(cfg, readers, writer)
+        result = load_stage_function(stage)(StageConfig(cfg, stage), readers, writer)
         writer.commit(
             stage=stage,
             cache_key=key,

@@ -100,3 +100,13 @@ class StageOutput(BaseModel):
     path: str = Field(..., description="Absolute path of the stage output folder.")
     content_hash: str
     rows: dict[str, int] = Field(default_factory=dict, description="Table -> rows.")
+
+
+class StageRun(BaseModel):
+    """What the flow's stage task returns (and Prefect caches as JSON): the output, and whether the task
+    found an intact output for the same key instead of computing it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output: StageOutput
+    reused: bool

@@ -7,23 +7,14 @@ import pyarrow as pa
 import pytest
 
 from pipeline.runner import cache_key
-from stages.io import StageReader, StageWriter
-from schemas.advantage import ADVANTAGE_SCHEMA, QUANTILES, SAMPLING_WEIGHT_COLUMN
+from schemas.advantage import ADVANTAGE_SCHEMA, QUANTILES, AdvantageMetrics
+from schemas.algorithms import ALGORITHM_REGISTRY
 from schemas.config import AlolConfig
-from schemas.manifest import StageOutput, StageResult
+from schemas.manifest import StageOutput
 from schemas.reference import REFERENCE_SCHEMA
-from schemas.train import ALGORITHMS
 from stages import advantage
-
-
-def committed_stage(folder, stage: str, tables: dict[str, pa.Table]) -> StageReader:
-    writer = StageWriter(folder)
-    for name, table in tables.items():
-        writer.write_table(name, table)
-    rows = sum(t.num_rows for t in tables.values())
-    writer.commit(stage=stage, cache_key=stage * 8, result=StageResult(rows_in=rows, rows_out=rows),
-                  config_fingerprints={}, config={}, inputs={}, code_version="test", versions={})
-    return StageReader(folder)
+from stages.io import StageReader, StageWriter
+from tests.support.outputs import commit_output
 
 
 def reference_table(ids, splits, values) -> pa.Table:
@@ -41,8 +32,8 @@ def score_table(ids, rewards) -> pa.Table:
 
 def run_advantage(tmp_path, score: pa.Table, reference: pa.Table):
     inputs = {
-        "score": committed_stage(tmp_path / "score", "score", {"score": score}),
-        "reference": committed_stage(tmp_path / "reference", "reference", {"reference": reference}),
+        "score": commit_output(tmp_path / "score", "score", {"score": score}),
+        "reference": commit_output(tmp_path / "reference", "reference", {"reference": reference}),
     }
     out = StageWriter(tmp_path / "advantage")
     result = advantage.run(AlolConfig(), inputs, out)
@@ -76,15 +67,16 @@ def test_advantage_matches_numpy_for_train_rows_in_any_order(tmp_path):
     np.testing.assert_allclose(table["weight_uniform"].to_numpy(), 1.0)
 
     m = result.metrics
-    assert result.rows_out == train.sum() == m["rows"]
-    assert m["positive_rows"] == (a > 0).sum()
-    assert m["positive_fraction"] == pytest.approx((a > 0).mean())
-    assert m["reward_mean"] == pytest.approx(reward[train].mean())
-    assert m["value_mean"] == pytest.approx(value[train].mean())
-    assert m["negative_reward_rows"] == (reward[train] < 0).sum() > 0
+    assert isinstance(m, AdvantageMetrics) and reader.metrics == m, "the manifest gives back the typed metrics"
+    assert result.rows_out == train.sum() == m.rows
+    assert m.positive_rows == (a > 0).sum()
+    assert m.positive_fraction == pytest.approx((a > 0).mean())
+    assert m.reward_mean == pytest.approx(reward[train].mean())
+    assert m.value_mean == pytest.approx(value[train].mean())
+    assert m.negative_reward_rows == (reward[train] < 0).sum() > 0
     expected = np.quantile(a, QUANTILES)  # linear interpolation, as DuckDB's quantile_cont
-    assert list(m["advantage_quantiles"]) == ["p1", "p5", "p25", "p50", "p75", "p95", "p99"]
-    np.testing.assert_allclose(list(m["advantage_quantiles"].values()), expected)
+    assert list(m.advantage_quantiles) == ["p1", "p5", "p25", "p50", "p75", "p95", "p99"]
+    np.testing.assert_allclose(list(m.advantage_quantiles.values()), expected)
 
 
 def test_training_row_without_score_names_the_row(tmp_path):
@@ -107,9 +99,8 @@ def test_no_training_rows_is_an_error(tmp_path):
         run_advantage(tmp_path, score, reference_table(["a"], ["validation"], [0.1]))
 
 
-def test_every_algorithm_has_a_weight_column_of_the_table():
-    assert set(SAMPLING_WEIGHT_COLUMN) == set(ALGORITHMS)
-    assert set(SAMPLING_WEIGHT_COLUMN.values()) <= set(ADVANTAGE_SCHEMA.names)
+def test_every_algorithm_draws_by_a_weight_column_of_the_table():
+    assert {spec.weight_column for spec in ALGORITHM_REGISTRY.values()} <= set(ADVANTAGE_SCHEMA.names)
 
 
 def test_cache_key_ignores_train_settings():
@@ -129,9 +120,9 @@ def test_recomputed_output_has_the_same_bytes(tmp_path):
     """Content-addressed caching needs a deterministic output: same inputs, same Parquet bytes."""
     import duckdb
 
-    from stages.io import file_sha256
     from schemas.config import load_config
     from stages.advantage import connect, write_advantage
+    from stages.io import file_sha256, sql_literal
 
     ids = [f"{i:032x}" for i in range(20_000)]
     duckdb.sql(f"COPY (SELECT id, random() AS reward FROM (SELECT unnest({ids!r}) AS id)) TO '{tmp_path}/s.parquet'")
@@ -141,7 +132,8 @@ def test_recomputed_output_has_the_same_bytes(tmp_path):
     shas = []
     for n in range(3):
         con = connect(cfg, str(tmp_path))
-        write_advantage(con, str(tmp_path / "s.parquet"), str(tmp_path / "r.parquet"), tmp_path / f"a{n}.parquet")
+        tables = [f"read_parquet({sql_literal(str(tmp_path / name))})" for name in ("s.parquet", "r.parquet")]
+        write_advantage(con, *tables, tmp_path / f"a{n}.parquet")
         shas.append(file_sha256(tmp_path / f"a{n}.parquet"))
     assert len(set(shas)) == 1
     import pyarrow.parquet as pq

@@ -1,9 +1,9 @@
-"""The comparison table (rows from metrics.json, Markdown and CSV) and `alol report` on a stored evaluation."""
+"""The comparison table (rows from the evaluate stage's typed metrics, Markdown and CSV) and `alol report`
+on a stored evaluation."""
 
 from __future__ import annotations
 
 import csv
-import json
 
 import numpy as np
 import pytest
@@ -11,26 +11,26 @@ import pytest
 from pipeline.compare import algorithm_overrides, method_row, write_comparison
 from pipeline.report_cli import print_report, text_table
 from pipeline.storage import RunStore
-from stages.io import StageReader, StageWriter
 from schemas.config import load_config
-from schemas.manifest import StageResult
+from schemas.evaluate import EvaluateMetrics
 from stages.metrics import compare_models
+from tests.support.outputs import commit_output, metrics
 from tests.support.tables import parse_markdown_tables
 
 
-def evaluation_metrics(shift: float, policy_is_reference: bool = False, seconds: float = 10.0) -> dict:
+def evaluation_metrics(shift: float, policy_is_reference: bool = False, seconds: float = 10.0) -> EvaluateMetrics:
     rng = np.random.default_rng(0)
     reference = {"safety": rng.uniform(0.3, 0.9, 20)}
     policy = {"safety": reference["safety"] + shift}
     for scores in (reference, policy):
         scores["reward"] = scores["safety"].copy()
-    metrics = compare_models(["yes sure"] * 20, policy, ["no"] * 20, reference, samples=100, seed=0)
-    metrics.update(
-        algorithm="a_lol", prompts=20, components=["safety"], bootstrap_samples=100,
-        policy_is_reference=policy_is_reference, train={"train_seconds": seconds},
-        generation={"do_sample": False, "max_new_tokens": 8},
+    compared = compare_models(["yes sure"] * 20, policy, ["no"] * 20, reference, samples=100, seed=0)
+    train = {"policy_is_reference": policy_is_reference, "best_step": None, "best_validation_reward": None,
+             "reference_validation_reward": 0.0, "train_seconds": seconds}
+    return metrics(
+        "evaluate", **compared, algorithm="a_lol", prompts=20, components=["safety"], bootstrap_samples=100,
+        policy_is_reference=policy_is_reference, train=train, generation={"do_sample": False, "max_new_tokens": 8},
     )
-    return metrics
 
 
 def test_algorithm_overrides_set_kl_beta_only_for_a_lol_kl():
@@ -69,16 +69,11 @@ def test_comparison_table_has_pi_ref_and_one_row_per_method(tmp_path):
     assert records[0]["win_rate"] == ""
 
 
-def _store_evaluation(root, name, metrics):
+def _store_evaluation(root, name, evaluation: EvaluateMetrics):
     store = RunStore(root, name)
-    writer = StageWriter(store.stage_dir("evaluate", "k" * 64))
-    writer.path("metrics.json").write_text(json.dumps(metrics))
-    writer.path("report.md").write_text("# report\n")
-    writer.commit(
-        stage="evaluate", cache_key="k" * 64, result=StageResult(rows_in=1, rows_out=1), config_fingerprints={},
-        config={}, inputs={}, code_version="test", versions={},
-    )
-    store.record(StageReader(store.stage_dir("evaluate", "k" * 64)).output(), cached=False, seconds=1.0)
+    reader = commit_output(store.stage_dir("evaluate", "k" * 64), "evaluate", files={"report.md": "# report\n"},
+                           metrics_model=evaluation)
+    store.record(reader.output(), cached=False, seconds=1.0)
 
 
 def test_print_report_reads_the_latest_runs_metrics(tmp_path):

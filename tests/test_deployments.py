@@ -2,9 +2,8 @@
 by PID, and (marked e2e) a real Prefect server with one worker per pool running `alol/full` on the
 smoke profile: fresh, cached, and with one stage refreshed.
 
-The end-to-end test runs the stages whose modules import, in pipeline order, stopping at the first
-that does not (ALOL_E2E_STAGES=ingest,score picks them by hand); with all six it runs `alol/full`
-as users do.
+The end-to-end test runs `alol/full` with all six stages, as users do; a stage module that does not
+import fails it (before any server starts).
 """
 
 from __future__ import annotations
@@ -23,10 +22,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import deploy
+from pipeline import routing
+from pipeline import services as alol_services
 from pipeline.runner import STAGES, load_stage_function
-from schemas.stages import STAGE_NAMES
 from pipeline.storage import RunStore
+from schemas.stages import STAGE_NAMES
 from stages.io import StageReader
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ def _spec() -> dict:
 
 def _pools() -> tuple[str, str]:
     """(CPU pool, GPU pool) as prefect.yaml names them."""
-    pools = deploy.deployment_pools(REPO / "prefect.yaml")
+    pools = alol_services.deployment_pools(REPO / "prefect.yaml")
     return pools["alol/full"], pools["alol/reference"]
 
 
@@ -78,7 +78,7 @@ def test_every_entrypoint_is_a_flow_named_alol():
         ("pipeline/flow.py:alol", {"stages": ["score"], "refresh": ["score"], "profile": "smoke"}, {"stages": ["bogus"]}, "bogus"),
         ("pipeline/flow.py:alol", {"overrides": {"train.algorithm": "a_lol_seq"}}, {"profile": "huge"}, "huge"),
         ("pipeline/flow.py:alol", {"refresh": []}, {"refresh": "score"}, "'score' is not valid"),
-        ("pipeline/deploy.py:compare", {"algorithms": ["a_lol", "nll"]}, {"algorithms": ["ppo"]}, "ppo"),
+        ("pipeline/compare.py:compare_flow", {"algorithms": ["a_lol", "nll"]}, {"algorithms": ["ppo"]}, "ppo"),
     ],
 )
 def test_parameter_schema_refuses_bad_values(entrypoint, good, bad, complaint):
@@ -96,11 +96,11 @@ def test_parameter_schema_refuses_bad_values(entrypoint, good, bad, complaint):
 
 def test_stages_run_in_process_outside_a_worker(monkeypatch):
     monkeypatch.delenv("PREFECT__FLOW_RUN_ID", raising=False)
-    assert [deploy.accelerator_deployment(stage) for stage in STAGE_NAMES] == [None] * len(STAGE_NAMES)
+    assert [routing.accelerator_deployment(stage) for stage in STAGE_NAMES] == [None] * len(STAGE_NAMES)
     # CPU stages never leave the flow run's process, whatever the pool (no API call is made).
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "00000000-0000-0000-0000-000000000000")
     cpu_stages = [s for s in STAGE_NAMES if not STAGES[s].accelerator]
-    assert cpu_stages and [deploy.accelerator_deployment(s) for s in cpu_stages] == [None] * len(cpu_stages)
+    assert cpu_stages and [routing.accelerator_deployment(s) for s in cpu_stages] == [None] * len(cpu_stages)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,18 +111,18 @@ def test_up_refuses_a_busy_port_before_starting_anything(tmp_path):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        with pytest.raises(deploy.DeployError, match="already in use"):
-            deploy.up(home=tmp_path, port=busy.getsockname()[1], project=REPO)
-    assert deploy.Services.load(tmp_path) is None
+        with pytest.raises(alol_services.DeployError, match="already in use"):
+            alol_services.up(home=tmp_path, port=busy.getsockname()[1], project=REPO)
+    assert alol_services.Services.load(tmp_path) is None
 
 
 def test_up_outside_the_repository_root_is_refused(tmp_path):
-    with pytest.raises(deploy.DeployError, match="no prefect.yaml"):
-        deploy.up(home=tmp_path / "home", port=0, project=tmp_path)
+    with pytest.raises(alol_services.DeployError, match="no prefect.yaml"):
+        alol_services.up(home=tmp_path / "home", port=0, project=tmp_path)
 
 
 def test_down_with_nothing_started_says_so(tmp_path):
-    assert deploy.down(tmp_path) == [f"nothing to stop: no {deploy.SERVICES_FILE} in {tmp_path.resolve()}"]
+    assert alol_services.down(tmp_path) == [f"nothing to stop: no {alol_services.SERVICES_FILE} in {tmp_path.resolve()}"]
 
 
 def _sleeper(ignore_term: bool = False) -> subprocess.Popen:
@@ -140,33 +140,33 @@ def _sleeper(ignore_term: bool = False) -> subprocess.Popen:
 def _wait_gone(proc: subprocess.Popen, child_pid: int) -> None:
     proc.wait(timeout=10)
     deadline = time.monotonic() + 10
-    while deploy._alive(child_pid) and time.monotonic() < deadline:
+    while alol_services._alive(child_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
 def test_stop_ends_the_process_and_what_is_left_of_its_group():
     proc = _sleeper()
     child_pid = int(proc.stdout.readline())
-    assert deploy._stop(proc.pid, "worker x") == f"worker x (pid {proc.pid}) stopped"
+    assert alol_services._stop(proc.pid, "worker x") == f"worker x (pid {proc.pid}) stopped"
     _wait_gone(proc, child_pid)
     assert proc.returncode == -signal.SIGTERM
-    assert not deploy._alive(child_pid), "a flow-run process of the worker survived"
+    assert not alol_services._alive(child_pid), "a flow-run process of the worker survived"
 
 
 def test_stop_kills_a_process_that_ignores_sigterm(monkeypatch):
-    monkeypatch.setattr(deploy, "STOP_GRACE_S", 1.0)
+    monkeypatch.setattr(alol_services, "STOP_GRACE_S", 1.0)
     proc = _sleeper(ignore_term=True)
     child_pid = int(proc.stdout.readline())
-    assert deploy._stop(proc.pid, "server") == f"server (pid {proc.pid}) killed after 1 s"
+    assert alol_services._stop(proc.pid, "server") == f"server (pid {proc.pid}) killed after 1 s"
     _wait_gone(proc, child_pid)
     assert proc.returncode == -signal.SIGKILL
-    assert not deploy._alive(child_pid)
+    assert not alol_services._alive(child_pid)
 
 
 def test_stop_leaves_a_process_that_is_not_prefect_alone():
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
     try:
-        assert deploy._stop(proc.pid, "server") == f"server (pid {proc.pid}) was not running"
+        assert alol_services._stop(proc.pid, "server") == f"server (pid {proc.pid}) was not running"
         assert proc.poll() is None
     finally:
         proc.kill()
@@ -177,19 +177,10 @@ def test_stop_leaves_a_process_that_is_not_prefect_alone():
 # End to end: a real server and workers
 
 
-def available_stages() -> list[str]:
-    """ALOL_E2E_STAGES, or the stages in pipeline order up to the first whose module does not import."""
-    if os.environ.get("ALOL_E2E_STAGES"):
-        wanted = os.environ["ALOL_E2E_STAGES"].split(",")
-        return [s for s in STAGE_NAMES if s in wanted]
-    found = []
+def test_every_stage_function_imports():
+    """The e2e test below runs all six stages; a stage that cannot be imported fails here by name."""
     for stage in STAGE_NAMES:
-        try:
-            load_stage_function(stage)
-        except (ImportError, AttributeError, SyntaxError):
-            break
-        found.append(stage)
-    return found
+        assert callable(load_stage_function(stage)), stage
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -263,10 +254,10 @@ def _refresh_target(stages: list[str]) -> str:
 
 def _stop_all(home: Path, env: dict[str, str]) -> list[int]:
     """`alol down`; then SIGKILL, by PID, anything it left. Returns the PIDs that were still alive."""
-    services = deploy.Services.load(home)
+    services = alol_services.Services.load(home)
     pids = services.pids() if services else []
     _alol(["down", "--home", str(home)], env, timeout=180)
-    left = [pid for pid in pids if deploy._alive(pid)]
+    left = [pid for pid in pids if alol_services._alive(pid)]
     for pid in left:
         os.killpg(pid, signal.SIGKILL)
     return left
@@ -279,11 +270,11 @@ def test_up_stops_what_it_started_when_a_step_fails(tmp_path):
     spec["deployments"] = [{**spec["deployments"][0], "entrypoint": "missing.py:alol"}]
     (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
     home = tmp_path / "home"
-    done = _run([sys.executable, "-c", f"from pipeline import deploy; deploy.up({str(home)!r}, 0, {str(tmp_path)!r})"], _env(home))
+    done = _run([sys.executable, "-c", f"from pipeline import services; services.up({str(home)!r}, 0, {str(tmp_path)!r})"], _env(home))
     assert done.returncode != 0 and "prefect --no-prompt deploy --all` failed" in done.stderr, done.stderr[-3000:]
     server_log = (home / "server.log").read_text()
     assert "Check out the dashboard at http://127.0.0.1:" in server_log, "the server never started"
-    assert deploy.Services.load(home) is None, "alol-services.json left behind"
+    assert alol_services.Services.load(home) is None, "alol-services.json left behind"
     assert not _listening(server_log), "the server is still answering"
 
 
@@ -295,21 +286,19 @@ def _listening(server_log: str) -> bool:
 
 @pytest.mark.e2e
 def test_full_deployment_runs_caches_and_refreshes_one_stage(tmp_path):
-    stages = available_stages()
-    if not stages:
-        pytest.skip("no stage module imports yet")
+    stages = list(STAGE_NAMES)
+    for stage in stages:
+        load_stage_function(stage)  # a stage that does not import fails the test before any server starts
     cpu, gpu = _pools()
     home, root = tmp_path / "prefect-home", tmp_path / "runs"
     env = _env(home)
     params = {"profile": "smoke", "overrides": {"run.root": str(root)}}
-    if stages != list(STAGE_NAMES):
-        params["stages"] = stages
     accelerated = [s for s in stages if STAGES[s].accelerator]
     try:
         started = time.monotonic()
         _ok(_alol(["up", "--port", "0", "--home", str(home)], env))
         log.info("alol up: %.1f s", time.monotonic() - started)
-        services = deploy.Services.load(home)
+        services = alol_services.Services.load(home)
         assert set(services.workers) == {cpu, gpu} and services.api_url.startswith("http://127.0.0.1:")
         env["PREFECT_API_URL"] = services.api_url
 

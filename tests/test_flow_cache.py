@@ -12,8 +12,10 @@ import pytest
 
 from pipeline import runner
 from pipeline.storage import RunStore
-from stages.io import StageReader
+from schemas.config import load_config
 from schemas.manifest import StageResult
+from stages.io import StageReader
+from tests.support.outputs import metrics
 
 CALLS: list[str] = []
 SCHEMA = pa.schema([("id", pa.string()), ("x", pa.int64())])
@@ -24,7 +26,7 @@ def fake_ingest(cfg, inputs, out):
     n = cfg.data.max_rows_per_split or 5
     with out.table("ingest", SCHEMA) as t:
         t.write({"id": [f"r{i}" for i in range(n)], "x": list(range(n))})
-    return StageResult(rows_in=n, rows_out=n)
+    return StageResult(rows_in=n, rows_out=n, metrics=metrics("ingest", source_rows=n))
 
 
 def fake_score(cfg, inputs, out):
@@ -34,7 +36,7 @@ def fake_score(cfg, inputs, out):
     xs = [v * weight for v in table.column("x").to_pylist()]
     with out.table("score", pa.schema([("id", pa.string()), ("reward", pa.float64())])) as t:
         t.write({"id": table.column("id").to_pylist(), "reward": xs})
-    return StageResult(rows_in=table.num_rows, rows_out=table.num_rows, metrics={"mean": sum(xs) / len(xs)})
+    return StageResult(rows_in=table.num_rows, rows_out=table.num_rows, metrics=metrics("score", r_max=max(xs)))
 
 
 @pytest.fixture
@@ -49,7 +51,7 @@ def _run(tmp_path: Path, stages=("ingest", "score"), refresh=None, **sets):
     from pipeline.flow import run_alol
 
     overrides = {"run.root": str(tmp_path / "runs"), "run.name": "t", **sets}
-    return run_alol("smoke", None, overrides, stages=list(stages), refresh=refresh)
+    return run_alol(load_config("smoke", overrides=overrides), stages=list(stages), refresh=refresh)
 
 
 def _states(tmp_path: Path) -> dict[str, bool]:
@@ -104,3 +106,45 @@ def test_refresh_and_single_stage_on_recorded_upstream(tmp_path, prefect_backend
 def test_single_stage_without_upstream_output_is_a_clear_error(tmp_path, prefect_backend, fake_stages):
     with pytest.raises(runner.MissingUpstreamError, match="has no output of stage 'ingest'"):
         _run(tmp_path, stages=("score",))
+
+
+def test_an_intact_folder_found_by_the_task_counts_as_cached(tmp_path, prefect_backend, fake_stages):
+    """Without Prefect's result records the task finds the committed folder of the same key: no
+    recompute, and run.json says cached (told by the runner, not guessed from timestamps)."""
+    import shutil
+
+    _run(tmp_path)
+    records = tmp_path / "runs" / ".prefect-results"
+    for entry in records.iterdir():
+        if entry.name != "locks":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    _run(tmp_path)
+    assert fake_stages == ["ingest", "score"]
+    assert _states(tmp_path) == {"ingest": True, "score": True}
+
+
+def test_a_stage_reading_an_undeclared_setting_fails(tmp_path, monkeypatch):
+    def reads_train(cfg, inputs, out):
+        return cfg.train.steps
+
+    monkeypatch.setitem(runner.STAGES, "ingest", runner.StageSpec(f"{__name__}:fake_ingest", ("data",), ()))
+    cfg = load_config("smoke", overrides={"run.root": str(tmp_path / "runs")})
+    view = runner.StageConfig(cfg, "ingest")
+    assert view.data == cfg.data
+    with pytest.raises(runner.UndeclaredConfigError, match="read config section 'train'"):
+        reads_train(view, {}, None)
+    seed_only = runner.StageConfig(cfg, "reference")
+    assert seed_only.run.seed == cfg.run.seed and seed_only.run.cache_dir == cfg.run.cache_dir
+    with pytest.raises(runner.UndeclaredConfigError, match=r"read run\.name"):
+        seed_only.run.name
+
+
+def test_the_cache_folder_is_in_no_cache_key(tmp_path):
+    from schemas.manifest import StageOutput
+    from schemas.stages import STAGE_NAMES
+
+    inputs = {s: StageOutput(stage=s, cache_key="k" * 64, path="/x", content_hash=s * 4) for s in STAGE_NAMES}
+    here = load_config("smoke", overrides={"run.cache_dir": str(tmp_path / "a")})
+    moved = load_config("smoke", overrides={"run.cache_dir": str(tmp_path / "b")})
+    for stage in STAGE_NAMES:
+        assert runner.cache_key(here, stage, inputs) == runner.cache_key(moved, stage, inputs), stage

@@ -8,62 +8,20 @@ from __future__ import annotations
 
 import json
 import random
-import uuid
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from schemas.config import load_config
+from schemas.ingest import INGEST_SCHEMA, REJECTED_SCHEMA, SplitFractions
+from stages.ingest import run
+from stages.ingest.formats import Candidate, parse_hh_transcript
+from stages.ingest.ids import SeenIds, canonical_prompt, hash_split, row_digest
+from stages.ingest.sources import read_chatterbot
+from stages.ingest.split_cap import Group, SplitCap
 from stages.io import StageReader, StageWriter
-from schemas.config import AlolConfig, load_config
-from schemas.ingest import INGEST_SCHEMA, REJECTED_SCHEMA, DataConfig, SplitFractions
-from schemas.manifest import StageResult
-from stages.ingest import (
-    Group,
-    SeenIds,
-    SplitCap,
-    canonical_prompt,
-    hash_split,
-    read_chatterbot,
-    row_digest,
-    run,
-)
-from stages.ingest_formats import Candidate, parse_hh_transcript
-
-SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
-
-
-def ingest(tmp_path: Path, **data: Any) -> tuple[StageResult, StageReader]:
-    """Run the stage on `data` settings, commit its output and open it again (hashes verified)."""
-    cfg = AlolConfig(data=DataConfig(**data))
-    writer = StageWriter(tmp_path / "runs" / uuid.uuid4().hex[:8])
-    result = run(cfg, {}, writer)
-    writer.commit(
-        stage="ingest", cache_key="test", result=result, config_fingerprints={}, config={}, inputs={},
-        code_version="test", versions={},
-    )
-    return result, StageReader(writer.final_dir)
-
-
-def rows(reader: StageReader, table: str = "ingest") -> list[dict[str, Any]]:
-    return reader.read(table).to_pylist()
-
-
-def write_jsonl(path: Path, records: list[Any]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def assert_accounted(result: StageResult, reader: StageReader) -> None:
-    """rows_in = rows_out + rows_rejected, in the result, the manifest and the tables themselves."""
-    out, rejected = reader.read("ingest").num_rows, reader.read("ingest_rejected").num_rows
-    assert result.rows_in == result.rows_out + result.rows_rejected
-    assert (result.rows_out, result.rows_rejected) == (out, rejected)
-    assert reader.manifest.rows_in == out + rejected
-    assert sum(result.metrics["rows_per_split"].values()) == out
-    assert sum(result.metrics["rejected_by_reason"].values()) == rejected
+from tests.support.ingest import SAMPLES, assert_accounted, ingest, rows, write_jsonl
 
 
 # --- sources -------------------------------------------------------------------------------------
@@ -74,7 +32,7 @@ def test_chatterbot_source_reads_consecutive_turns_and_rejects_repeats(tmp_path)
     assert_accounted(result, reader)
     # 2,306 turn pairs in 21 files plus one conversation written as a plain string (trivia.yml, #14).
     assert result.rows_in == 2307
-    assert result.metrics["rejected_by_reason"] == {"duplicate_id": 1130, "wrong_type": 1}
+    assert result.metrics.rejected_by_reason == {"duplicate_id": 1130, "wrong_type": 1}
     assert result.rows_out == 1176
     table = rows(reader)
     assert len({r["id"] for r in table}) == len(table)
@@ -84,7 +42,7 @@ def test_chatterbot_source_reads_consecutive_turns_and_rejects_repeats(tmp_path)
     assert set(json.loads(first["meta"])) == {"topic", "conversation", "turn"}
     bad = [r for r in rows(reader, "ingest_rejected") if r["reason"] == "wrong_type"]
     assert bad[0]["source_file"].endswith("trivia.yml") and "two little ducks" in bad[0]["raw"]
-    shares = {split: n / result.rows_out for split, n in result.metrics["rows_per_split"].items()}
+    shares = {split: n / result.rows_out for split, n in result.metrics.rows_per_split.items()}
     assert 0.7 < shares["train"] < 0.9 and shares["validation"] > 0.05 and shares["test"] > 0.05
 
 
@@ -101,7 +59,7 @@ def test_chatterbot_turn_pairs_follow_the_conversation(tmp_path):
 def test_jsonl_prompt_response_with_text_and_chat_prompts(tmp_path):
     result, reader = ingest(tmp_path, source="file", path=str(SAMPLES / "pairs.jsonl"))
     assert_accounted(result, reader)
-    assert result.rows_out == 8 and result.metrics["format"] == "prompt_response"
+    assert result.rows_out == 8 and result.metrics.format == "prompt_response"
     table = rows(reader)
     assert table[0]["prompt"] == [{"role": "user", "content": "What is the capital of France?"}]
     assert table[0]["response"] == "The capital of France is Paris."
@@ -142,7 +100,7 @@ def test_messages_last_assistant_turn_is_the_response(tmp_path):
     result, reader = ingest(tmp_path, source="file", path=str(SAMPLES / "messages.jsonl"))
     assert_accounted(result, reader)
     table = rows(reader)
-    assert result.metrics["format"] == "messages"
+    assert result.metrics.format == "messages"
     assert table[1]["prompt"] == [
         {"role": "system", "content": "Answer briefly."},
         {"role": "user", "content": "What is the boiling point of water?"},
@@ -157,7 +115,7 @@ def test_hh_transcripts_become_pairs_with_the_shared_prompt(tmp_path):
     result, reader = ingest(tmp_path, source="file", path=str(SAMPLES / "hh.jsonl"))
     assert_accounted(result, reader)
     table = rows(reader)
-    assert result.metrics["format"] == "hh" and result.rows_out == 6 and result.metrics["pairs_out"] == 3
+    assert result.metrics.format == "hh" and result.rows_out == 6 and result.metrics.pairs_out == 3
     chosen, rejected = table[2], table[3]
     assert (chosen["preference"], rejected["preference"]) == ("chosen", "rejected")
     assert chosen["pair_id"] == rejected["pair_id"] and chosen["id"] != rejected["id"]
@@ -220,7 +178,7 @@ def test_datasets_single_split_is_divided_by_prompt_hash(tmp_path):
     result, reader = ingest(tmp_path, source="datasets", path=str(saved), dataset_split="train")
     assert_accounted(result, reader)
     table = rows(reader)
-    assert result.metrics["format"] == "preference" and result.rows_out == 80
+    assert result.metrics.format == "preference" and result.rows_out == 80
     fractions = SplitFractions()
     assert all(r["split"] == hash_split(canonical_prompt(r["prompt"]), fractions) for r in table)
 
@@ -233,7 +191,7 @@ def test_datasets_load_dataset_on_a_local_data_folder(tmp_path):
     write_jsonl(folder / "validation.jsonl", [{"prompt": f"v{i}", "response": f"r{i}"} for i in range(3)])
     result, reader = ingest(tmp_path, source="datasets", path=str(folder))
     assert_accounted(result, reader)
-    assert result.metrics["rows_per_split"] == {"train": 12, "validation": 3, "test": 0}
+    assert result.metrics.rows_per_split == {"train": 12, "validation": 3, "test": 0}
 
 
 # --- ids and splits ------------------------------------------------------------------------------
@@ -276,8 +234,8 @@ def test_split_fractions_from_config_change_the_assignment(tmp_path):
     )
     writer = StageWriter(tmp_path / "out")
     result = run(cfg, {}, writer)
-    assert result.metrics["rows_per_split"]["test"] == 0
-    assert 10 <= result.metrics["rows_per_split"]["validation"] <= 40
+    assert result.metrics.rows_per_split["test"] == 0
+    assert 10 <= result.metrics.rows_per_split["validation"] <= 40
 
 
 # --- preference pairs and the per-split cap ------------------------------------------------------
@@ -294,9 +252,9 @@ def test_max_rows_per_split_keeps_the_smallest_ids_whatever_the_order(tmp_path):
         path = write_jsonl(tmp_path / f"order{seed}" / "shuffled.jsonl", shuffled)
         result, reader = ingest(tmp_path, source="file", path=str(path), max_rows_per_split=20, batch_rows=50)
         assert_accounted(result, reader)
-        assert result.metrics["rows_per_split"] == {"train": 20, "validation": 20, "test": 20}
-        assert result.metrics["rejected_by_reason"] == {"over_max_rows_per_split": 440}
-        assert result.metrics["rows_invalid"] == 0
+        assert result.metrics.rows_per_split == {"train": 20, "validation": 20, "test": 20}
+        assert result.metrics.rejected_by_reason == {"over_max_rows_per_split": 440}
+        assert result.metrics.rows_invalid == 0
         kept_sets.append({r["id"] for r in rows(reader)})
     assert kept_sets[0] == kept_sets[1]
     # The kept rows of each split are that split's 20 smallest ids, written in id order.
@@ -318,8 +276,8 @@ def test_max_rows_per_split_keeps_preference_pairs_whole(tmp_path):
     for r in table:
         per_pair.setdefault(r["pair_id"], []).append(r["preference"])
     assert all(sorted(v) == ["chosen", "rejected"] for v in per_pair.values())
-    assert all(n <= 5 for n in result.metrics["rows_per_split"].values())
-    assert result.metrics["rows_per_split"]["train"] == 4
+    assert all(n <= 5 for n in result.metrics.rows_per_split.values())
+    assert result.metrics.rows_per_split["train"] == 4
 
 
 def test_split_cap_equals_the_longest_prefix_in_key_order():
@@ -375,8 +333,8 @@ def test_every_candidate_row_is_accounted_for_on_a_mixed_file(tmp_path):
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     result, reader = ingest(tmp_path, source="file", path=str(path), max_rows_per_split=2)
     assert_accounted(result, reader)
-    assert result.rows_in == 9 and result.metrics["source_rows"] == 5
-    reasons = result.metrics["rejected_by_reason"]
+    assert result.rows_in == 9 and result.metrics.source_rows == 5
+    reasons = result.metrics.rejected_by_reason
     assert reasons["empty"] == 1 and reasons["pair_partner_invalid"] == 1 and reasons["invalid_json"] == 1
     assert reasons["duplicate_id"] == 2
 
@@ -389,10 +347,6 @@ def test_tables_have_the_declared_schemas(tmp_path):
 
 
 def test_per_split_caps_cap_only_the_named_splits(tmp_path):
-    from stages.io import StageReader, StageWriter
-    from schemas.config import load_config
-    from stages.ingest import run
-
     cfg = load_config("smoke", overrides={"data.max_rows_per_split": {"train": 30, "test": 5}})
     writer = StageWriter(tmp_path / "ingest" / "k")
     result = run(cfg, {}, writer)

@@ -10,11 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.io import StageWriter
 from schemas.config import AlolConfig
 from schemas.ingest import DataConfig
-from stages.ingest import IngestError, read_chatterbot, run
-from tests.test_ingest import assert_accounted, ingest, rows
+from stages.ingest import run
+from stages.ingest.errors import IngestError
+from stages.ingest.sources import read_chatterbot
+from stages.io import StageWriter
+from tests.support.ingest import assert_accounted, ingest, rows
 
 GOOD = json.dumps({"prompt": "How are you?", "response": "Fine, thanks."})
 GOOD_2 = json.dumps({"prompt": "What is your name?", "response": "I am a helpful assistant."})
@@ -74,7 +76,7 @@ def test_bad_row_is_quarantined_with_file_row_field_and_reason(tmp_path, bad, fi
     assert rejected["detail"]
     expected_raw = bad.decode("utf-8", "replace") if isinstance(bad, bytes) else bad
     assert rejected["raw"] == expected_raw
-    assert result.metrics["rejected_by_reason"] == {reason: 1}
+    assert result.metrics.rejected_by_reason == {reason: 1}
 
 
 @pytest.mark.parametrize("bad, field, reason", list(BAD_ROWS.values()), ids=list(BAD_ROWS))

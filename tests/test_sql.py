@@ -12,8 +12,7 @@ import pytest
 
 from pipeline import sql
 from pipeline.storage import RunStore
-from stages.io import StageReader, StageWriter
-from schemas.manifest import StageResult
+from tests.support.outputs import commit_output
 
 
 @pytest.fixture
@@ -24,12 +23,8 @@ def run_root(tmp_path):
                    "ingest_rejected": pa.table({"source_row": pa.array([7], pa.int64()), "reason": ["empty response"]})},
         "score": {"score": pa.table({"id": ["a", "b", "c"], "reward": [0.5, 1.5, 2.0]})},
     }.items():
-        writer = StageWriter(store.stage_dir(stage, stage * 8))
-        for name, table in tables.items():
-            writer.write_table(name, table)
-        writer.commit(stage=stage, cache_key=stage * 8, result=StageResult(rows_in=3, rows_out=3), config_fingerprints={},
-                      config={}, inputs={}, code_version="c", versions={})
-        store.record(StageReader(store.stage_dir(stage, stage * 8)).output(), cached=False, seconds=0.1)
+        reader = commit_output(store.stage_dir(stage, stage * 8), stage, tables)
+        store.record(reader.output(), cached=False, seconds=0.1)
     return tmp_path / "runs"
 
 

@@ -1,18 +1,22 @@
-"""Stage storage: atomic commit, manifest with hashes, verification on read, streaming parts."""
+"""Stage I/O (stages/io.py): atomic commit, manifest with hashes, verification on read, streaming parts,
+typed metrics through the manifest."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 import pytest
 
-from stages.io import IntegrityError, StageReader, StageWriter, atomic_write_text
+from schemas.advantage import AdvantageMetrics
 from schemas.manifest import StageResult
+from stages.io import IntegrityError, StageReader, StageWriter, atomic_path, atomic_write_text
+from tests.support.outputs import metrics
 
 SCHEMA = pa.schema([("id", pa.string()), ("v", pa.float64())])
 
 
-def _commit(writer: StageWriter, rows: int):
-    return writer.commit(stage="s", cache_key="k" * 64, result=StageResult(rows_in=rows, rows_out=rows),
+def _commit(writer: StageWriter, rows: int, stage: str = "advantage", stage_metrics=None):
+    result = StageResult(rows_in=rows, rows_out=rows, metrics=stage_metrics or metrics(stage))
+    return writer.commit(stage=stage, cache_key="k" * 64, result=result,
                          config_fingerprints={}, config={}, inputs={}, code_version="c", versions={})
 
 
@@ -78,3 +82,26 @@ def test_recommit_of_same_key_replaces_the_folder(tmp_path):
 def test_atomic_write_text_leaves_no_temporary(tmp_path):
     atomic_write_text(tmp_path / "a" / "x.json", "{}")
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["x.json"]
+
+
+def test_atomic_path_removes_the_temporary_when_the_writer_fails(tmp_path):
+    with pytest.raises(RuntimeError, match="disk"):
+        with atomic_path(tmp_path / "x.parquet") as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_metrics_are_typed_on_both_sides_of_the_manifest(tmp_path):
+    writer = StageWriter(tmp_path / "advantage" / "abc")
+    writer.write_table("t", pa.table({"id": ["a"], "v": [1.0]}, schema=SCHEMA))
+    _commit(writer, 1, stage_metrics=metrics("advantage", rows=7, positive_fraction=0.25))
+    read = StageReader(tmp_path / "advantage" / "abc").metrics
+    assert isinstance(read, AdvantageMetrics) and (read.rows, read.positive_fraction) == (7, 0.25)
+
+
+def test_a_stage_must_return_its_own_metrics_model(tmp_path):
+    writer = StageWriter(tmp_path / "advantage" / "abc")
+    with pytest.raises(TypeError, match="expected AdvantageMetrics"):
+        _commit(writer, 0, stage_metrics=metrics("score"))
+    assert not (tmp_path / "advantage" / "abc").exists()

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from schemas.base import Section, canonical_json
+from stages.io import file_sha256
 
 Prompt = list[dict[str, str]]
 
@@ -100,11 +101,7 @@ def file_digest(path: Path) -> str:
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _DIGESTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
-        _DIGESTS[key] = digest.hexdigest()
+        _DIGESTS[key] = file_sha256(path)
     return _DIGESTS[key]
 
 
