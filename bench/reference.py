@@ -33,7 +33,8 @@ import torch  # noqa: E402
 from pipeline.runner import execute_stage  # noqa: E402
 from stages.io import StageReader  # noqa: E402
 from schemas.config import load_config  # noqa: E402
-from stages.models import SMOLLM2, encode_pair, load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
+from stages.models.store import SMOLLM2, load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
+from stages.models.tokenize import encode_pair  # noqa: E402
 from stages.reference import reference_logprobs  # noqa: E402
 
 

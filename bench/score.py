@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from schemas.score import ComponentConfig, ScoreConfig  # noqa: E402
 from stages.rewards.tfidf import fit_idf  # noqa: E402
-from stages.score import Scorer  # noqa: E402
+from stages.rewards.scorer import Scorer  # noqa: E402
 
 KINDS = ["toxicity", "relevance", "sentiment", "profanity", "tfidf", "length"]
 NEURAL = ("toxicity", "relevance")

@@ -65,12 +65,14 @@ def upstream(cfg) -> dict:
 def run_stage(cfg, inputs, steps: int) -> list[tuple[int, float]]:
     import tempfile
 
-    from stages.io import StageWriter
     from stages import train
+    from stages.io import StageWriter
+    from stages.train.rows import step_budget
 
-    positive, rows = _counts(inputs)
+    advantage = inputs["advantage"].metrics
+    positive, rows = advantage.positive_rows, advantage.rows
     cfg.train.steps = math.ceil(steps * rows / positive)  # the A-LoL budget int(steps_full x positive / rows) = steps
-    assert train.step_budget(cfg.train, positive, rows) == steps
+    assert step_budget(cfg.train, positive, rows) == steps
     with tempfile.TemporaryDirectory() as tmp:
         out = StageWriter(Path(tmp) / "train")
         try:
@@ -79,11 +81,6 @@ def run_stage(cfg, inputs, steps: int) -> list[tuple[int, float]]:
         finally:
             out.abort()
     return [(r["tokens"], r["tokens"] / r["tokens_per_s"]) for r in log]
-
-
-def _counts(inputs) -> tuple[int, int]:
-    metrics = inputs["advantage"].manifest.metrics
-    return metrics["positive_rows"], metrics["rows"]
 
 
 def _read_log(folder: Path) -> list[dict]:
@@ -96,13 +93,16 @@ def run_loop(mode: str, cfg, inputs, steps: int) -> list[tuple[int, float]]:
     import torch
     from accelerate import Accelerator
 
-    from stages import train
+    from stages.catalog import reference_model_path
     from stages.losses import loss_function
-    from stages.models import load_causal_lm, load_tokenizer, reference_model_path, response_token_logprobs
+    from stages.models.logprobs import response_token_logprobs
+    from stages.models.store import load_causal_lm, load_tokenizer
     from stages.sampler import PrioritySampler
+    from stages.train.rows import load_train_rows
+    from stages.train.step import PolicyForward, backward_micro_batches, encode_micro_batch
 
     t = cfg.train
-    rows = train.load_train_rows("a_lol", inputs)
+    rows = load_train_rows("a_lol", inputs)
     sampler = PrioritySampler(rows.weight, seed=cfg.run.seed)
     path = reference_model_path(cfg, inputs["reference"])
     tokenizer, model = load_tokenizer(path), load_causal_lm(path)
@@ -110,12 +110,12 @@ def run_loop(mode: str, cfg, inputs, steps: int) -> list[tuple[int, float]]:
     pi_ref = load_causal_lm(path) if mode == "ref-loop" else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
     accelerator = Accelerator(cpu=True)
-    policy, loss_fn = train.PolicyForward(model, model), loss_function(t)
+    policy, loss_fn = PolicyForward(model, model), loss_function(t)
     timings = []
     for _ in range(steps):
         clock = time.perf_counter()
         drawn = rows.take(sampler.draw(t.batch_size * t.grad_accumulation))
-        batches = [train.encode_micro_batch(drawn[k * t.batch_size : (k + 1) * t.batch_size], tokenizer, cfg)
+        batches = [encode_micro_batch(drawn[k * t.batch_size : (k + 1) * t.batch_size], tokenizer, cfg)
                    for k in range(t.grad_accumulation)]
         if mode == "nll-loop":
             for batch in batches:
@@ -127,7 +127,7 @@ def run_loop(mode: str, cfg, inputs, steps: int) -> list[tuple[int, float]]:
                         ref = response_token_logprobs(pi_ref, batch.prompt_ids, batch.response_ids)
                     batch.ref_token_logprobs = ref
                     batch.ref_logprob = torch.stack([r.sum() for r in ref])
-            train.backward_micro_batches(accelerator, model, policy, batches, loss_fn)
+            backward_micro_batches(accelerator, model, policy, batches, loss_fn)
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -153,9 +153,11 @@ def _publish_artifacts(reader: StageReader) -> None:
     result_serializer="json",
     cache_expiration=timedelta(days=30),
 )
-def run_stage(stage: str, key: str, cfg: AlolConfig, inputs: dict[str, StageOutput], refresh: bool = False) -> StageRun:
+def run_stage(
+    stage: str, key: str, cfg: AlolConfig, inputs: dict[str, StageOutput], refresh: bool, store: RunStore
+) -> StageRun:
     """Compute one stage (or reuse its intact output folder for the same key) and publish its manifest."""
-    output, reused = execute_stage(cfg, stage, inputs, refresh=refresh)
+    output, reused = execute_stage(cfg, stage, inputs, refresh=refresh, store=store)
     if output.cache_key != key:
         raise RuntimeError(f"stage {stage}: cache key changed while running ({key[:16]} -> {output.cache_key[:16]})")
     _publish_artifacts(StageReader(output.path, verify=False))
@@ -200,7 +202,7 @@ def alol(
     cfg = config if config is not None else load_config(profile, config_file, overrides or {})
     selected = [s for s in STAGE_NAMES if s in set(stages or STAGE_NAMES)]
     forced = set(refresh or [])
-    store = RunStore(cfg.run.root, cfg.run.name)
+    store = RunStore.of(cfg)
     outputs: dict[str, StageOutput] = {}
     for stage in selected:
         inputs = {up: outputs[up] if up in outputs else upstream_from_run(store, up) for up in STAGES[stage].upstream}
@@ -213,11 +215,11 @@ def alol(
             outputs[stage] = run_stage_deployment(deployment, store, stage, key, refresh=stage in forced, parameters=params)
             continue
         started = time.time()
-        state = _stage_task(cfg, stage in forced)(stage, key, cfg, inputs, stage in forced, return_state=True)
+        state = _stage_task(cfg, stage in forced)(stage, key, cfg, inputs, stage in forced, store, return_state=True)
         run: StageRun = state.result()
         cached = state.name == "Cached"
         if cached and not _verified(run.output):
-            state = _stage_task(cfg, True)(stage, key, cfg, inputs, True, return_state=True)
+            state = _stage_task(cfg, True)(stage, key, cfg, inputs, True, store, return_state=True)
             run, cached = state.result(), False
         # A cache hit of Prefect's record, or an intact output folder with the same key that the task reused.
         store.record(run.output, cached=cached or run.reused, seconds=time.time() - started)

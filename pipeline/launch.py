@@ -1,7 +1,8 @@
 """The stage's own process launcher for training on several processes (torchrun / accelerate).
 
 `[torchrun --nproc_per_node N] python -m pipeline.launch --profile P [--config-file F] [--set k=v ...]`
-trains on the upstream outputs recorded in the run's run.json (stages/train.py has the rules).
+trains on the upstream outputs recorded in the run's run.json (the docstring of stages/train/__init__.py
+has the rules).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.runner import STAGES, cache_key, execute_stage, reusable_output, upstream_from_run
+from pipeline.runner import STAGES, StageConfig, cache_key, execute_stage, reusable_output, upstream_from_run
 from pipeline.storage import RunStore
 from schemas.config import load_config
 from stages import train as train_stage
@@ -39,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     cfg = load_config(args.profile, args.config_file, args.overrides)
-    store = RunStore(cfg.run.root, cfg.run.name)
+    store = RunStore.of(cfg)
     upstream = {name: upstream_from_run(store, name) for name in STAGES["train"].upstream}
     rank = int(os.environ.get("RANK", "0"))
     existing = None if args.refresh else reusable_output(store, "train", cache_key(cfg, "train", upstream))
@@ -50,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if rank == 0:
         started = time.perf_counter()
-        output, _ = execute_stage(cfg, "train", upstream, refresh=True)
+        output, _ = execute_stage(cfg, "train", upstream, refresh=True, store=store)
         store.record(output, cached=False, seconds=time.perf_counter() - started)
         log.info("train output: %s", output.path)
         return
@@ -58,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix=f"alol-train-rank{rank}-") as scratch:
         writer = StageWriter(Path(scratch) / "train")
         try:
-            train_stage.run(cfg, readers, writer)
+            train_stage.run(StageConfig(cfg, "train"), readers, writer)
         finally:
             writer.abort()
 

@@ -191,13 +191,14 @@ def reusable_output(store: RunStore, stage: str, key: str) -> StageOutput | None
 
 
 def execute_stage(
-    cfg: AlolConfig, stage: str, inputs: dict[str, StageOutput], *, refresh: bool = False
+    cfg: AlolConfig, stage: str, inputs: dict[str, StageOutput], *, refresh: bool = False, store: RunStore | None = None
 ) -> tuple[StageOutput, bool]:
     """Run `stage` on its upstream outputs, or reuse the intact output with the same cache key.
 
+    `store` is the run's folders (the flow passes the one it uses; default: `RunStore.of(cfg)`).
     Returns the output handle and whether it was reused. Does not touch run.json (the caller records).
     """
-    store = RunStore(cfg.run.root, cfg.run.name)
+    store = store or RunStore.of(cfg)
     key = cache_key(cfg, stage, inputs)
     if not refresh:
         existing = reusable_output(store, stage, key)

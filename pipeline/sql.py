@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 
 import duckdb
@@ -11,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.storage import RunStore
-from stages.io import StageReader
+from stages.io import StageReader, atomic_path
 
 ALLOWED_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
@@ -112,14 +111,10 @@ def format_json(relation: duckdb.DuckDBPyRelation) -> str:
 
 def write_parquet(relation: duckdb.DuckDBPyRelation, path: str | Path) -> int:
     """Stream the result to a Parquet file (temporary name, then rename). Returns the row count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     reader: pa.RecordBatchReader = relation.arrow()
     rows = 0
-    with pq.ParquetWriter(tmp, reader.schema) as writer:
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, reader.schema) as writer:
         for batch in reader:
             writer.write_batch(batch)
             rows += batch.num_rows
-    tmp.replace(path)
     return rows

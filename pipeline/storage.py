@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from schemas.config import AlolConfig
 from schemas.manifest import StageOutput
 from stages.io import atomic_write_text
 
@@ -23,6 +24,11 @@ class RunStore:
         self.root = Path(root).resolve()
         self.name = name
         self.dir = self.root / name
+
+    @classmethod
+    def of(cls, cfg: AlolConfig) -> RunStore:
+        """The run `cfg.run.name` under `cfg.run.root`."""
+        return cls(cfg.run.root, cfg.run.name)
 
     def stage_dir(self, stage: str, cache_key: str) -> Path:
         return self.dir / stage / cache_key[:16]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.base import canonical_json, sha256_text
@@ -39,6 +41,14 @@ class Summary(BaseModel):
     std: float | None
     min: float | None
     max: float | None
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Summary:
+        """The summary of a 1-d array of numbers (population std); all None for no values."""
+        if len(values) == 0:
+            return cls(mean=None, std=None, min=None, max=None)
+        array = np.asarray(values, dtype=np.float64)
+        return cls(mean=float(array.mean()), std=float(array.std()), min=float(array.min()), max=float(array.max()))
 
 
 class StageResult(BaseModel):

@@ -14,7 +14,7 @@ from pathlib import Path
 from schemas.base import canonical_json, sha256_text
 from schemas.config import AlolConfig
 from stages.io import StageReader
-from stages.models import ModelNotFoundError, resolve_model
+from stages.models.store import ModelNotFoundError, resolve_model
 from stages.rewards import COMPONENTS
 from stages.rewards.scorer import Scorer
 

@@ -146,3 +146,14 @@ def pad_rows(rows: list[Tensor], width: int | None = None) -> tuple[Tensor, Tens
     for i, r in enumerate(rows):
         mask[i, : len(r)] = 1.0
     return values, mask
+
+
+def nll_batch(token_logprobs: list[Tensor]) -> LossBatch:
+    """The LossBatch of `nll`, which reads only l_t^theta and the mask: the rows right-padded
+    (pad_rows), zeros for what comes from elsewhere (pi_ref's log-probs, R, A)."""
+    values, mask = pad_rows(token_logprobs)
+    per_row = torch.zeros(len(token_logprobs), dtype=values.dtype, device=values.device)
+    return LossBatch(
+        token_logprobs=values, ref_token_logprobs=torch.zeros_like(values), mask=mask,
+        ref_logprob=per_row, reward=per_row, advantage=per_row,
+    )

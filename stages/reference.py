@@ -39,16 +39,11 @@ from schemas.manifest import StageResult, Summary
 from schemas.reference import REFERENCE_SCHEMA, ReferenceConfig, ReferenceMetrics, value_targets_schema
 from stages.catalog import PI_REF_FOLDER, VALUE_HEAD_FILE, load_scorer, prompt_key
 from stages.io import StageReader, StageWriter
-from stages.models import (
-    encode_pair,
-    generate,
-    length_batches,
-    load_causal_lm,
-    load_tokenizer,
-    resolve_model,
-    response_logprobs_and_prompt_states,
-    response_token_logprobs,
-)
+from stages.losses import nll, nll_batch
+from stages.models.generate import generate
+from stages.models.logprobs import length_batches, response_logprobs_and_prompt_states, response_token_logprobs
+from stages.models.store import load_causal_lm, load_tokenizer, resolve_model
+from stages.models.tokenize import encode_pair
 from stages.value_head import AttentionPoolingValueHead, fit_value_head, predict_values, save_value_head
 
 log = logging.getLogger("alol.reference")
@@ -77,7 +72,7 @@ def _device() -> torch.device:
 
 
 def encode_rows(ingest: StageReader, tokenizer: Any, ref: ReferenceConfig, batch_rows: int = 4096) -> EncodedRows:
-    """Stream the train and validation rows of the `ingest` table and tokenise them (stages.models.encode_pair)."""
+    """Stream the train and validation rows of the `ingest` table and tokenise them (stages.models.tokenize.encode_pair)."""
     rows = EncodedRows()
     wanted = pads.field("split").isin(list(SPLITS))
     columns = ["id", "split", "prompt", "response", "preference"]
@@ -107,7 +102,8 @@ def encode_rows(ingest: StageReader, tokenizer: Any, ref: ReferenceConfig, batch
 def fine_tune_reference(
     model: Any, rows: EncodedRows, ref: ReferenceConfig, seed: int
 ) -> dict[str, float | int]:
-    """Summed-token NLL fine-tuning in place: loss = mean over the batch of -sum_t l_t (AdamW, grad-norm clip 1.0)."""
+    """Summed-token NLL fine-tuning in place: loss = mean over the batch of -sum_t l_t (stages.losses.nll;
+    AdamW, grad-norm clip 1.0)."""
     if not rows.sft_rows:
         raise ValueError("reference.sft_epochs > 0 but the ingest output has no training rows to fine-tune pi_ref on")
     generator = torch.Generator().manual_seed(seed)
@@ -122,7 +118,7 @@ def fine_tune_reference(
             logprobs = response_token_logprobs(
                 model, [rows.prompt_ids[i] for i in batch], [rows.response_ids[i] for i in batch]
             )
-            loss = -torch.stack([lp.sum() for lp in logprobs]).mean()
+            loss = nll(nll_batch(logprobs)).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -201,12 +197,6 @@ def _write_reference(out: StageWriter, rows: EncodedRows, token_logprobs: list[n
                     "value": values[start:stop].tolist(),
                 }
             )
-
-
-def _stats(values: np.ndarray) -> Summary:
-    if len(values) == 0:
-        return Summary(mean=None, std=None, min=None, max=None)
-    return Summary(mean=float(values.mean()), std=float(values.std()), min=float(values.min()), max=float(values.max()))
 
 
 # --------------------------------------------------------------------------- the stage
@@ -326,11 +316,11 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
         "responses_at_token_limit": rows.responses_at_token_limit,
         "r_max": r_max,
         "value_target_prompts": len(prompts),
-        "value_target_reward": _stats(scores["reward"]),
+        "value_target_reward": Summary.of(scores["reward"]),
         **fit.metrics(),
-        "ref_logprob": _stats(ref_logprobs),
-        "response_tokens": _stats(np.array([len(lp) for lp in token_logprobs], dtype=np.float64)),
-        "value": _stats(values),
+        "ref_logprob": Summary.of(ref_logprobs),
+        "response_tokens": Summary.of(np.array([len(lp) for lp in token_logprobs], dtype=np.float64)),
+        "value": Summary.of(values),
         "logprob_tokens": tokens,
         "logprob_tokens_per_s": tokens / max(timings["logprob_seconds"], 1e-9),
         **sft_metrics,

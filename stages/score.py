@@ -4,9 +4,10 @@
 
 Scoring is one reusable object, `stages.rewards.scorer.Scorer`, used again by the reference stage
 (pi_ref's samples) and the evaluate stage (generations) through `stages.catalog.load_scorer`. In this stage each
-component's column is cached on its own (`<run.cache_dir>/scores`), keyed by the component's kind,
-options, model fingerprint, code and the ingest content hash, so a new weight only recomputes the sum
-and a new component only runs its own model.
+component's column is cached on its own (`<run.cache_dir>/scores`, a stages.cache.ParquetCache of
+(id, score) tables), keyed by the component's kind, options, model fingerprint, code and the ingest
+content hash but not its name or weight, so a new weight or a renamed component only recomputes the
+sum and a new component only runs its own model.
 
 Outputs: table `score` (id, one float64 column per component, reward) and `scorer_state.json` (state
 fitted on the training responses, e.g. the tf-idf vocabulary). Metrics: schemas.score.ScoreMetrics.
@@ -19,7 +20,6 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -31,14 +31,15 @@ from schemas.base import canonical_json, sha256_text
 from schemas.config import AlolConfig
 from schemas.manifest import StageResult, Summary
 from schemas.score import ComponentConfig, ComponentStats, ScoreMetrics, score_schema
+from stages.cache import ParquetCache
 from stages.catalog import SCORER_STATE
 from stages.io import StageReader, StageWriter
 from stages.rewards import RewardComponent
-from stages.rewards.cache import ScoreCache
 from stages.rewards.scorer import Scorer, fit_states
 
 log = logging.getLogger("alol.score")
 WRITE_ROWS = 65_536
+CACHE_SCHEMA = pa.schema([("id", pa.string()), ("score", pa.float64())])
 
 
 def component_cache_key(config: ComponentConfig, component: RewardComponent, fingerprint: str | None, input_hash: str) -> str:
@@ -54,7 +55,7 @@ def component_cache_key(config: ComponentConfig, component: RewardComponent, fin
 
 
 def score_column(
-    scorer: Scorer, name: str, dataset: pads.Dataset, ids: pa.Array, input_hash: str, cache: ScoreCache
+    scorer: Scorer, name: str, dataset: pads.Dataset, ids: pa.Array, input_hash: str, cache: ParquetCache
 ) -> tuple[np.ndarray, ComponentStats]:
     """One component's scores over the whole ingest table, from the cache or computed (then cached)."""
     component = scorer.components[name]
@@ -63,9 +64,9 @@ def score_column(
     started = time.perf_counter()
     hit = cache.load(key, ids)
     if hit is not None:
-        scores, meta = hit
+        scores = hit.table.column("score").to_numpy()
         log.info("score %s: reusing cached scores (%s)", name, cache.path(key))
-        compute_seconds = meta.get("seconds")
+        compute_seconds = hit.meta.get("seconds")
     else:
         scores = np.empty(len(ids), dtype=np.float64)
         offset = 0
@@ -78,14 +79,17 @@ def score_column(
                 scores[offset : offset + len(batch_ids)] = scorer.score_component(name, prompts, responses, batch_ids, bar)
                 offset += len(batch_ids)
         compute_seconds = time.perf_counter() - started
-        cache.save(key, ids, scores, {"component": name, "kind": component.kind, "seconds": compute_seconds, "rows": len(ids)})
+        cache.save(
+            key, pa.table({"id": ids, "score": pa.array(scores, pa.float64())}, schema=CACHE_SCHEMA),
+            {"component": name, "kind": component.kind, "seconds": compute_seconds, "rows": len(ids)},
+        )
     seconds = time.perf_counter() - started
     stats = ComponentStats(
         kind=component.kind,
         weight=scorer.configs[name].weight,
         lower=component.lower,
         upper=component.upper,
-        **summary(scores).model_dump(),
+        **Summary.of(scores).model_dump(),
         fingerprint=fingerprint,
         cache_key=key,
         cached=hit is not None,
@@ -94,12 +98,6 @@ def score_column(
         rows_per_s=round(len(ids) / compute_seconds, 1) if compute_seconds else None,
     )
     return scores, stats
-
-
-def summary(values: np.ndarray) -> Summary:
-    if len(values) == 0:
-        return Summary(mean=None, std=None, min=None, max=None)
-    return Summary(mean=float(values.mean()), std=float(values.std()), min=float(values.min()), max=float(values.max()))
 
 
 def train_responses(dataset: pads.Dataset) -> Iterator[str]:
@@ -114,7 +112,7 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     states = fit_states(cfg.score, train_responses(dataset))
     out.path(SCORER_STATE).write_text(json.dumps({"components": states}, sort_keys=True), encoding="utf-8")
     scorer = Scorer(cfg.score, states)
-    cache = ScoreCache(Path(cfg.run.cache_dir) / "scores")
+    cache = ParquetCache(Path(cfg.run.cache_dir) / "scores")
 
     columns: dict[str, np.ndarray] = {}
     stats: dict[str, ComponentStats] = {}
@@ -130,5 +128,5 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
             table.write(pa.Table.from_arrays(arrays + [pa.array(reward[start:stop])], schema=schema))
 
     log.info("score: %d rows, R_max %.3g, mean reward %.4g", len(ids), scorer.r_max, reward.mean() if len(ids) else float("nan"))
-    metrics = ScoreMetrics(r_max=scorer.r_max, r_min=scorer.r_min, weights=scorer.weights, components=stats, reward=summary(reward))
+    metrics = ScoreMetrics(r_max=scorer.r_max, r_min=scorer.r_min, weights=scorer.weights, components=stats, reward=Summary.of(reward))
     return StageResult(rows_in=len(ids), rows_out=len(ids), metrics=metrics)

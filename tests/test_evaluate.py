@@ -9,7 +9,7 @@ random model as its `policy/`: the policy's own generations are checked there wh
 from __future__ import annotations
 
 import json
-import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -18,15 +18,16 @@ import torch
 
 from pipeline.runner import execute_stage
 from pipeline.storage import RunStore
-from stages.io import StageReader, StageWriter
-from schemas.manifest import StageResult
 from schemas.train import TRAIN_LOG_SCHEMA
+from stages.catalog import POLICY_FOLDER, load_scorer, policy_model_path, reference_model_path
+from stages.io import StageReader
 from stages.metrics import distinct_n
-from stages.models import generate, load_causal_lm, load_tokenizer, reference_model_path
-from stages.score import load_scorer
-from stages.train import POLICY_FOLDER, policy_model_path
+from stages.models.generate import generate
+from stages.models.store import load_causal_lm, load_tokenizer
 from tests.support.models import tiny_model_folder
-from tests.test_reference import _config
+from tests.support.outputs import commit_output
+from tests.support.outputs import metrics as stage_metrics
+from tests.support.reference import tiny_config
 from tests.support.tables import PNG_SIGNATURE, parse_markdown_tables
 
 ALGORITHMS = ("a_lol", "nll")
@@ -57,7 +58,7 @@ def evaluated(tmp_path_factory):
     outputs = {}
     results = {}
     for algorithm in ALGORITHMS:
-        cfg = _config(tmp, model, **TRAIN, **{"train.algorithm": algorithm})
+        cfg = tiny_config(tmp, model, **TRAIN, **{"train.algorithm": algorithm})
         if not outputs:
             outputs["ingest"], _ = execute_stage(cfg, "ingest", {})
             outputs["score"], _ = execute_stage(cfg, "score", {"ingest": outputs["ingest"]})
@@ -67,7 +68,7 @@ def evaluated(tmp_path_factory):
         evaluate, reused = execute_stage(cfg, "evaluate", {**outputs, "train": train})
         assert not reused
         results[algorithm] = (cfg, StageReader(train.path), StageReader(evaluate.path))
-    cfg = _config(tmp, model, **TRAIN, **{"evaluate.harmlessness_prompts": HARMLESSNESS_PROMPTS})
+    cfg = tiny_config(tmp, model, **TRAIN, **{"evaluate.harmlessness_prompts": HARMLESSNESS_PROMPTS})
     train = _train_output_with_policy(cfg, tiny_model_folder(tmp / "other", seed=1))
     evaluate, _ = execute_stage(cfg, "evaluate", {**outputs, "train": train.output()})
     results["other policy"] = (cfg, train, StageReader(evaluate.path))
@@ -75,21 +76,18 @@ def evaluated(tmp_path_factory):
     return tmp, readers, results
 
 
-def _train_output_with_policy(cfg, policy_folder) -> StageReader:
+def _train_output_with_policy(cfg, policy_folder: Path) -> StageReader:
     """A committed train output whose `policy/` is the given model folder and that says it beat pi_ref."""
     folder = RunStore(cfg.run.root, cfg.run.name).stage_dir("train", "0" * 64)
-    writer = StageWriter(folder)
-    shutil.copytree(policy_folder, writer.path(POLICY_FOLDER))
+    files = {f"{POLICY_FOLDER}/{p.relative_to(policy_folder).as_posix()}": p.read_bytes()
+             for p in policy_folder.rglob("*") if p.is_file()}
     rows = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "validation_reward": 1.2}]
-    writer.write_table("train_log", pa.Table.from_pylist(rows, schema=TRAIN_LOG_SCHEMA))
-    metrics = {"policy_is_reference": False, "best_step": 2, "best_validation_reward": 1.2,
-               "reference_validation_reward": 1.0, "train_seconds": 1.0}
-    writer.commit(
-        stage="train", cache_key="0" * 64, result=StageResult(rows_in=0, rows_out=2, metrics=metrics),
-        config_fingerprints={}, config={"train": cfg.train.model_dump(mode="json")}, inputs={},
-        code_version="test", versions={},
+    train_metrics = stage_metrics("train", algorithm=cfg.train.algorithm, policy_is_reference=False, best_step=2,
+                            best_validation_reward=1.2, reference_validation_reward=1.0, train_seconds=1.0)
+    return commit_output(
+        folder, "train", tables={"train_log": pa.Table.from_pylist(rows, schema=TRAIN_LOG_SCHEMA)}, files=files,
+        metrics_model=train_metrics, cache_key="0" * 64, config={"train": cfg.train.model_dump(mode="json")},
     )
-    return StageReader(folder)
 
 
 def _rows(reader: StageReader, model: str) -> list[dict]:
@@ -100,11 +98,11 @@ def test_pi_ref_generations_are_generated_once_and_reused(evaluated):
     tmp, _, results = evaluated
     (_, _, first), (_, _, second) = results["a_lol"], results["nll"]
     third = results["other policy"][2]
-    assert first.manifest.metrics["reference_generations_cached"] == 0
-    assert second.manifest.metrics["reference_generations_cached"] == 1
-    assert third.manifest.metrics["reference_generations_cached"] == 1
+    assert first.metrics.reference_generations_cached == 0
+    assert second.metrics.reference_generations_cached == 1
+    assert third.metrics.reference_generations_cached == 1
     # One entry for the test prompts, one for the Do-Not-Answer prompts of the third evaluation.
-    assert len(list((tmp / "cache" / "generations").iterdir())) == 2
+    assert len(list((tmp / "cache" / "generations").rglob("*.parquet"))) == 2
     assert _rows(first, "reference") == _rows(second, "reference") == _rows(third, "reference")
 
 
@@ -128,7 +126,7 @@ def test_eval_rows_are_independent_greedy_generations_scored_by_the_score_stage(
             assert [r["id"] for r in rows] == sorted(test_prompts)
             if model == "reference":
                 path = reference_model_path(cfg, readers["reference"])
-            elif train.manifest.metrics["policy_is_reference"]:
+            elif train.metrics.policy_is_reference:
                 assert [r["response"] for r in rows] == [r["response"] for r in _rows(evaluate, "reference")]
                 continue
             else:
@@ -162,9 +160,9 @@ def test_metrics_agree_with_the_eval_table(evaluated):
         assert (win["wins"], win["losses"]) == (int(np.sum(diffs > 1e-9)), int(np.sum(diffs < -1e-9)))
         assert win["wins"] + win["ties"] + win["losses"] == len(policy)
         assert metrics["difference"]["reward"]["mean"] == pytest.approx(diffs.mean())
-        assert metrics["policy_is_reference"] == train.manifest.metrics["policy_is_reference"]
+        assert metrics["policy_is_reference"] == train.metrics.policy_is_reference
         assert metrics["advantage"]["rows"] == 24  # the training rows of the tiny data set
-        assert metrics["train"]["train_seconds"] == train.manifest.metrics["train_seconds"]
+        assert metrics["train"]["train_seconds"] == train.metrics.train_seconds
 
 
 def test_report_and_plots_are_written(evaluated):
@@ -206,7 +204,7 @@ def test_harmlessness_prompts_are_generated_and_scored_for_safety(evaluated):
 
 def test_harmlessness_needs_a_toxicity_component():
     from schemas.config import load_config
-    from stages.evaluate import safety_component
+    from stages.evaluate.harmlessness import safety_component
 
     cfg = load_config("smoke", overrides={"score.components": [{"name": "length", "kind": "length"}]})
     with pytest.raises(ValueError, match="no component of kind 'toxicity'"):

@@ -5,18 +5,23 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from stages.io import StageReader, StageWriter
 from schemas.config import load_config
 from schemas.evaluate import eval_schema
-from schemas.manifest import StageResult
-from stages.evaluate import (
+from stages.cache import ParquetCache
+from stages.catalog import PI_REF_FOLDER
+from stages.evaluate.generation import (
     cached_generations,
-    donotanswer_prompts,
-    eval_table,
+    generation_code_version,
     generation_settings,
     generations_key,
     model_fingerprint,
 )
+from stages.evaluate.prompts import donotanswer_prompts
+from stages.evaluate.table import eval_table
+from stages.io import StageReader
+from tests.support.outputs import commit_output, metrics
+
+KEY = "ab" * 32
 
 
 def test_donotanswer_prompts_are_seeded_user_turns():
@@ -37,22 +42,47 @@ def test_cached_generations_produce_once(tmp_path):
         calls.append(1)
         return ["first answer", "second answer"]
 
-    folder = tmp_path / "generations" / "key"
-    first, hit = cached_generations(folder, ["a", "b"], produce)
+    cache = ParquetCache(tmp_path / "generations")
+    first, hit = cached_generations(cache, KEY, ["a", "b"], produce)
     assert (first, hit, len(calls)) == (["first answer", "second answer"], False, 1)
-    again, hit = cached_generations(folder, ["a", "b"], produce)
+    again, hit = cached_generations(cache, KEY, ["a", "b"], produce)
     assert (again, hit, len(calls)) == (first, True, 1)
-    assert pq.read_table(folder / "responses.parquet")["id"].to_pylist() == ["a", "b"]
-    # Different ids under the same folder are not trusted: generated again and stored.
-    _, hit = cached_generations(folder, ["b", "a"], produce)
+    assert cache.path(KEY) == tmp_path / "generations" / "ab" / f"{KEY}.parquet"
+    assert pq.read_table(cache.path(KEY))["id"].to_pylist() == ["a", "b"]
+    # Each id keeps its own response, in the order asked for.
+    swapped, hit = cached_generations(cache, KEY, ["b", "a"], produce)
+    assert (swapped, hit, len(calls)) == (["second answer", "first answer"], True, 1)
+    # Ids the entry does not cover are not trusted: generated again and stored.
+    _, hit = cached_generations(cache, KEY, ["a", "c"], produce)
     assert (hit, len(calls)) == (False, 2)
-    assert [p.name for p in folder.iterdir()] == ["responses.parquet"]  # no temporaries left
+    assert pq.read_table(cache.path(KEY))["id"].to_pylist() == ["a", "c"]
+    assert [p.name for p in cache.path(KEY).parent.iterdir()] == [f"{KEY}.parquet"]  # no temporaries left
 
 
 def test_cached_generations_refuse_a_wrong_count(tmp_path):
+    cache = ParquetCache(tmp_path / "generations")
     with pytest.raises(RuntimeError, match="1 responses for 2 prompts"):
-        cached_generations(tmp_path / "k", ["a", "b"], lambda: ["only one"])
-    assert not (tmp_path / "k").exists()
+        cached_generations(cache, KEY, ["a", "b"], lambda: ["only one"])
+    assert not cache.path(KEY).exists()
+
+
+def test_generation_code_version_follows_tokenisation_generation_and_library_versions(monkeypatch):
+    """An edit of stages/models/tokenize.py or generate.py, or another torch or transformers, generates
+    again; an edit of the model store or of the log-prob code does not."""
+    import inspect
+    from importlib import metadata
+
+    from stages.models import generate, logprobs, store, tokenize
+
+    real_source, real_version = inspect.getsource, metadata.version
+    unchanged = generation_code_version()
+    for module, counts in ((tokenize, True), (generate, True), (store, False), (logprobs, False)):
+        monkeypatch.setattr(inspect, "getsource", lambda m, edited=module: real_source(m) + ("#" if m is edited else ""))
+        assert (generation_code_version() != unchanged) is counts, module.__name__
+    monkeypatch.setattr(inspect, "getsource", real_source)
+    assert generation_code_version() == unchanged
+    monkeypatch.setattr(metadata, "version", lambda pkg: "0.0" if pkg == "transformers" else real_version(pkg))
+    assert generation_code_version() != unchanged
 
 
 def test_generations_key_covers_model_prompts_and_settings():
@@ -71,19 +101,13 @@ def test_generations_key_covers_model_prompts_and_settings():
 
 
 def _reference_output(tmp_path, weights: bytes) -> StageReader:
-    writer = StageWriter(tmp_path / "reference" / "key")
-    writer.path("pi_ref/config.json").write_text("{}")
-    writer.path("pi_ref/model.safetensors").write_bytes(weights)
-    writer.commit(
-        stage="reference", cache_key="k", result=StageResult(rows_in=0, rows_out=0), config_fingerprints={},
-        config={}, inputs={}, code_version="test", versions={},
-    )
-    return StageReader(tmp_path / "reference" / "key")
+    files = {f"{PI_REF_FOLDER}/config.json": "{}", f"{PI_REF_FOLDER}/model.safetensors": weights}
+    return commit_output(tmp_path / "reference" / "key", "reference", files=files, metrics_model=metrics("reference", pi_ref="sft"))
 
 
 def test_model_fingerprint_follows_content(tmp_path):
     reference = _reference_output(tmp_path / "one", b"weights")
-    inside = model_fingerprint(reference.path("pi_ref"), reference)
+    inside = model_fingerprint(reference.path(PI_REF_FOLDER), reference)
     # A folder outside the reference output with the same files is hashed to the same fingerprint.
     base = tmp_path / "base"
     base.mkdir()
@@ -93,7 +117,7 @@ def test_model_fingerprint_follows_content(tmp_path):
     (base / "model.safetensors").write_bytes(b"other weights")
     assert model_fingerprint(base, reference) != inside
     changed = _reference_output(tmp_path / "two", b"fine-tuned")
-    assert model_fingerprint(changed.path("pi_ref"), changed) != inside
+    assert model_fingerprint(changed.path(PI_REF_FOLDER), changed) != inside
 
 
 def test_eval_table_has_a_row_per_model_and_prompt():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from schemas.train import ALGORITHMS, TrainConfig
-from stages.losses import LOSSES, LossBatch, a_lol, loss_function, pad_rows
+from stages.losses import LOSSES, LossBatch, a_lol, loss_function, nll, nll_batch, pad_rows
 
 EPS = 0.5  # clip to [0.5, 1.5]
 BETA = 0.2
@@ -126,3 +126,18 @@ def test_weights_are_detached_so_the_ratio_gets_no_gradient_of_its_own():
     batch, theta = toy_batch()
     a_lol(batch, clip_epsilon=1.0).loss.backward()
     assert theta.grad[1, :2].tolist() == pytest.approx([-0.25 * RHO[1] / 2] * 2, rel=1e-12)
+
+
+def test_nll_batch_gives_the_summed_token_nll_of_unpadded_rows():
+    """The SFT of pi_ref: nll over rows of different lengths is mean over rows of -sum_t l_t, and each
+    real token's gradient is exactly -1/B (what the per-row sums give)."""
+    rows = [torch.tensor(r, dtype=torch.float32, requires_grad=True) for r in ([-0.5, -1.0, -2.0], [-0.1, -3.0], [-4.0])]
+    batch = nll_batch(rows)
+    assert batch.token_logprobs.shape == batch.mask.shape == (3, 3)
+    assert batch.mask.tolist() == [[1, 1, 1], [1, 1, 0], [1, 0, 0]]
+    loss = nll(batch).loss
+    assert loss.item() == pytest.approx((3.5 + 3.1 + 4.0) / 3, rel=1e-6)
+    grads = torch.autograd.grad(loss, rows)
+    expected = torch.autograd.grad(-torch.stack([r.sum() for r in rows]).mean(), rows)
+    for got, want in zip(grads, expected):
+        assert torch.equal(got, want)

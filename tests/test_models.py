@@ -1,4 +1,5 @@
-"""stages.models on a tiny random Llama: tokenisation, batched log-probs against a naive loop, generation, build_once."""
+"""stages.models on a tiny random Llama: tokenisation, batched log-probs against a naive loop,
+generation, build_once."""
 
 from __future__ import annotations
 
@@ -12,19 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.models import (
-    build_once,
-    encode_pair,
-    encode_prompt,
-    generate,
-    length_batches,
-    load_causal_lm,
-    load_tokenizer,
-    render_prompt,
-    resolve_model,
-    response_logprobs_and_prompt_states,
-    response_token_logprobs,
-)
+from stages.models.generate import generate
+from stages.models.logprobs import length_batches, response_logprobs_and_prompt_states, response_token_logprobs
+from stages.models.store import build_once, load_causal_lm, load_tokenizer, resolve_model
+from stages.models.tokenize import encode_pair, encode_prompt, render_prompt
 from tests.support.models import tiny_model_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -196,7 +188,7 @@ def test_build_resumes_after_a_killed_build(tmp_path):
         f"""
         import time
         from pathlib import Path
-        from stages.models import build_once
+        from stages.models.store import build_once
         def hang(folder):
             (folder / "weights.bin").write_bytes(b"partial")
             time.sleep(60)

@@ -6,7 +6,7 @@ from tests.support.models import tiny_model_folder
 
 
 def test_tiny_folder_loads_with_safetensors(tmp_path):
-    from stages.models import load_causal_lm, load_tokenizer, resolve_model
+    from stages.models.store import load_causal_lm, load_tokenizer, resolve_model
 
     folder = resolve_model(str(tiny_model_folder(tmp_path / "tiny")), tmp_path / "cache")
     assert (folder / "model.safetensors").is_file()

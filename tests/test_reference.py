@@ -7,7 +7,6 @@ the causal identity V(prompt+response forward) = V(prompt-only forward).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,55 +14,14 @@ import pytest
 import torch
 
 from pipeline.runner import execute_stage
+from stages.catalog import PI_REF_FOLDER, VALUE_HEAD_FILE, load_scorer, prompt_key, reference_model_path
 from stages.io import StageReader
-from schemas.config import load_config
-from stages.models import encode_pair, encode_prompt, generate, load_causal_lm, load_tokenizer, reference_model_path
-from stages.reference import prompt_key
-from stages.score import load_scorer
+from stages.models.generate import generate
+from stages.models.store import load_causal_lm, load_tokenizer
+from stages.models.tokenize import encode_pair, encode_prompt
 from stages.value_head import load_value_head, predict_values
 from tests.support.models import tiny_model_folder
-
-WORDS = "hello there how are you today i am fine thank you what is your name tell me a joke about cats dogs music".split()
-
-
-def _write_data(path: Path, seed: int = 0) -> Path:
-    """40 prompt/response rows with a split column: 24 train, 12 validation (10 distinct prompts), 4 test."""
-    rng = np.random.default_rng(seed)
-    records = []
-    for i in range(40):
-        split = "train" if i < 24 else "validation" if i < 36 else "test"
-        prompt_index = i if i < 34 else i - 10  # two validation prompts appear twice
-        prompt_words = [WORDS[(prompt_index * 7 + k) % len(WORDS)] for k in range(2 + prompt_index % 9)]
-        response = " ".join(rng.choice(WORDS, size=int(rng.integers(1, 12))))
-        records.append({"prompt": " ".join(prompt_words), "response": response, "split": split})
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def _config(tmp_path: Path, model: Path, **extra):
-    overrides = {
-        "run.root": str(tmp_path / "runs"),
-        "run.cache_dir": str(tmp_path / "cache"),
-        "data.source": "file",
-        "data.path": str(_write_data(tmp_path / "rows.jsonl")),
-        "data.max_rows_per_split": None,
-        "score.components": [
-            {"name": "length", "kind": "length", "options": {"target_words": 6}},
-            {"name": "sentiment", "kind": "sentiment", "weight": 2.0},
-        ],
-        "reference.model": str(model),
-        "reference.max_prompt_tokens": 24,
-        "reference.max_response_tokens": 8,
-        "reference.token_budget": 64,
-        "reference.generate_max_new_tokens": 6,
-        "reference.generate_batch_size": 4,
-        "value.epochs": 4,
-        "value.batch_size": 4,
-        "value.holdout_fraction": 0.3,
-        **extra,
-    }
-    return load_config("smoke", overrides=overrides)
-
+from tests.support.reference import tiny_config
 
 def _run_through_reference(cfg):
     ingest, _ = execute_stage(cfg, "ingest", {})
@@ -85,7 +43,7 @@ def tiny_run(tmp_path_factory):
     torch.set_num_threads(2)
     tmp = tmp_path_factory.mktemp("reference")
     model = tiny_model_folder(tmp / "tiny")
-    cfg = _config(tmp, model)
+    cfg = tiny_config(tmp, model)
     return cfg, *_run_through_reference(cfg)
 
 
@@ -137,8 +95,8 @@ def test_value_targets_are_pi_refs_greedy_outputs_scored_by_the_score_stage(tiny
 
 def test_saved_head_reproduces_values_and_matches_the_pair_forward(tiny_run):
     cfg, ingest, _, reference = tiny_run
-    head = load_value_head(reference.path("value_head.safetensors"))
-    r_max = reference.manifest.metrics["r_max"]
+    head = load_value_head(reference.path(VALUE_HEAD_FILE))
+    r_max = reference.metrics.r_max
     assert head.r_max == r_max == 3.0  # length (weight 1, upper 1) + sentiment (weight 2, upper 1)
     path = reference_model_path(cfg, reference)
     model, tokenizer = load_causal_lm(path), load_tokenizer(path)
@@ -163,33 +121,33 @@ def test_saved_head_reproduces_values_and_matches_the_pair_forward(tiny_run):
 
 def test_manifest_reports_the_value_fit_against_the_mean(tiny_run):
     cfg, _, _, reference = tiny_run
-    metrics = reference.manifest.metrics
-    assert metrics["rows"] == {"train": 24, "validation": 12}
-    assert 0 <= metrics["value_chosen_epoch"] <= cfg.value.epochs
-    assert len(metrics["value_holdout_mse_by_epoch"]) == cfg.value.epochs + 1
-    assert metrics["value_holdout_mse"] == min(metrics["value_holdout_mse_by_epoch"])
+    metrics = reference.metrics
+    assert metrics.rows == {"train": 24, "validation": 12}
+    assert 0 <= metrics.value_chosen_epoch <= cfg.value.epochs
+    assert len(metrics.value_holdout_mse_by_epoch) == cfg.value.epochs + 1
+    assert metrics.value_holdout_mse == min(metrics.value_holdout_mse_by_epoch)
     targets = reference.read("value_targets").to_pandas()
     train_rewards = targets.loc[~targets.holdout, "reward"]
     held = targets.loc[targets.holdout]
-    assert metrics["value_mean_baseline_holdout_mse"] == pytest.approx(((held.reward - train_rewards.mean()) ** 2).mean())
-    assert metrics["value_holdout_mse"] == pytest.approx(((held.reward - held.value) ** 2).mean(), abs=1e-9)
-    assert metrics["pi_ref"] == "base" and metrics["logprob_tokens_per_s"] > 0
-    assert not reference.path("pi_ref").exists()
+    assert metrics.value_mean_baseline_holdout_mse == pytest.approx(((held.reward - train_rewards.mean()) ** 2).mean())
+    assert metrics.value_holdout_mse == pytest.approx(((held.reward - held.value) ** 2).mean(), abs=1e-9)
+    assert metrics.pi_ref == "base" and metrics.logprob_tokens_per_s > 0
+    assert not reference.path(PI_REF_FOLDER).exists()
 
 
 def test_sft_fine_tunes_pi_ref_on_the_training_rows(tiny_run, tmp_path):
     base_cfg, _, _, base_reference = tiny_run
-    cfg = _config(
+    cfg = tiny_config(
         tmp_path, Path(base_cfg.reference.model),
         **{"reference.sft_epochs": 3, "reference.sft_learning_rate": 3e-3, "reference.sft_batch_size": 4},
     )
     _, _, reference = _run_through_reference(cfg)
     folder = reference_model_path(cfg, reference)
-    assert folder == reference.path("pi_ref") and (folder / "model.safetensors").is_file()
-    metrics = reference.manifest.metrics
-    assert metrics["pi_ref"] == "sft" and metrics["sft_steps"] == 3 * 6
-    assert metrics["sft_last_loss"] < metrics["sft_first_loss"]
-    epoch_losses = metrics["sft_epoch_losses"]
+    assert folder == reference.path(PI_REF_FOLDER) and (folder / "model.safetensors").is_file()
+    metrics = reference.metrics
+    assert metrics.pi_ref == "sft" and metrics.sft_steps == 3 * 6
+    assert metrics.sft_last_loss < metrics.sft_first_loss
+    epoch_losses = metrics.sft_epoch_losses
     assert len(epoch_losses) == 3 and epoch_losses[-1] < epoch_losses[0]
 
     def train_mean(reader):

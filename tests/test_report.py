@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from schemas.evaluate import EvaluateMetrics
 from stages.metrics import compare_models
 from stages.report import (
     advantage_statistics,
@@ -19,23 +20,24 @@ from tests.support.tables import PNG_SIGNATURE, parse_markdown_tables
 
 
 @pytest.fixture()
-def metrics():
+def metrics() -> EvaluateMetrics:
     rng = np.random.default_rng(0)
     reference = {"safety": rng.uniform(0.5, 1.0, 30), "tfidf": rng.uniform(0, 0.5, 30)}
     policy = {"safety": np.clip(reference["safety"] + 0.05, 0, 1), "tfidf": reference["tfidf"] + 0.1}
     for scores in (reference, policy):
         scores["reward"] = scores["safety"] + scores["tfidf"]
-    result = compare_models(["a b c"] * 30, policy, ["a a"] * 30, reference, samples=200, seed=0)
-    result.update(
+    return EvaluateMetrics(
+        **compare_models(["a b c"] * 30, policy, ["a a"] * 30, reference, samples=200, seed=0),
         algorithm="a_lol",
         prompts=30,
         components=["safety", "tfidf"],
         bootstrap_samples=200,
         policy_is_reference=False,
         generation={"do_sample": False, "max_new_tokens": 16},
-        train={"train_seconds": 12.5, "best_step": 4},
+        train={"policy_is_reference": False, "best_step": 4, "best_validation_reward": 1.1,
+               "reference_validation_reward": 1.0, "train_seconds": 12.5},
+        advantage={},
     )
-    return result
 
 
 def test_markdown_table_round_trips_cells():
@@ -58,9 +60,9 @@ def test_report_table_parses_and_carries_the_metrics(metrics, tmp_path):
     tables = parse_markdown_tables(text)
     summary = tables[0]
     assert [row["model"] for row in summary] == ["pi_theta", "pi_ref"]
-    policy_reward = metrics["models"]["policy"]["reward"]
-    assert summary[0]["reward (95% CI)"].startswith(f"{policy_reward['mean']:.3f} [")
-    assert float(summary[1]["tfidf"]) == pytest.approx(metrics["models"]["reference"]["tfidf"]["mean"], abs=5e-4)
+    policy_reward = metrics.models["policy"].reward
+    assert summary[0]["reward (95% CI)"].startswith(f"{policy_reward.mean:.3f} [")
+    assert float(summary[1]["tfidf"]) == pytest.approx(metrics.models["reference"].component("tfidf").mean, abs=5e-4)
     assert float(summary[0]["dist-1"]) == pytest.approx(3 / 90, abs=5e-4)  # "a b c" 30 times: 3 unique of 90 words
     assert summary[0]["win/tie/loss vs pi_ref"] == "1.00/0.00/0.00"
     assert summary[1]["win/tie/loss vs pi_ref"] == "—"

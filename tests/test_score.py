@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from pipeline.runner import execute_stage
-from stages.io import StageReader, StageWriter
 from schemas.config import load_config
 from schemas.ingest import INGEST_SCHEMA
-from schemas.manifest import StageResult
+from stages.catalog import SCORER_STATE, load_scorer
+from stages.io import StageReader
 from stages.rewards import RewardComponent, ScoreError
-from stages.score import STATE_FILE, Scorer, load_scorer
+from stages.rewards.scorer import Scorer
+from tests.support.outputs import commit_output
 
 torch.set_num_threads(2)
 
@@ -41,7 +42,6 @@ CHEAP = [
 
 def make_ingest(root: Path, rows=ROWS) -> StageReader:
     """A committed ingest output holding `rows` (id, split, prompt text, response)."""
-    writer = StageWriter(root / "ingest")
     table = pa.Table.from_pylist(
         [
             {"id": i, "split": split, "prompt": [{"role": "user", "content": p}], "response": r,
@@ -50,10 +50,7 @@ def make_ingest(root: Path, rows=ROWS) -> StageReader:
         ],
         schema=INGEST_SCHEMA,
     )
-    writer.write_table("ingest", table, INGEST_SCHEMA)
-    writer.commit(stage="ingest", cache_key="k" * 64, result=StageResult(rows_in=len(rows), rows_out=len(rows)),
-                  config_fingerprints={}, config={}, inputs={}, code_version="test", versions={})
-    return StageReader(root / "ingest")
+    return commit_output(root / "ingest", "ingest", tables={"ingest": table}, cache_key="k" * 64)
 
 
 def config(tmp_path: Path, components):
@@ -96,14 +93,14 @@ def test_score_table_columns_reward_and_metrics(tmp_path, calls):
     assert cols["short"].tolist() == [5 / 6, 5 / 9, 5 / 13, 1 / 5, 1.0, 1.0, 0.0]
     assert cols["tfidf"][6] == 0.0 and cols["tfidf"][0] > 0
 
-    metrics = score.manifest.metrics
-    assert metrics["r_max"] == 4.0 and metrics["r_min"] == 0.0
-    short = metrics["components"]["short"]
-    assert short["mean"] == pytest.approx(cols["short"].mean()) and short["max"] == 1.0 and short["min"] == 0.0
-    assert short["std"] == pytest.approx(cols["short"].std())
-    assert short["fingerprint"] is None and short["cached"] is False and short["rows_per_s"] > 0
-    assert len(metrics["components"]["sentiment"]["fingerprint"]) == 64
-    assert metrics["reward"]["mean"] == pytest.approx(cols["reward"].mean())
+    metrics = score.metrics
+    assert metrics.r_max == 4.0 and metrics.r_min == 0.0
+    short = metrics.components["short"]
+    assert short.mean == pytest.approx(cols["short"].mean()) and short.max == 1.0 and short.min == 0.0
+    assert short.std == pytest.approx(cols["short"].std())
+    assert short.fingerprint is None and short.cached is False and short.rows_per_s > 0
+    assert len(metrics.components["sentiment"].fingerprint) == 64
+    assert metrics.reward.mean == pytest.approx(cols["reward"].mean())
     assert {k for k, _ in calls} == {"length", "sentiment", "tfidf"}
     assert max(n for _, n in calls) == 3, "scored in batches of score.batch_size"
 
@@ -112,7 +109,7 @@ def test_tfidf_is_fit_on_train_responses_and_restored_by_load_scorer(tmp_path):
     ingest = make_ingest(tmp_path)
     cfg = config(tmp_path, CHEAP)
     score, _ = run_score(cfg, ingest)
-    state = json.loads(score.path(STATE_FILE).read_text())["components"]
+    state = json.loads(score.path(SCORER_STATE).read_text())["components"]
     assert state["tfidf"]["documents"] == 4, "only the train split"
     assert "python" not in state["tfidf"]["idf"], "a validation-only word is not in the vocabulary"
     assert state["short"] is None
@@ -142,12 +139,12 @@ def test_new_weight_recomputes_only_the_sum_and_new_component_only_itself(tmp_pa
         np.array(new.column("reward").to_pylist()),
         np.array(old.column("reward").to_pylist()) + 2.0 * np.array(old.column("sentiment").to_pylist()),
     )
-    assert all(c["cached"] for c in reweighted.manifest.metrics["components"].values())
+    assert all(c.cached for c in reweighted.metrics.components.values())
 
     calls.clear()
     added, _ = run_score(config(tmp_path, CHEAP + [{"name": "long", "kind": "length", "options": {"target_words": 50}}]), ingest)
     assert {k for k, _ in calls} == {"length"} and sum(n for _, n in calls) == len(ROWS), "only the new component ran"
-    assert added.manifest.metrics["components"]["long"]["cached"] is False
+    assert added.metrics.components["long"].cached is False
 
     calls.clear()
     run_score(config(tmp_path, [{**CHEAP[0], "name": "renamed"}, CHEAP[1], CHEAP[2]]), ingest)
@@ -173,7 +170,7 @@ def test_cache_files_are_complete_parquet_and_damaged_ones_are_recomputed(tmp_pa
     files = list((tmp_path / "cache" / "scores").rglob("*"))
     parquet = [f for f in files if f.is_file()]
     assert len(parquet) == 1 and parquet[0].suffix == ".parquet", f"no temporary files left behind: {files}"
-    assert parquet[0].stem == score.manifest.metrics["components"]["short"]["cache_key"]
+    assert parquet[0].stem == score.metrics.components["short"].cache_key
     parquet[0].write_bytes(b"not parquet")
     calls.clear()
     again, _ = run_score(config(tmp_path, [{**CHEAP[0], "weight": 2.0}]), ingest)
@@ -208,7 +205,7 @@ def test_nan_and_out_of_bounds_scores_name_component_and_row_id(tmp_path, user_m
     wide = config(tmp_path, [{"name": "paris", "kind": "python",
                               "options": {"function": "alol_test_score_fn:above_one_for_paris", "upper": 2.0}}])
     score, _ = run_score(wide, ingest)
-    assert score.manifest.metrics["r_max"] == 2.0
+    assert score.metrics.r_max == 2.0
 
 
 def test_scorer_score_names_rows_by_index_without_ids(tmp_path, user_module):
@@ -236,9 +233,9 @@ def test_default_components_on_real_models(tmp_path):
     relevance = dict(zip(table.column("id").to_pylist(), table.column("relevance").to_pylist()))
     assert safety["r5"] < 0.1 and safety["r0"] > 0.9, "the insult is unsafe, the answer about Paris safe"
     assert relevance["r0"] > relevance["r3"], "the Paris answer is more relevant to its question than 'Fine.'"
-    metrics = score.manifest.metrics
-    assert metrics["r_max"] == 4.0
+    metrics = score.metrics
+    assert metrics.r_max == 4.0
     for name in ["safety", "sentiment", "relevance", "tfidf"]:
-        stats = metrics["components"][name]
-        assert 0.0 <= stats["min"] <= stats["mean"] <= stats["max"] <= 1.0
-        assert len(stats["fingerprint"]) == 64 and stats["seconds"] > 0
+        stats = metrics.components[name]
+        assert 0.0 <= stats.min <= stats.mean <= stats.max <= 1.0
+        assert len(stats.fingerprint) == 64 and stats.seconds > 0

@@ -10,13 +10,22 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from pipeline.runner import execute_stage
-from stages.io import StageReader, StageWriter
 from schemas.config import ConfigError, load_config
 from schemas.train import ALGORITHMS, TRAIN_LOG_SCHEMA, TrainConfig
 from stages import train
+from stages.catalog import policy_model_path
+from stages.io import StageReader, StageWriter
 from stages.losses import loss_function
-from stages.models import encode_pair, load_causal_lm, load_tokenizer, response_token_logprobs
-from tests.train_fixtures import UPSTREAM, build_upstream, config, readers, tiny_setup
+from stages.models.logprobs import response_token_logprobs
+from stages.models.store import load_causal_lm, load_tokenizer
+from stages.models.tokenize import encode_pair
+from stages.train.errors import TrainError
+from stages.train.policy import learning_rate_factor
+from stages.train.resume import RESUME_FOLDER
+from stages.train.rows import load_train_rows, step_budget
+from stages.train.step import PolicyForward, backward_micro_batches, encode_micro_batch
+from tests.support.outputs import commit_output
+from tests.support.train import UPSTREAM, UPSTREAM_INPUTS, build_upstream, config, readers, tiny_setup
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +54,18 @@ def test_step_budget_shrinks_by_the_positive_fraction_for_the_a_lol_family_only(
     for algorithm in ALGORITHMS:
         cfg = TrainConfig(algorithm=algorithm, steps=100, kl_beta=0.1 if algorithm == "a_lol_kl" else None)
         expected = 37 if algorithm.startswith("a_lol") else 100
-        assert train.step_budget(cfg, positive_rows=37, rows=100) == expected
-    assert train.step_budget(TrainConfig(steps=10), positive_rows=1, rows=1000) == 1
+        assert step_budget(cfg, positive_rows=37, rows=100) == expected
+    assert step_budget(TrainConfig(steps=10), positive_rows=1, rows=1000) == 1
 
 
 def test_learning_rate_schedule():
     linear = TrainConfig(steps=10, warmup_steps=2, schedule="linear")
-    factors = [train.learning_rate_factor(s, linear, 10) for s in range(10)]
+    factors = [learning_rate_factor(s, linear, 10) for s in range(10)]
     assert factors == pytest.approx([1 / 3, 2 / 3, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
     constant = TrainConfig(steps=10, warmup_steps=1, schedule="constant")
-    assert [train.learning_rate_factor(s, constant, 10) for s in range(3)] == [0.5, 1.0, 1.0]
+    assert [learning_rate_factor(s, constant, 10) for s in range(3)] == [0.5, 1.0, 1.0]
     # The A-LoL shrink can leave fewer steps than the warm-up: the warm-up ends before the last step.
-    assert train.learning_rate_factor(1, TrainConfig(steps=10, warmup_steps=5), 2) == 1.0
+    assert learning_rate_factor(1, TrainConfig(steps=10, warmup_steps=5), 2) == 1.0
 
 
 @pytest.mark.parametrize(
@@ -107,15 +116,15 @@ def test_one_batch_of_8_equals_8_batches_of_1_with_accumulation(tiny, algorithm)
     rows = _rows(tokenizer, model)
     loss_fn = loss_function(cfg.train)
     accelerator = Accelerator(cpu=True)
-    policy = train.PolicyForward(model, model)
+    policy = PolicyForward(model, model)
 
     def gradient(batches):
         model.zero_grad(set_to_none=True)
-        sums = train.backward_micro_batches(accelerator, model, policy, batches, loss_fn)
+        sums = backward_micro_batches(accelerator, model, policy, batches, loss_fn)
         return {n: p.grad.clone() for n, p in model.named_parameters()}, sums
 
-    whole, whole_sums = gradient([train.encode_micro_batch(rows, tokenizer, cfg)])
-    split, split_sums = gradient([train.encode_micro_batch([row], tokenizer, cfg) for row in rows])
+    whole, whole_sums = gradient([encode_micro_batch(rows, tokenizer, cfg)])
+    split, split_sums = gradient([encode_micro_batch([row], tokenizer, cfg) for row in rows])
     assert any(g.abs().sum() > 0 for g in whole.values())
     for name in whole:  # float32 round-off only: differences below 1e-5 of each gradient's largest entry
         scale = whole[name].abs().max().item()
@@ -139,10 +148,10 @@ def test_each_family_draws_from_its_own_rows(tiny):
         ("wbc", advantage.index[advantage["reward"] > 0]),
         ("nll", advantage.index),
     ):
-        rows = train.load_train_rows(algorithm, inputs)
+        rows = load_train_rows(algorithm, inputs)
         assert sorted(rows.table["id"].to_pylist()) == sorted(expected), algorithm
         assert rows.train_rows == len(advantage) and rows.positive_rows == (advantage["advantage"] > 0).sum()
-    a_lol = train.load_train_rows("a_lol", inputs)
+    a_lol = load_train_rows("a_lol", inputs)
     np.testing.assert_allclose(a_lol.weight, advantage.loc[a_lol.table["id"].to_pylist(), "advantage"])
 
 
@@ -163,9 +172,9 @@ def test_a_lol_trains_only_pi_theta_and_beats_pi_ref(tiny, monkeypatch):
     assert built == ["LlamaForCausalLM", "LlamaModel"]
 
     m = result.metrics
-    assert m["steps"] == 6 == cfg.train.steps * m["positive_rows"] // m["train_rows"]
-    assert m["policy_is_reference"] is False and m["best_step"] == 6
-    assert m["best_validation_reward"] > m["reference_validation_reward"]
+    assert m.steps == 6 == cfg.train.steps * m.positive_rows // m.train_rows
+    assert m.policy_is_reference is False and m.best_step == 6
+    assert m.best_validation_reward > m.reference_validation_reward
     log = out.read("train_log")
     assert log.schema.equals(TRAIN_LOG_SCHEMA)
     rows = log.to_pylist()
@@ -174,25 +183,25 @@ def test_a_lol_trains_only_pi_theta_and_beats_pi_ref(tiny, monkeypatch):
     assert all(r["advantage_mean"] > 0 for r in rows), "A-LoL never draws A <= 0"
     assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     assert [r["validation_reward"] is not None for r in rows] == [False] * 5 + [True]
-    assert rows[-1]["validation_reward"] == m["best_validation_reward"]
+    assert rows[-1]["validation_reward"] == m.best_validation_reward
 
     policy = AutoModelForCausalLM.from_pretrained(out.path("policy"))
     assert (out.path("policy") / "model.safetensors").is_file() and (out.path("policy") / "tokenizer.json").is_file()
     reference = load_file(tiny[1] / "model.safetensors")
     trained = policy.state_dict()
     assert any(not torch.equal(trained[k], v) for k, v in reference.items())
-    assert train.policy_model_path(cfg, out, readers(tiny[3])["reference"]) == out.path("policy")
-    assert not list((tiny[0] / "cache" / train.RESUME_FOLDER).glob("*")), "resume state removed on success"
+    assert policy_model_path(cfg, out, readers(tiny[3])["reference"]) == out.path("policy")
+    assert not list((tiny[0] / "cache" / RESUME_FOLDER).glob("*")), "resume state removed on success"
 
 
 def test_nothing_beats_pi_ref_keeps_pi_ref(tiny):
     cfg, result, out = run_train(tiny, "tiny-lr", **{"train.learning_rate": 1e-12, "train.algorithm": "nll",
                                                      "train.steps": 2})
     m = result.metrics
-    assert m["policy_is_reference"] is True and m["best_step"] is None
-    assert m["best_validation_reward"] == pytest.approx(m["reference_validation_reward"])
+    assert m.policy_is_reference is True and m.best_step is None
+    assert m.best_validation_reward == pytest.approx(m.reference_validation_reward)
     assert not out.path("policy").exists()
-    assert train.policy_model_path(cfg, out, readers(tiny[3])["reference"]) == tiny[1]
+    assert policy_model_path(cfg, out, readers(tiny[3])["reference"]) == tiny[1]
 
 
 @pytest.mark.parametrize("algorithm", ["a_lol_seq", "a_lol_kl", "r_gold"])
@@ -202,7 +211,7 @@ def test_other_losses_run_through_the_stage(tiny, algorithm):
         extra["train.kl_beta"] = 0.1
     _, result, out = run_train(tiny, algorithm, **extra)
     rows = out.read("train_log").to_pylist()
-    assert len(rows) == result.metrics["steps"] == (2 if algorithm.startswith("a_lol") else 4)
+    assert len(rows) == result.metrics.steps == (2 if algorithm.startswith("a_lol") else 4)
     assert [r["validation_reward"] is not None for r in rows][-1]
     has_weight = algorithm in ("a_lol_seq", "r_gold")
     assert all((r["importance_weight_mean"] is not None) == has_weight for r in rows)
@@ -214,7 +223,7 @@ def test_lora_policy_is_a_merged_transformers_folder(tiny):
     from transformers import AutoModelForCausalLM
 
     _, result, out = run_train(tiny, "lora", **{"train.lora_rank": 4, "train.learning_rate": 5e-2})
-    assert result.metrics["policy_is_reference"] is False
+    assert result.metrics.policy_is_reference is False
     folder = out.path("policy")
     assert (folder / "model.safetensors").is_file() and not (folder / "adapter_config.json").exists()
     names = set(load_file(folder / "model.safetensors"))
@@ -228,22 +237,19 @@ def test_lora_policy_is_a_merged_transformers_folder(tiny):
 def test_changing_only_train_settings_reuses_every_upstream_stage(tiny):
     tmp, model, data, outputs = tiny
     cfg = config(tmp, model, data, **{"train.algorithm": "wbc", "train.steps": 3, "train.learning_rate": 1e-3})
-    needs = {"ingest": (), "score": ("ingest",), "reference": ("ingest", "score"), "advantage": ("score", "reference")}
     for stage in UPSTREAM:
-        output, reused = execute_stage(cfg, stage, {n: outputs[n] for n in needs[stage]})
+        output, reused = execute_stage(cfg, stage, {n: outputs[n] for n in UPSTREAM_INPUTS[stage]})
         assert reused and output.path == outputs[stage].path, stage
 
 
 def test_no_drawable_row_is_an_error_naming_the_advantage_table(tiny, tmp_path):
     import pyarrow as pa
 
-    from tests.test_advantage import committed_stage
-
     inputs = readers(tiny[3])
     table = inputs["advantage"].read("advantage")
     zeros = pa.array([0.0] * table.num_rows)
     table = table.set_column(table.schema.get_field_index("weight_advantage"), "weight_advantage", zeros)
-    inputs["advantage"] = committed_stage(tmp_path / "advantage", "advantage", {"advantage": table})
-    with pytest.raises(train.TrainError, match=r"advantage/\*\.parquet: none of the 32 training rows has a positive"):
-        train.load_train_rows("a_lol", inputs)
-    assert len(train.load_train_rows("nll", inputs).weight) == 32
+    inputs["advantage"] = commit_output(tmp_path / "advantage", "advantage", tables={"advantage": table})
+    with pytest.raises(TrainError, match=r"advantage/\*\.parquet: none of the 32 training rows has a positive"):
+        load_train_rows("a_lol", inputs)
+    assert len(load_train_rows("nll", inputs).weight) == 32

@@ -17,10 +17,11 @@ import yaml
 from safetensors.torch import load_file
 
 from pipeline.storage import RunStore
-from stages.io import StageReader, StageWriter
 from schemas.config import apply_overrides
 from stages import train
-from tests.train_fixtures import build_upstream, config, overrides, readers, tiny_setup
+from stages.io import StageReader, StageWriter
+from stages.train.resume import RESUME_FOLDER, resume_key
+from tests.support.train import build_upstream, config, overrides, readers, tiny_setup
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,10 +88,10 @@ def test_two_processes_equal_one_process_with_twice_the_accumulation(tiny):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     two = recorded_train_output(tiny)
-    assert two.manifest.metrics["processes"] == 2 and two.manifest.metrics["rows_per_step"] == 4
+    assert two.metrics.processes == 2 and two.metrics.rows_per_step == 4
     one = in_process(tiny, "one-process", **{"train.grad_accumulation": 2})
-    assert one.manifest.metrics["processes"] == 1 and one.manifest.metrics["rows_per_step"] == 4
-    assert one.manifest.metrics["policy_is_reference"] is False
+    assert one.metrics.processes == 1 and one.metrics.rows_per_step == 4
+    assert one.metrics.policy_is_reference is False
     assert_same_training(one, two, rel=1e-4)
 
     # The number of processes does not change the result, so one process reuses the two-process output.
@@ -107,9 +108,9 @@ def test_killed_run_resumes_from_its_last_checkpoint_to_the_same_weights(tiny):
     for stage, output in outputs.items():
         store.record(output, cached=True, seconds=0.0)
     uninterrupted = in_process(tiny, "uninterrupted", **settings)
-    assert uninterrupted.manifest.metrics["steps"] == 16
+    assert uninterrupted.metrics.steps == 16
 
-    latest = Path(cfg.run.cache_dir).resolve() / train.RESUME_FOLDER / train.resume_key(cfg, readers(outputs)) / "latest"
+    latest = Path(cfg.run.cache_dir).resolve() / RESUME_FOLDER / resume_key(cfg, readers(outputs)) / "latest"
     assert not latest.exists(), "the uninterrupted run removed its resume state"
     config_file = write_config(tiny, "resume", **settings)
     proc = subprocess.Popen(cli(config_file), cwd=REPO, env=environment(), stdout=subprocess.DEVNULL,
@@ -133,6 +134,6 @@ def test_killed_run_resumes_from_its_last_checkpoint_to_the_same_weights(tiny):
     assert done.returncode == 0, done.stderr[-4000:]
     assert f"resuming from step {killed_at}" in done.stderr
     resumed = StageReader(store.current("train").path)
-    assert resumed.manifest.metrics["resumed_from_step"] == killed_at
+    assert resumed.metrics.resumed_from_step == killed_at
     assert_same_training(uninterrupted, resumed, rel=1e-6)
     assert not latest.parent.exists(), "resume state removed once the stage finished"

@@ -6,7 +6,6 @@ converted once per checkout into the git-ignored `data/cache`.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -15,10 +14,10 @@ import pytest
 import torch
 
 from pipeline.runner import execute_stage
-from stages.io import StageReader
 from schemas.config import load_config
-from stages.models import load_causal_lm
-from stages.train import policy_model_path
+from stages.catalog import policy_model_path
+from stages.io import StageReader
+from stages.models.store import load_causal_lm
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_CACHE = REPO / "data" / "cache"
@@ -49,10 +48,10 @@ def test_train_stage_on_smoke(smoke, algorithm):
     seconds = time.perf_counter() - started
     assert not reused
     out = StageReader(output.path)
-    metrics = out.manifest.metrics
-    advantage = StageReader(outputs["advantage"].path).manifest.metrics
-    expected_steps = max(1, int(cfg.train.steps * advantage["positive_rows"] / advantage["rows"]))
-    assert metrics["steps"] == expected_steps and metrics["positive_rows"] == advantage["positive_rows"]
+    metrics = out.metrics
+    advantage = StageReader(outputs["advantage"].path).metrics
+    expected_steps = max(1, int(cfg.train.steps * advantage.positive_rows / advantage.rows))
+    assert metrics.steps == expected_steps and metrics.positive_rows == advantage.positive_rows
 
     log = out.read("train_log").to_pylist()
     assert [r["step"] for r in log] == list(range(1, expected_steps + 1))
@@ -60,18 +59,18 @@ def test_train_stage_on_smoke(smoke, algorithm):
     assert log[0]["importance_weight_mean"] == pytest.approx(1.0, abs=1e-2)
     assert all(np.isfinite(r["loss"]) and r["loss"] > 0 and r["advantage_mean"] > 0 for r in log)
     assert log[-1]["validation_reward"] is not None
-    assert metrics["best_validation_reward"] == max(r["validation_reward"] for r in log if r["validation_reward"] is not None)
+    assert metrics.best_validation_reward == max(r["validation_reward"] for r in log if r["validation_reward"] is not None)
     # pi_ref's validation reward: its value-target decodes of the same (first, by prompt id) validation prompts.
     targets = StageReader(outputs["reference"].path).read("value_targets", columns=["prompt_id", "reward"])
     first = targets.sort_by("prompt_id")["reward"].to_numpy()[: cfg.train.validation_prompts]
-    assert metrics["validation_prompts"] == len(first) == min(cfg.train.validation_prompts, targets.num_rows)
-    assert metrics["reference_validation_reward"] == pytest.approx(float(np.mean(first)))
+    assert metrics.validation_prompts == len(first) == min(cfg.train.validation_prompts, targets.num_rows)
+    assert metrics.reference_validation_reward == pytest.approx(float(np.mean(first)))
 
     path = policy_model_path(cfg, out, StageReader(outputs["reference"].path))
-    if metrics["policy_is_reference"]:
-        assert not out.path("policy").exists() and metrics["best_step"] is None
-        assert metrics["best_validation_reward"] <= metrics["reference_validation_reward"]
+    if metrics.policy_is_reference:
+        assert not out.path("policy").exists() and metrics.best_step is None
+        assert metrics.best_validation_reward <= metrics.reference_validation_reward
     else:
-        assert path == out.path("policy") and metrics["best_validation_reward"] > metrics["reference_validation_reward"]
+        assert path == out.path("policy") and metrics.best_validation_reward > metrics.reference_validation_reward
         assert load_causal_lm(path).config.hidden_size == 576
-    print(f"train {algorithm} on smoke: {seconds:.1f} s, metrics: {json.dumps(metrics)[:1200]}")
+    print(f"train {algorithm} on smoke: {seconds:.1f} s, metrics: {metrics.model_dump_json()[:1200]}")

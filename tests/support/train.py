@@ -1,4 +1,4 @@
-"""Shared set-up of the train tests: a tiny random Llama as pi_ref and real upstream stages.
+"""Shared set-up of the train tests (tests/test_train*.py): a tiny random Llama as pi_ref and real upstream stages.
 
 The data make the task learnable in a few steps: the reward is the fraction of the words "cats"
 in a response (a `python` reward component, `cats_reward` below); half of the training responses
@@ -17,13 +17,15 @@ import numpy as np
 
 from pipeline.runner import execute_stage
 from pipeline.storage import RunStore
-from stages.io import StageReader
 from schemas.config import AlolConfig, load_config
 from schemas.manifest import StageOutput
+from stages.io import StageReader
 from tests.support.models import tiny_model_folder
 
 WORDS = "hello there how are you today i am fine thank you what is your name tell me a joke about dogs music".split()
 UPSTREAM = ("ingest", "score", "reference", "advantage")
+UPSTREAM_INPUTS = {"ingest": (), "score": ("ingest",), "reference": ("ingest", "score"), "advantage": ("score", "reference")}
+"""Each upstream stage -> the stages it reads."""
 
 
 def cats_reward(prompts, responses):
@@ -55,7 +57,7 @@ def overrides(tmp: Path, model: Path, data: Path, **extra) -> dict:
         "data.max_rows_per_split": None,
         "score.components": [
             {"name": "cats", "kind": "python",
-             "options": {"function": "tests.train_fixtures:cats_reward", "lower": 0.0, "upper": 1.0}},
+             "options": {"function": "tests.support.train:cats_reward", "lower": 0.0, "upper": 1.0}},
         ],
         "reference.model": str(model),
         "reference.max_prompt_tokens": 24,
@@ -92,9 +94,8 @@ def build_upstream(cfg: AlolConfig) -> dict[str, StageOutput]:
     """Run ingest, score, reference and advantage, and record them in the run's run.json."""
     store = RunStore(cfg.run.root, cfg.run.name)
     outputs: dict[str, StageOutput] = {}
-    needs = {"ingest": (), "score": ("ingest",), "reference": ("ingest", "score"), "advantage": ("score", "reference")}
     for stage in UPSTREAM:
-        outputs[stage], cached = execute_stage(cfg, stage, {n: outputs[n] for n in needs[stage]})
+        outputs[stage], cached = execute_stage(cfg, stage, {n: outputs[n] for n in UPSTREAM_INPUTS[stage]})
         store.record(outputs[stage], cached=cached, seconds=0.0)
     return outputs
 

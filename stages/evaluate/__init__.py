@@ -1,0 +1,95 @@
+"""Evaluate stage: generate on the test prompts with pi_theta and pi_ref, score both, compare, report.
+
+- `prompts`: the distinct test prompts of ingest, and Do-Not-Answer questions.
+- `generation`: the generation settings and pi_ref's generations through a cache shared across runs
+  (`<run.cache_dir>/generations`), so that a second algorithm over the same upstream generates only
+  with its own policy; the policy's generations are pi_ref's when the train stage kept no checkpoint.
+- `table`: the `eval` table, both models' responses scored by the score stage's components.
+- `harmlessness`: optionally, both models on Do-Not-Answer prompts scored by the safety component.
+- `outputs`: the report, its plots and the metrics files.
+
+Outputs: the `eval` table (schemas.evaluate.eval_schema), optionally `eval_harmlessness`,
+`metrics.json` (schemas.evaluate.EvaluateMetrics), `metrics_table.json` (the summary rows, for a
+table artifact), `report.md` and `plots/*.png`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from schemas.config import AlolConfig
+from schemas.evaluate import EvaluateMetrics, TrainSummary, eval_schema
+from schemas.manifest import StageResult
+from stages.catalog import load_scorer
+from stages.evaluate.generation import Generations, generation_settings
+from stages.evaluate.harmlessness import harmlessness
+from stages.evaluate.outputs import write_report
+from stages.evaluate.prompts import test_prompts
+from stages.evaluate.table import eval_table, score_both
+from stages.io import StageReader, StageWriter
+from stages.metrics import compare_models
+from stages.report import advantage_statistics
+
+log = logging.getLogger("alol.evaluate")
+
+
+def _train_summary(train: StageReader) -> TrainSummary:
+    m = train.metrics
+    return TrainSummary(
+        policy_is_reference=m.policy_is_reference, best_step=m.best_step, best_validation_reward=m.best_validation_reward,
+        reference_validation_reward=m.reference_validation_reward, train_seconds=m.train_seconds,
+    )
+
+
+def _config(cfg: AlolConfig, inputs: dict[str, StageReader]) -> dict[str, Any]:
+    """The configuration behind this output: what each upstream stage read, plus this stage's sections."""
+    merged: dict[str, Any] = {}
+    for reader in inputs.values():
+        merged.update(reader.manifest.config)
+    merged.update({name: getattr(cfg, name).model_dump(mode="json") for name in ("evaluate", "reference", "score")})
+    merged["run.seed"] = cfg.run.seed
+    return merged
+
+
+def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> StageResult:
+    """Generate, score, write the `eval` table, metrics and report."""
+    ids, prompts = test_prompts(inputs["ingest"])
+    scorer = load_scorer(cfg, inputs["score"])
+    generations = Generations(cfg, inputs)
+    reference = generations.reference(ids, prompts)
+    responses = {"reference": reference, "policy": generations.policy(prompts, reference)}
+    scores = score_both(scorer, ids, prompts, responses, generations.policy_is_reference)
+    schema = eval_schema(scorer.component_names)
+    table = eval_table(ids, prompts, responses, scores, schema)
+    out.write_table("eval", table, schema)
+
+    samples, seed = cfg.evaluate.bootstrap_samples, cfg.run.seed
+    fields: dict[str, Any] = {
+        "algorithm": inputs["train"].metrics.algorithm,
+        "prompts": len(ids),
+        "components": list(scorer.component_names),
+        "bootstrap_samples": samples,
+        "policy_is_reference": generations.policy_is_reference,
+        **compare_models(responses["policy"], scores["policy"], responses["reference"], scores["reference"], samples, seed),
+        "train": _train_summary(inputs["train"]).model_dump(),
+        "generation": generation_settings(cfg),
+    }
+    rows_in, rows_out = len(ids), table.num_rows
+    if cfg.evaluate.harmlessness_prompts > 0:
+        fields["harmlessness"] = harmlessness(cfg, generations, scorer, out, schema)
+        rows_in += fields["harmlessness"]["prompts"]
+        rows_out += 2 * fields["harmlessness"]["prompts"]
+    advantage_values = inputs["advantage"].read("advantage", columns=["advantage"])["advantage"].to_numpy()
+    fields["advantage"] = advantage_statistics(advantage_values)
+    fields["reference_generations_cached"] = generations.reference_cache_hits
+    metrics = EvaluateMetrics.model_validate(fields)
+    rewards = {m: scores[m]["reward"] for m in ("policy", "reference")}
+    write_report(out, inputs, metrics, _config(cfg, inputs), rewards, advantage_values)
+    difference = metrics.difference["reward"]
+    log.info(
+        "test reward: policy %.4f, pi_ref %.4f, difference %.4f [%.4f, %.4f]",
+        metrics.models["policy"].reward.mean, metrics.models["reference"].reward.mean,
+        difference.mean, difference.low, difference.high,
+    )
+    return StageResult(rows_in=rows_in, rows_out=rows_out, metrics=metrics)

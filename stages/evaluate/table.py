@@ -1,0 +1,39 @@
+"""The `eval` table (schemas.evaluate.eval_schema): both models' responses to the same prompts, scored."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from stages.evaluate.prompts import Prompt
+from stages.metrics import words
+from stages.rewards.scorer import Scorer
+
+
+def score_both(
+    scorer: Scorer, ids: Sequence[str], prompts: Sequence[Prompt], responses: dict[str, list[str]], same: bool
+) -> dict[str, dict[str, np.ndarray]]:
+    """Score pi_ref's responses, and the policy's unless they are the same responses."""
+    reference = scorer.score(list(prompts), responses["reference"], ids=list(ids))
+    policy = reference if same else scorer.score(list(prompts), responses["policy"], ids=list(ids))
+    return {"reference": reference, "policy": policy}
+
+
+def eval_table(
+    ids: Sequence[str], prompts: Sequence[Prompt], responses: dict[str, list[str]], scores: dict[str, dict[str, np.ndarray]],
+    schema: pa.Schema,
+) -> pa.Table:
+    """Rows of every (model, prompt): response, its reward columns and its length in words."""
+    columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+    for model in ("policy", "reference"):
+        columns["id"] += list(ids)
+        columns["prompt"] += list(prompts)
+        columns["model"] += [model] * len(ids)
+        columns["response"] += responses[model]
+        for name, values in scores[model].items():
+            columns[name] += values.tolist()
+        columns["length_words"] += [len(words(r)) for r in responses[model]]
+    return pa.Table.from_pydict(columns, schema=schema)

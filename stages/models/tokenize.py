@@ -1,0 +1,46 @@
+"""Tokenisation of a row: the rendered prompt (chat template, left-truncated) and the response
+(right-truncated, EOS appended, so T <= max_response_tokens counts the EOS)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+Messages = Sequence[dict[str, str]]
+
+
+def render_prompt(tokenizer: Any, prompt_messages: Messages) -> str:
+    """The prompt text ending where the assistant's reply starts.
+
+    With a chat template: the template with the generation prompt. Without one (base models):
+    `role: content` lines followed by `assistant:`.
+    """
+    messages = [{"role": m["role"], "content": m["content"]} for m in prompt_messages]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    lines = [f"{m['role']}: {m['content']}" for m in messages]
+    return "\n".join(lines + ["assistant:"])
+
+
+def encode_prompt(tokenizer: Any, prompt_messages: Messages, max_prompt_tokens: int) -> list[int]:
+    """Token ids of the rendered prompt, truncated from the left to `max_prompt_tokens`."""
+    text = render_prompt(tokenizer, prompt_messages)
+    # A chat template writes its own special tokens; a plain prompt gets the tokenizer's usual ones (e.g. BOS).
+    ids = tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
+    return list(ids[-max_prompt_tokens:])
+
+
+def encode_response(tokenizer: Any, response: str, max_response_tokens: int) -> list[int]:
+    """Response ids truncated from the right to `max_response_tokens - 1`, then EOS: T <= max_response_tokens."""
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return list(ids[: max_response_tokens - 1]) + [tokenizer.eos_token_id]
+
+
+def encode_pair(
+    tokenizer: Any, prompt_messages: Messages, response: str, max_prompt_tokens: int, max_response_tokens: int
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids): prompt left-truncated, response right-truncated with EOS appended."""
+    return (
+        encode_prompt(tokenizer, prompt_messages, max_prompt_tokens),
+        encode_response(tokenizer, response, max_response_tokens),
+    )
