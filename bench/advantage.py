@@ -28,14 +28,13 @@ import pyarrow as pa  # noqa: E402
 from bench.memory import peak_rss_mb  # noqa: E402
 from stages.io import StageReader, StageWriter  # noqa: E402
 from schemas.manifest import StageResult  # noqa: E402
+from schemas.reference import REFERENCE_SCHEMA  # noqa: E402
+from tests.support.outputs import metrics as neutral_metrics  # noqa: E402  (a hand-built output's valid metrics)
 
 
 SCHEMAS = {
     "score": pa.schema([("id", pa.string()), ("safety", pa.float64()), ("sentiment", pa.float64()), ("reward", pa.float64())]),
-    "reference": pa.schema(
-        [("id", pa.string()), ("split", pa.string()), ("ref_logprob", pa.float64()),
-         ("ref_token_logprobs", pa.list_(pa.float32())), ("response_tokens", pa.int32()), ("value", pa.float64())]
-    ),
+    "reference": REFERENCE_SCHEMA,
 }
 
 
@@ -51,11 +50,14 @@ def generate(folder: Path, rows: int) -> None:
                          random() * 2 AS reward FROM range({rows}) t(i)"""
         else:
             select = f"""SELECT md5(i::VARCHAR) AS id, CASE WHEN i % 10 = 0 THEN 'validation' ELSE 'train' END AS split,
+                         NULL::VARCHAR AS preference,
                          -20 * random() AS ref_logprob, [-1.5, -0.5, -2.0]::FLOAT[] AS ref_token_logprobs,
-                         3::INTEGER AS response_tokens, 2 * random() AS value
+                         3::INTEGER AS response_tokens, false AS response_truncated,
+                         md5(i::VARCHAR)[:16] AS token_hash, 2 * random() AS value
                          FROM range({rows}) t(i) ORDER BY hash(i)"""
         con.execute(f"COPY ({select}) TO '{part}' (FORMAT parquet, COMPRESSION zstd)")
-        writer.commit(stage=stage, cache_key=stage * 8, result=StageResult(rows_in=rows, rows_out=rows),
+        result = StageResult(rows_in=rows, rows_out=rows, metrics=neutral_metrics(stage))
+        writer.commit(stage=stage, cache_key=stage * 8, result=result,
                       config_fingerprints={}, config={}, inputs={}, code_version="bench", versions={})
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
+from pipeline import console
 from schemas.base import UserInputError
 from schemas.config import PROFILES, AlolConfig, ConfigError, load_config, parse_override
 from schemas.stages import STAGE_NAMES
@@ -31,36 +32,24 @@ def _config(args: argparse.Namespace) -> AlolConfig:
     return load_config(args.profile, args.config, _overrides(args))
 
 
-def _store(args: argparse.Namespace):
+def _store(args: argparse.Namespace, cfg: AlolConfig | None = None):
+    """The run `--run` names (default: the latest run under run.root, else run.name)."""
     from pipeline.storage import RunStore
 
-    cfg = _config(args)
+    cfg = cfg or _config(args)
     name = args.run or RunStore.latest_name(cfg.run.root) or cfg.run.name
     return RunStore(cfg.run.root, name)
 
 
-class _HideUserErrorTracebacks(logging.Filter):
-    """Prefect logs a failed task with its traceback; for a UserInputError the one-line message is enough."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], UserInputError):
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
-def _quiet_user_errors() -> None:
-    hide = _HideUserErrorTracebacks()
-    for name in ("", "prefect", "prefect.task_runs", "prefect.flow_runs"):
-        for handler in logging.getLogger(name).handlers:
-            handler.addFilter(hide)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline import preflight
+
+    cfg = _config(args)  # read once; a config error stops here, before Prefect starts
+    preflight.check(cfg, stages=args.stages, refresh=args.refresh)  # so do missing inputs, models, folders
+
     from pipeline.flow import run_alol
 
-    _quiet_user_errors()
-    cfg = _config(args)  # read once; a config error stops here, before Prefect starts
+    console.filter_terminal_handlers()  # Prefect's own, added when it is imported
     outputs = run_alol(cfg, stages=args.stages, refresh=args.refresh)
     print(_status_table(cfg.run.root, cfg.run.name, only=list(outputs)))
     return 0
@@ -73,39 +62,58 @@ def _status_table(root: str, name: str, only: list[str] | None = None) -> str:
     stages = store.state()["stages"]
     if not stages:
         return f"run {name!r} under {store.root}: no stage has run yet"
-    header = ("stage", "rows", "content hash", "state", "seconds", "folder")
+    header = ("stage", "rows", "content hash", "state", "seconds", "computed by", "folder")
     lines = []
     for stage in STAGE_NAMES:
         entry = stages.get(stage)
         if entry is None or (only is not None and stage not in only):
             continue
         rows = ", ".join(f"{t} {n:,}" for t, n in entry["rows"].items())
-        state = "cached" if entry["cached"] else "fresh"
-        folder = os.path.relpath(entry["path"])
-        lines.append((stage, rows, entry["content_hash"][:12], state, f"{entry['seconds']:.1f}", folder))
+        waited = entry.get("waiting_seconds", 0.0)
+        state = ("cached" if entry["cached"] else "fresh") + (f" (waited {waited:.0f} s)" if waited >= 5 else "")
+        folder = os.path.relpath(store.folder(entry["path"]))
+        lines.append((stage, rows, entry["content_hash"][:12], state, f"{entry['seconds']:.1f}", _producer(entry), folder))
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
     fmt = lambda row: "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip()  # noqa: E731
     return "\n".join([f"run {name} ({store.dir})", fmt(header), *map(fmt, lines)])
 
 
+def _producer(entry: dict) -> str:
+    """Who computed a recorded output: its flow run's name, else pid@host; how long it took."""
+    by = entry.get("computed_by") or {}
+    who = by.get("run") or (f"pid {by['pid']}@{by['host']}" if by.get("pid") else "?")
+    return f"{who} in {by['seconds']:.1f} s" if "seconds" in by else who
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     store = _store(args)
     print(_status_table(str(store.root), store.name))
+    if not args.verify:
+        return 0
+    problems = store.verify()
+    for stage in (s for s in STAGE_NAMES if s in problems):
+        print(f"{stage}: {'intact' if problems[stage] is None else 'DAMAGED: ' + problems[stage]}")
+    damaged = [s for s, problem in problems.items() if problem is not None]
+    if damaged:
+        print(f"damaged: {', '.join(damaged)}; `alol run` recomputes them", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
     from pipeline import sql
 
-    store = _store(args)
+    cfg = _config(args)
+    store = _store(args, cfg)
     if args.views:
-        print("\n".join(sql.create_view_statements(sql.run_views(store))))
+        print("\n".join(sql.create_view_statements(sql.run_views(store).tables)))
         return 0
     if not args.query:
         raise SystemExit("alol sql: give a query, or --views")
+    out = sql.check_out_path(args.out, [store.root, cfg.run.cache_dir]) if args.out else None
     relation = sql.query(store, args.query)
-    if args.out:
-        rows = sql.write_parquet(relation, args.out)
+    if out is not None:
+        rows = sql.write_parquet(relation, out)
         print(f"wrote {rows:,} rows to {args.out}")
     elif args.format == "csv":
         sys.stdout.write(sql.format_csv(relation))
@@ -126,6 +134,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from pipeline.report_cli import compare_main
 
+    console.filter_terminal_handlers()  # Prefect's own, added when it is imported
     return compare_main(args.profile, args.config, _overrides(args), args.algorithms)
 
 
@@ -157,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="per stage of a run: rows, content hash, cached or fresh, seconds")
     _config_options(status)
     status.add_argument("--run", help="run name (default: the latest run)")
+    status.add_argument("--verify", action="store_true", help="re-hash every output; exit 1 naming what is damaged")
     status.set_defaults(func=cmd_status)
 
     sql = sub.add_parser("sql", help="query a run's tables with DuckDB (read-only)")
@@ -190,26 +200,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 1 an error (one line per problem; --debug shows the traceback), 2 a bad
+    configuration, 130 interrupted (Ctrl-C)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore"):  # one line per API request otherwise
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    debug = bool(args.debug or os.environ.get("ALOL_DEBUG"))
+    console.setup(debug)
     try:
         return args.func(args)
     except ConfigError as exc:
         print(f"alol: {exc}", file=sys.stderr)
         return 2
     except UserInputError as exc:
-        if args.debug or os.environ.get("ALOL_DEBUG"):
+        if debug:
             raise
-        print(f"alol: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"alol: error: {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        return 130
+        if debug:
+            traceback.print_exc()
+        print("alol: interrupted", file=sys.stderr)
+        return console.INTERRUPTED_EXIT
     except Exception as exc:  # noqa: BLE001 - one clear line for the user; --debug shows the traceback
-        if args.debug or os.environ.get("ALOL_DEBUG"):
+        if debug:
             raise
-        print(f"alol: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"alol: error: {type(exc).__name__}: {exc} (--debug shows the traceback)", file=sys.stderr)
         return 1
 
 

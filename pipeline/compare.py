@@ -7,7 +7,8 @@ algorithm to the list trains and evaluates only that one.
 
 The table follows the paper's: one row per method plus pi_ref, the reward (total with its 95%
 bootstrap interval, and each component), the paired difference to pi_ref, length, distinct-1/2/3,
-the win rate over pi_ref and the training time.
+the win rate over pi_ref and the training time (the train stage's own `train_seconds`: the
+evaluate stage's files carry no timing, so that recomputing train leaves evaluate cached).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from pipeline.flow import run_alol
+from pipeline.preflight import check
 from pipeline.routing import FLOW_NAME
 from schemas.algorithms import ALGORITHM_REGISTRY, ALGORITHMS, OPTIONAL_HYPERPARAMETERS
 from schemas.config import Profile, load_config
@@ -65,8 +67,9 @@ def algorithm_overrides(base: dict[str, Any], algorithm: str) -> dict[str, Any]:
     return overrides
 
 
-def method_row(method: str, metrics: EvaluateMetrics, model: str) -> dict[str, Any]:
-    """One row of the comparison from an evaluation's metrics; model is "policy" or "reference"."""
+def method_row(method: str, metrics: EvaluateMetrics, model: str, train_seconds: float | None = None) -> dict[str, Any]:
+    """One row of the comparison from an evaluation's metrics; model is "policy" or "reference".
+    `train_seconds` is the train stage's (TrainMetrics), shown on the policy's row."""
     m = metrics.models[model]
     is_policy = model == "policy"
     diff = metrics.difference["reward"] if is_policy else Interval(mean=0.0, low=0.0, high=0.0)
@@ -88,7 +91,7 @@ def method_row(method: str, metrics: EvaluateMetrics, model: str) -> dict[str, A
         "tie_rate": win.tie_rate if win else None,
         "loss_rate": win.loss_rate if win else None,
         "policy_is_reference": metrics.policy_is_reference if is_policy else None,
-        "train_seconds": metrics.train.train_seconds if is_policy else None,
+        "train_seconds": train_seconds if is_policy else None,
     }
     return row
 
@@ -145,6 +148,7 @@ def compare(
     # Every configuration is read before any work: an unknown name or a bad setting fails at once.
     configs = [load_config(profile, config_file, algorithm_overrides(base, a)) for a in algorithms]
     cfg = configs[0]
+    check(cfg)  # the data, the model and the run folders, shared by every algorithm: before any work
     rows: list[dict[str, Any]] = []
     reference: dict[str, Any] | None = None
     components: list[str] = []
@@ -152,9 +156,10 @@ def compare(
         log.info("compare: %s", algorithm)
         outputs = run_alol(algorithm_cfg, stages=COMPARE_STAGES)
         metrics = StageReader(outputs["evaluate"].path).metrics
+        train_seconds = StageReader(outputs["train"].path).metrics.train_seconds
         components = metrics.components
         reference = reference or method_row(REFERENCE_ROW, metrics, "reference")
-        rows.append(method_row(algorithm, metrics, "policy"))
+        rows.append(method_row(algorithm, metrics, "policy", train_seconds))
     folder = Path(cfg.run.root).resolve() / cfg.run.name / "compare"
     title = f"alol compare: run {cfg.run.name}, {metrics.prompts} test prompts"
     return write_comparison(folder, [reference, *rows], components, title)

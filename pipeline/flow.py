@@ -3,7 +3,9 @@
 Cache: the task's cache key is the stage's own key (config fingerprints of the sections it reads,
 upstream content hashes, code version), results are JSON records under `<run.root>/.prefect-results`.
 Prefect never looks at the files a record points to, so the flow re-verifies every cached output
-against its manifest and recomputes when a file is missing or changed.
+against its manifest and recomputes when a file is missing or changed. A failed stage leaves no
+record (Prefect persists the exception of a failed task; the flow removes it) and no output folder
+(pipeline.runner discards it).
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import CachePolicy
 from prefect.locking.filesystem import FileSystemLockManager
+from prefect.runtime import flow_run as prefect_flow_run
 
 import psutil
 
 from pipeline.routing import accelerator_deployment, run_stage_deployment
-from pipeline.runner import STAGES, cache_key, execute_stage, upstream_from_run
+from pipeline.runner import RESULTS_FOLDER, STAGES, cache_key, execute_stage, upstream_from_run
+from pipeline.temporary_server import ensure_temporary_server
 from pipeline.storage import RunStore
 from stages.io import IntegrityError, StageReader
 from schemas.config import AlolConfig, Profile, load_config
@@ -35,8 +39,6 @@ from schemas.stages import STAGE_NAMES, StageName
 from stages.catalog import METRICS_TABLE_FILE, REPORT_FILE
 
 log = logging.getLogger("alol.flow")
-
-RESULTS_FOLDER = ".prefect-results"
 
 
 @dataclass
@@ -156,13 +158,18 @@ def _publish_artifacts(reader: StageReader) -> None:
 def run_stage(
     stage: str, key: str, cfg: AlolConfig, inputs: dict[str, StageOutput], refresh: bool, store: RunStore
 ) -> StageRun:
-    """Compute one stage (or reuse its intact output folder for the same key) and publish its manifest."""
-    output, reused = execute_stage(cfg, stage, inputs, refresh=refresh, store=store)
+    """Compute one stage (or reuse its intact output folder for the same key) and publish its manifest.
+
+    The result (which Prefect keeps as its cache record) holds the output's path relative to the run
+    root, so that a moved or copied run root still finds its outputs."""
+    output, reused = execute_stage(
+        cfg, stage, inputs, refresh=refresh, store=store, run=prefect_flow_run.name, run_id=prefect_flow_run.id
+    )
     if output.cache_key != key:
         raise RuntimeError(f"stage {stage}: cache key changed while running ({key[:16]} -> {output.cache_key[:16]})")
     _publish_artifacts(StageReader(output.path, verify=False))
     log.info("%s: %s rows, folder %s%s", stage, output.rows, output.path, " (reused)" if reused else "")
-    return StageRun(output=output, reused=reused)
+    return StageRun(output=store.portable(output), reused=reused)
 
 
 def _stage_task(cfg: AlolConfig, refresh: bool):
@@ -173,6 +180,30 @@ def _stage_task(cfg: AlolConfig, refresh: bool):
         cache_policy=StageCacheKey().configure(isolation_level="SERIALIZABLE", lock_manager=lock_manager),
         refresh_cache=True if refresh else None,
     )
+
+
+def _stage_run(cfg: AlolConfig, stage: str, key: str, inputs: dict[str, StageOutput], refresh: bool, store: RunStore):
+    """Run the stage task; returns its StageRun and whether Prefect's cache answered, or raises the stage's error.
+
+    Prefect persists the exception of a failed task as a result record (a file named by a random
+    key, which no cache lookup reads); a failed stage should leave nothing behind, so it is removed.
+    """
+    state = _stage_task(cfg, refresh)(stage, key, cfg, inputs, refresh, store, return_state=True)
+    try:
+        run: StageRun = state.result()
+        return run.model_copy(update={"output": store.resolve(run.output)}), state.name == "Cached"
+    finally:
+        if state.is_failed():
+            _remove_failure_record(state, Path(cfg.run.root).resolve() / RESULTS_FOLDER)
+
+
+def _remove_failure_record(state, results: Path) -> None:
+    storage_key = getattr(getattr(state.data, "metadata", None), "storage_key", None)
+    if not storage_key:
+        return
+    record = Path(storage_key) if Path(storage_key).is_absolute() else results / storage_key
+    if record.parent == results:
+        record.unlink(missing_ok=True)
 
 
 def _verified(output: StageOutput) -> bool:
@@ -215,12 +246,9 @@ def alol(
             outputs[stage] = run_stage_deployment(deployment, store, stage, key, refresh=stage in forced, parameters=params)
             continue
         started = time.time()
-        state = _stage_task(cfg, stage in forced)(stage, key, cfg, inputs, stage in forced, store, return_state=True)
-        run: StageRun = state.result()
-        cached = state.name == "Cached"
+        run, cached = _stage_run(cfg, stage, key, inputs, stage in forced, store)
         if cached and not _verified(run.output):
-            state = _stage_task(cfg, True)(stage, key, cfg, inputs, True, store, return_state=True)
-            run, cached = state.result(), False
+            run, cached = _stage_run(cfg, stage, key, inputs, True, store)[0], False
         # A cache hit of Prefect's record, or an intact output folder with the same key that the task reused.
         store.record(run.output, cached=cached or run.reused, seconds=time.time() - started)
         outputs[stage] = run.output
@@ -229,5 +257,7 @@ def alol(
 
 def run_alol(cfg: AlolConfig, stages: list[str] | None = None, refresh: list[str] | None = None) -> dict[str, StageOutput]:
     """Run the flow in-process on an already validated configuration (`load_config` raised any error
-    before a Prefect server started)."""
+    before a Prefect server started). Without a PREFECT_API_URL the temporary server is started in
+    its own session first (pipeline.temporary_server: Ctrl-C must not stop it under a running flow)."""
+    ensure_temporary_server()
     return alol(stages=stages, refresh=refresh, config=cfg)

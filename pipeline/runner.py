@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+import os
 import platform
+import socket
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
@@ -16,16 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.storage import RunStore
-from stages.io import IntegrityError, StageReader, StageWriter
-from schemas.base import canonical_json, sha256_text
+from schemas.base import UserInputError, canonical_json, sha256_text
 from schemas.config import AlolConfig
-from schemas.manifest import StageOutput
+from schemas.manifest import Producer, StageOutput
 from schemas.stages import STAGE_NAMES
+from stages.io import IntegrityError, StageReader, StageWriter
 
 log = logging.getLogger("alol.runner")
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
+
+RESULTS_FOLDER = ".prefect-results"
+"""Under run.root: the flow's Prefect result records (one per stage cache key) and its stage locks."""
 
 CACHES = ("run.cache_dir",)
 """Where shared caches live: a stage that uses them may read it, but it is in no cache key (moving
@@ -69,7 +74,7 @@ STAGES: dict[str, StageSpec] = {
 assert tuple(STAGES) == STAGE_NAMES, "STAGES must list every stage of schemas.stages, in pipeline order"
 
 
-class MissingUpstreamError(RuntimeError):
+class MissingUpstreamError(UserInputError, RuntimeError):
     """A stage was asked to run alone but an upstream stage has no output in this run."""
 
 
@@ -191,11 +196,13 @@ def reusable_output(store: RunStore, stage: str, key: str) -> StageOutput | None
 
 
 def execute_stage(
-    cfg: AlolConfig, stage: str, inputs: dict[str, StageOutput], *, refresh: bool = False, store: RunStore | None = None
+    cfg: AlolConfig, stage: str, inputs: dict[str, StageOutput], *, refresh: bool = False, store: RunStore | None = None,
+    run: str | None = None, run_id: str | None = None,
 ) -> tuple[StageOutput, bool]:
     """Run `stage` on its upstream outputs, or reuse the intact output with the same cache key.
 
-    `store` is the run's folders (the flow passes the one it uses; default: `RunStore.of(cfg)`).
+    `store` is the run's folders (the flow passes the one it uses; default: `RunStore.of(cfg)`); `run`
+    and `run_id` name the flow run computing it, for the manifest's `producer`.
     Returns the output handle and whether it was reused. Does not touch run.json (the caller records).
     """
     store = store or RunStore.of(cfg)
@@ -217,7 +224,14 @@ def execute_stage(
             inputs={name: reader.content_hash for name, reader in readers.items()},
             code_version=code_version(),
             versions=versions(),
+            producer=Producer(host=socket.gethostname(), pid=os.getpid(), run=run, run_id=run_id),
         )
+    except OSError as exc:
+        writer.abort()
+        if exc.filename is None and exc.errno is not None and str(writer.dir) not in str(exc):
+            # e.g. a full disk while writing a small file: say where, and that nothing was kept.
+            raise OSError(exc.errno, f"{exc.strerror or exc}: while stage {stage} wrote {writer.dir} (discarded)") from exc
+        raise
     except BaseException:
         writer.abort()
         raise

@@ -1,8 +1,18 @@
-"""`alol sql`: read-only DuckDB over a run's stage outputs, one view per table."""
+"""`alol sql`: read-only DuckDB over a run's stage outputs, one view per table.
+
+The jail: a query is parsed by DuckDB and refused unless every statement reads (SELECT, or EXPLAIN of
+a SELECT; never EXPLAIN ANALYZE, which executes what it explains); DuckDB reads files only under the
+run's stage folders, external access is off and the settings are locked; `--out` never writes inside
+a run root or the cache. A stage output that fails its hash check is left out (with a warning naming
+it), so the intact tables of a partly damaged run can still be queried.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
@@ -10,25 +20,52 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.storage import RunStore
-from stages.io import StageReader, atomic_path
+from schemas.base import UserInputError
+from stages.io import IntegrityError, StageReader, atomic_path
 
-ALLOWED_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+log = logging.getLogger("alol.sql")
+
+READ_ONLY_HELP = (
+    "only SELECT, WITH ... SELECT, DESCRIBE, SHOW, SUMMARIZE and EXPLAIN of a SELECT run; "
+    "use --out FILE.parquet to save a result"
+)
 
 
-class SqlError(ValueError):
+class SqlError(UserInputError):
     """A query that alol refuses or DuckDB cannot run."""
 
 
-def run_views(store: RunStore) -> dict[str, str]:
-    """Table name -> Parquet glob, for every table of every stage recorded in the run (files verified)."""
+@dataclass
+class RunViews:
+    """The views of a run: table -> Parquet glob of the intact outputs, and the damaged stages
+    (stage -> (its tables, why it failed the check)) whose tables are left out."""
+
+    tables: dict[str, str]
+    damaged: dict[str, tuple[list[str], str]] = field(default_factory=dict)
+
+    def damaged_table(self, table: str) -> str | None:
+        """The damaged stage that holds `table`, if any."""
+        return next((stage for stage, (tables, _) in self.damaged.items() if table in tables), None)
+
+
+def run_views(store: RunStore) -> RunViews:
+    """The views of every stage output recorded in the run; each output's files are verified, and a
+    damaged one is left out with a warning naming it."""
     state = store.state()["stages"]
     if not state:
         raise SqlError(f"run {store.name!r} under {store.root} has no stage outputs yet (alol run first)")
-    views: dict[str, str] = {}
-    for stage in state:
-        reader = StageReader(state[stage]["path"])
+    views = RunViews(tables={})
+    for stage, entry in state.items():
+        try:
+            reader = StageReader(store.folder(entry["path"]))
+        except IntegrityError as exc:
+            tables = sorted(entry.get("rows", {}))
+            views.damaged[stage] = (tables, str(exc))
+            log.warning("stage %s is damaged, its tables (%s) are left out: %s; `alol run` repairs it",
+                        stage, ", ".join(tables) or "none", exc)
+            continue
         for table in reader.tables():
-            views[table] = reader.table_glob(table)
+            views.tables[table] = reader.table_glob(table)
     return views
 
 
@@ -36,20 +73,64 @@ def create_view_statements(views: dict[str, str]) -> list[str]:
     return [f"CREATE OR REPLACE VIEW \"{name}\" AS SELECT * FROM read_parquet('{glob}');" for name, glob in views.items()]
 
 
-def check_read_only(query: str) -> None:
+def _statements(text: str) -> list[duckdb.Statement]:
     try:
-        statements = duckdb.extract_statements(query)
+        return duckdb.extract_statements(text)
     except duckdb.Error as exc:
-        raise SqlError(f"cannot parse the query: {exc}") from None
+        raise SqlError(f"cannot parse the query: {str(exc).splitlines()[0]}") from None
+
+
+def explained_statement(text: str) -> str:
+    """The statement an `EXPLAIN [(options)] <statement>` explains, as text; refuses EXPLAIN ANALYZE
+    (in any spelling or option list), which executes the statement it explains."""
+    tokens = [(offset, kind) for offset, kind in duckdb.tokenize(text) if kind != duckdb.token_type.comment]
+    ends = [offset for offset, _ in tokens[1:]] + [len(text)]
+    words = [text[offset:end].strip() for (offset, _), end in zip(tokens, ends)]
+    if not words or words[0].upper() != "EXPLAIN":
+        raise SqlError("alol sql is read-only: cannot tell what this EXPLAIN explains; " + READ_ONLY_HELP)
+    position = 1
+    if position < len(words) and words[position].startswith("("):
+        depth = 0
+        while position < len(words):
+            depth += words[position].count("(") - words[position].count(")")
+            if words[position].upper() in ("ANALYZE", "ANALYSE"):
+                break
+            position += 1
+            if depth == 0:
+                break
+    if position < len(words) and words[position].upper() in ("ANALYZE", "ANALYSE"):
+        raise SqlError("alol sql is read-only: EXPLAIN ANALYZE runs the statement it explains and is refused; " + READ_ONLY_HELP)
+    if position >= len(words):
+        raise SqlError("EXPLAIN of nothing")
+    return text[tokens[position][0]:]
+
+
+def check_read_only(query: str) -> None:
+    """Refuse every statement that is not a SELECT (DuckDB's statement type) or an EXPLAIN of one."""
+    statements = _statements(query)
     if not statements:
         raise SqlError("empty query")
     for statement in statements:
-        if statement.type not in ALLOWED_STATEMENTS:
-            kind = statement.type.name
-            raise SqlError(
-                f"alol sql is read-only: {kind} statements are refused (only SELECT, WITH ... SELECT, "
-                "DESCRIBE, SHOW, SUMMARIZE and EXPLAIN run); use --out FILE.parquet to save a result"
-            )
+        kind = statement.type
+        if kind == duckdb.StatementType.EXPLAIN:
+            inner = _statements(explained_statement(statement.query))
+            if len(inner) == 1 and inner[0].type == duckdb.StatementType.SELECT:
+                continue
+            kind = inner[0].type if inner else kind
+            raise SqlError(f"alol sql is read-only: EXPLAIN of a {kind.name} statement is refused; " + READ_ONLY_HELP)
+        if kind != duckdb.StatementType.SELECT:
+            raise SqlError(f"alol sql is read-only: {kind.name} statements are refused; " + READ_ONLY_HELP)
+
+
+def check_out_path(path: str | Path, protected: list[str | Path]) -> Path:
+    """`--out`'s target, refused when it lies inside a run root or the cache (it would replace or add
+    a file in a stage output or a cache entry)."""
+    target = Path(path).expanduser().resolve()
+    for folder in protected:
+        folder = Path(folder).expanduser().resolve()
+        if target == folder or target.is_relative_to(folder):
+            raise SqlError(f"--out {path}: inside {folder}, which alol sql never writes to; choose a path outside it")
+    return target
 
 
 def connect(views: dict[str, str]) -> duckdb.DuckDBPyConnection:
@@ -66,9 +147,19 @@ def connect(views: dict[str, str]) -> duckdb.DuckDBPyConnection:
 
 def query(store: RunStore, sql: str) -> duckdb.DuckDBPyRelation:
     check_read_only(sql)
-    con = connect(run_views(store))
+    views = run_views(store)
+    con = connect(views.tables)
     try:
         return con.sql(sql)
+    except duckdb.CatalogException as exc:
+        missing = re.search(r'Table with name "?([A-Za-z0-9_]+)"? does not exist', str(exc))
+        stage = views.damaged_table(missing.group(1)) if missing else None
+        if stage is not None:
+            raise SqlError(
+                f"table {missing.group(1)} belongs to stage {stage}, whose output is damaged "
+                f"({views.damaged[stage][1]}); run `alol run` to recompute it"
+            ) from None
+        raise SqlError(str(exc).splitlines()[0]) from None
     except duckdb.Error as exc:
         raise SqlError(str(exc).splitlines()[0]) from None
 

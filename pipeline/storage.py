@@ -1,8 +1,10 @@
 """Where a run's stage outputs live: the folders of one run and its run.json record.
 
 Layout of a run:  <run.root>/<run.name>/<stage>/<cache key[:16]>/{<table>/part-*.parquet, files..., manifest.json}
-and <run.root>/<run.name>/run.json, which records the output folder each stage last produced or reused.
-How one output folder is written and read is stages.io's business.
+and <run.root>/<run.name>/run.json, which records the output folder each stage last produced or reused,
+and what happened: computed by which process and flow run, seconds spent computing and waiting.
+Stored paths are relative to the run root (`portable`), so a run root can be moved or copied; in
+memory they are absolute (`resolve`). How one output folder is written and read is stages.io's business.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from schemas.config import AlolConfig
 from schemas.manifest import StageOutput
-from stages.io import atomic_write_text
+from stages.io import IntegrityError, StageReader, atomic_write_text
 
 
 class RunStore:
@@ -42,22 +44,62 @@ class RunStore:
             return {"run": self.name, "stages": {}}
         return json.loads(self.state_path.read_text(encoding="utf-8"))
 
+    def folder(self, path: str | Path) -> Path:
+        """A stored output path (relative to the run root; an absolute one, as older run.json files hold, as is)."""
+        return self.root / path
+
+    def portable(self, output: StageOutput) -> StageOutput:
+        """`output` with its path relative to the run root, as run.json and Prefect's records store it."""
+        path = Path(output.path)
+        relative = path.relative_to(self.root).as_posix() if path.is_absolute() and path.is_relative_to(self.root) else output.path
+        return output.model_copy(update={"path": relative})
+
+    def resolve(self, output: StageOutput) -> StageOutput:
+        """`output` with an absolute path under this run root."""
+        return output.model_copy(update={"path": str(self.folder(output.path))})
+
     def record(self, output: StageOutput, *, cached: bool, seconds: float) -> None:
+        """What this run did with a stage: its output (path relative to the root), whether it was cached,
+        the seconds it spent on the stage, split into computing and waiting (on another run's lock, on
+        Prefect), and who computed the output (from its manifest), so that a run that waited on another
+        run's computation does not claim it."""
+        manifest = StageReader(self.folder(output.path), verify=False).manifest
+        computing = 0.0 if cached else min(manifest.seconds, seconds)
+        producer = manifest.producer.model_dump() if manifest.producer else {}
         state = self.state()
         state["stages"][output.stage] = {
-            **output.model_dump(),
+            **self.portable(output).model_dump(),
             "cached": cached,
             "seconds": round(seconds, 3),
+            "computing_seconds": round(computing, 3),
+            "waiting_seconds": round(max(seconds - computing, 0.0), 3),
+            "computed_by": {**producer, "finished": manifest.finished.isoformat(), "seconds": round(manifest.seconds, 3)},
             "recorded": datetime.now(timezone.utc).isoformat(),
         }
         atomic_write_text(self.state_path, json.dumps(state, indent=2))
         atomic_write_text(self.root / "LATEST", self.name)
 
     def current(self, stage: str) -> StageOutput | None:
+        """The output run.json records for `stage`, with an absolute path; None when there is none."""
         entry = self.state()["stages"].get(stage)
         if entry is None:
             return None
-        return StageOutput.model_validate({k: entry[k] for k in StageOutput.model_fields})
+        return self.resolve(StageOutput.model_validate({k: entry[k] for k in StageOutput.model_fields}))
+
+    def verify(self) -> dict[str, str | None]:
+        """Re-hash every file of every output run.json records: stage -> None when intact, else what is wrong."""
+        problems: dict[str, str | None] = {}
+        for stage, entry in self.state()["stages"].items():
+            try:
+                reader = StageReader(self.folder(entry["path"]))
+                if reader.content_hash != entry["content_hash"]:
+                    raise IntegrityError(
+                        f"{reader.dir}: content hash {reader.content_hash[:12]} differs from run.json's {entry['content_hash'][:12]}"
+                    )
+                problems[stage] = None
+            except IntegrityError as exc:
+                problems[stage] = str(exc)
+        return problems
 
     @staticmethod
     def latest_name(root: str | Path) -> str | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pyarrow as pa
+from typing import Literal
+
 from pydantic import Field
 
 from schemas.base import Section
@@ -14,6 +16,13 @@ class AdvantageConfig(Section):
 
     threads: int = Field(2, gt=0, description="DuckDB threads.")
     memory_limit: str = Field("2GB", description="DuckDB memory limit; larger inputs spill to disk.")
+    rows: Literal["chosen", "all"] = Field(
+        "chosen",
+        description="Which training rows of preference data (chosen/rejected pairs) the reward and advantage "
+        "methods train on: `chosen` (the paper's default) leaves the rejected responses out of the advantage "
+        "table, so nothing draws them and the positive fraction (the A-LoL step budget) counts chosen rows only; "
+        "`all` keeps every row. Rows without a preference (prompt/response data) are always kept.",
+    )
 
 
 # The stage must not read train.* (its cache key would change with every training setting), so it
@@ -39,8 +48,11 @@ QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 class AdvantageMetrics(StageMetrics):
     """The training rows' advantage statistics (the positive fraction shrinks the A-LoL step budget)."""
 
-    rows: int = Field(..., description="Training rows.")
+    rows: int = Field(..., description="Training rows trained on (those of the advantage table, see advantage.rows).")
     positive_rows: int = Field(..., description="Training rows with A > 0.")
+    rejected_rows_left_out: int = Field(
+        0, description="Training rows with preference `rejected` left out of the table (advantage.rows: chosen)."
+    )
     positive_fraction: float
     reward_mean: float
     value_mean: float

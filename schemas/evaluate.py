@@ -88,7 +88,8 @@ class WinRate(BaseModel):
 
 
 class TrainSummary(BaseModel):
-    """The train stage's outcome as the evaluation reports it."""
+    """The train stage's outcome as the evaluation reports it. No timings: they change each time train
+    is computed, and evaluate's files must not (`alol compare` reads train_seconds from the train stage)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -96,7 +97,6 @@ class TrainSummary(BaseModel):
     best_step: int | None
     best_validation_reward: float | None
     reference_validation_reward: float
-    train_seconds: float
 
 
 class Harmlessness(BaseModel):

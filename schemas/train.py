@@ -57,6 +57,11 @@ class TrainConfig(Section):
             raise ValueError(f"train.warmup_steps ({self.warmup_steps}) must be below train.steps ({self.steps})")
         if self.lora_rank is None and self.lora_alpha is not None:
             raise ValueError("train.lora_alpha is set but train.lora_rank is not; set lora_rank to train with LoRA")
+        if ALGORITHM_REGISTRY[self.algorithm].clipped and self.mixed_precision != "no":
+            raise ValueError(
+                f"train.algorithm {self.algorithm} weights rows by a ratio to pi_ref's log-probs, which are cached "
+                f"in fp32: set train.mixed_precision: no (got {self.mixed_precision})"
+            )
         return self
 
 
@@ -71,7 +76,6 @@ TRAIN_LOG_SCHEMA = pa.schema(
         ("advantage_mean", pa.float64()),
         ("reward_mean", pa.float64()),
         ("tokens", pa.int64()),
-        ("tokens_per_s", pa.float64()),
         ("validation_reward", pa.float64()),
     ]
 )
@@ -79,12 +83,15 @@ TRAIN_LOG_SCHEMA = pa.schema(
 clipping; `importance_weight_mean` / `clipped_fraction` are over rows (r_lol, a_lol), response
 tokens (a_lol_seq: rho_t; r_gold: pi_theta(y_t), "clipped" when below 0.1), null for the other
 losses; `tokens` counts prompt and response tokens of the step; `validation_reward` is the mean
-reward of greedy decodes of the validation prompts, null when not measured at that step."""
+reward of greedy decodes of the validation prompts, null when not measured at that step.
+No wall-clock column: the table is part of the content hash, so it must be the same whenever the
+same cache key is computed (again, or resumed after a crash); timings are in TrainMetrics."""
 
 
 class TrainMetrics(StageMetrics):
-    """The training run: step budget, validation, the kept checkpoint. `train_seconds` and
-    `tokens_per_s_median` are wall-clock figures."""
+    """The training run: step budget, validation, the kept checkpoint, and the run's wall-clock figures
+    (`*_seconds`, `*_per_s`; the manifest only, so not in the content hash). A resumed run's figures
+    cover the interrupted attempts too, as far as their last checkpoint."""
 
     algorithm: str
     policy_is_reference: bool = Field(..., description="No checkpoint beat pi_ref on validation: the policy is pi_ref.")
@@ -93,7 +100,8 @@ class TrainMetrics(StageMetrics):
     best_validation_step: int | None
     reference_validation_reward: float = Field(..., description="pi_ref's mean reward on the same validation prompts.")
     validation_prompts: int
-    train_seconds: float
+    train_seconds: float = Field(..., description="Wall-clock seconds of the training loop: steps, validations, checkpoints.")
+    validation_seconds: float = Field(..., description="Wall-clock seconds of the validations (greedy decoding and scoring).")
     steps: int = Field(..., description="Optimiser steps run (after the A-LoL shrink).")
     steps_full: int = Field(..., description="train.steps.")
     train_rows: int
@@ -103,6 +111,10 @@ class TrainMetrics(StageMetrics):
     processes: int
     device: str
     mixed_precision: str
-    tokens_per_s_median: float | None
+    step_tokens_per_s: list[float] = Field(
+        ..., description="Wall-clock prompt and response tokens per second of each optimiser step (train_log's `tokens` "
+        "over the step's seconds, validation excluded), in step order."
+    )
+    tokens_per_s_median: float | None = Field(..., description="Median of step_tokens_per_s (None without steps).")
     final_loss: float | None
     resumed_from_step: int = Field(..., description="Step the run resumed from (0: a fresh start).")

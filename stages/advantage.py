@@ -1,4 +1,6 @@
-"""Advantage stage: join the score and reference tables on `id` and compute, for every training row,
+"""Advantage stage: join the score and reference tables on `id` and compute, for every training row
+trained on (all of them, except the rejected responses of preference pairs unless advantage.rows is
+`all`: the reference table carries each row's ingest `preference`),
 
     A = R(x, y) - V(x),   positive = A > 0,
     weight_advantage = A+ = max(A, 0)   (A-LoL family: rows with A <= 0 are never drawn)
@@ -7,7 +9,8 @@
 
 All of it is the one query `ADVANTAGE_SQL`, which DuckDB streams straight into the `advantage`
 table's Parquet file (bounded memory: the join spills beyond `advantage.memory_limit`). A second
-query over the written file gives the manifest metrics.
+query over the written file gives the manifest metrics, so the positive fraction (the A-LoL step
+budget) is over the rows trained on.
 """
 
 from __future__ import annotations
@@ -40,8 +43,12 @@ SELECT
     1.0::DOUBLE                                AS weight_uniform
 FROM {reference} AS r
 LEFT JOIN {score} AS s USING (id)
-WHERE r.split = 'train'
+WHERE r.split = 'train' AND ({all_rows} OR r.preference IS DISTINCT FROM 'rejected')
 ORDER BY id
+"""
+
+LEFT_OUT_SQL = """
+SELECT count(*) FILTER (WHERE split = 'train' AND preference = 'rejected') FROM {reference}
 """
 
 METRICS_SQL = """
@@ -79,10 +86,12 @@ def connect(cfg: AlolConfig, temp_dir: str) -> duckdb.DuckDBPyConnection:
     )
 
 
-def write_advantage(con: duckdb.DuckDBPyConnection, score_table: str, reference_table: str, target: Path) -> None:
+def write_advantage(
+    con: duckdb.DuckDBPyConnection, score_table: str, reference_table: str, target: Path, rows: str = "chosen"
+) -> None:
     """Stream `ADVANTAGE_SQL` over the two table expressions (`StageReader.sql_table`) into one Parquet
-    file and check it has exactly ADVANTAGE_SCHEMA."""
-    query = ADVANTAGE_SQL.format(reference=reference_table, score=score_table)
+    file and check it has exactly ADVANTAGE_SCHEMA. `rows`: advantage.rows (`chosen` leaves rejected responses out)."""
+    query = ADVANTAGE_SQL.format(reference=reference_table, score=score_table, all_rows=str(rows == "all").upper())
     con.execute(f"COPY ({query}) TO {sql_literal(str(target))} (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1)")
     written = pq.read_schema(target)
     # DuckDB marks columns it knows to be non-null as required; names and types are what readers rely on.
@@ -90,14 +99,19 @@ def write_advantage(con: duckdb.DuckDBPyConnection, score_table: str, reference_
         raise AdvantageError(f"{target}: DuckDB wrote schema {written}, expected {ADVANTAGE_SCHEMA}")
 
 
-def advantage_metrics(con: duckdb.DuckDBPyConnection, advantage_glob: str, sources: dict[str, str]) -> AdvantageMetrics:
-    """Positive fraction, advantage quantiles and means of the training rows; refuses rows without R or V."""
+def advantage_metrics(
+    con: duckdb.DuckDBPyConnection, advantage_glob: str, sources: dict[str, str], rejected_rows_left_out: int = 0
+) -> AdvantageMetrics:
+    """Positive fraction, advantage quantiles and means of the training rows trained on; refuses rows without R or V."""
     query = METRICS_SQL.format(advantage=sql_literal(advantage_glob), quantiles=list(QUANTILES))
     row = con.execute(query).fetchone()
     names = [d[0] for d in con.description]
     stats = dict(zip(names, row))
     if stats["rows"] == 0:
-        raise AdvantageError(f"{sources['reference']}: no rows with split 'train'; nothing to train on")
+        raise AdvantageError(
+            f"{sources['reference']}: no rows with split 'train' to train on "
+            f"({rejected_rows_left_out} rejected responses left out by advantage.rows: chosen)"
+        )
     if stats["id_without_reward"] is not None:
         raise AdvantageError(
             f"{sources['score']}: training row id {stats['id_without_reward']} has no finite `reward` "
@@ -115,6 +129,7 @@ def advantage_metrics(con: duckdb.DuckDBPyConnection, advantage_glob: str, sourc
     return AdvantageMetrics(
         rows=stats["rows"],
         positive_rows=stats["positive_rows"],
+        rejected_rows_left_out=rejected_rows_left_out,
         positive_fraction=stats["positive_rows"] / stats["rows"],
         reward_mean=stats["reward_mean"],
         value_mean=stats["value_mean"],
@@ -125,20 +140,24 @@ def advantage_metrics(con: duckdb.DuckDBPyConnection, advantage_glob: str, sourc
 
 
 def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> StageResult:
-    """The `advantage` table (ADVANTAGE_SCHEMA, training rows only) and its statistics."""
+    """The `advantage` table (ADVANTAGE_SCHEMA, the training rows trained on) and its statistics."""
     score, reference = inputs["score"], inputs["reference"]
+    rows = cfg.advantage.rows
     sources = {"score": score.table_glob("score"), "reference": reference.table_glob("reference")}
     folder = out.external_table("advantage", ADVANTAGE_SCHEMA)
     target = folder / "part-00000.parquet"
     with tempfile.TemporaryDirectory(prefix="alol-advantage-") as spill:
         con = connect(cfg, spill)
         try:
-            write_advantage(con, score.sql_table("score"), reference.sql_table("reference"), target)
-            metrics = advantage_metrics(con, str(target), sources)
+            write_advantage(con, score.sql_table("score"), reference.sql_table("reference"), target, rows)
+            left_out = 0
+            if rows == "chosen":
+                left_out = con.execute(LEFT_OUT_SQL.format(reference=reference.sql_table("reference"))).fetchone()[0]
+            metrics = advantage_metrics(con, str(target), sources, left_out)
         finally:
             con.close()
     log.info(
-        "%d training rows, %.1f%% with A > 0, mean R %.4f, mean V %.4f",
-        metrics.rows, 100 * metrics.positive_fraction, metrics.reward_mean, metrics.value_mean,
+        "%d training rows (%d rejected responses left out), %.1f%% with A > 0, mean R %.4f, mean V %.4f",
+        metrics.rows, left_out, 100 * metrics.positive_fraction, metrics.reward_mean, metrics.value_mean,
     )
-    return StageResult(rows_in=metrics.rows, rows_out=metrics.rows, metrics=metrics)
+    return StageResult(rows_in=metrics.rows + left_out, rows_out=metrics.rows, rows_rejected=left_out, metrics=metrics)

@@ -6,15 +6,26 @@ An output folder holds `<table>/part-*.parquet` for each table, any other files 
 crash never leaves a half-written output under its final name. `StageReader` re-hashes every file
 against the manifest and refuses a mismatch.
 
+The temporary folders are named after the process that writes them
+(`.<key>.partial-<host>-<pid>-<start>-<hex>`, `start` its start time in 1/100 s), so a writer can
+tell a folder left by a killed process on this host from one still being written, and removes the
+former; other hosts' folders (a shared file system) are left alone.
+
 This module knows nothing of runs, run.json or Prefect (pipeline.storage and pipeline.runner decide
 where a folder goes); it is the one place that hashes files and writes atomically.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import itertools
+import logging
 import os
+import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,13 +35,22 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import psutil
 import pyarrow.parquet as pq
 
-from schemas.manifest import OutputFile, StageManifest, StageMetrics, StageOutput, StageResult
+from schemas.manifest import OutputFile, Producer, StageManifest, StageMetrics, StageOutput, StageResult
 from schemas.stages import STAGE_METRICS
+from stages.faults import failpoint
+
+log = logging.getLogger("alol.io")
 
 MANIFEST = "manifest.json"
 PART_ROWS = 1_000_000
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:partial|stale)-(?P<host>.+)-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]{8}$")
+_UNOWNED = re.compile(r"^\.(?P<name>.+)\.(?:partial|stale)-[0-9a-f]{8}$")  # named by alol before owners were
+UNOWNED_STALE_SECONDS = 24 * 3600.0
+"""A temporary folder without an owner in its name counts as abandoned once it is this old."""
 
 
 class IntegrityError(RuntimeError):
@@ -85,9 +105,23 @@ class TableWriter:
         self._writer: pq.ParquetWriter | None = None
         folder.mkdir(parents=True, exist_ok=True)
 
+    def _part_path(self) -> Path:
+        return self.folder / f"part-{self._part:05d}.parquet"
+
     def _open(self) -> pq.ParquetWriter:
-        path = self.folder / f"part-{self._part:05d}.parquet"
-        return pq.ParquetWriter(path, self.schema, compression="zstd")
+        return pq.ParquetWriter(self._part_path(), self.schema, compression="zstd")
+
+    @contextmanager
+    def _naming_the_part(self) -> Iterator[None]:
+        """An OSError while a part is written says which file it was (pyarrow's, e.g. a full disk's, names none)."""
+        try:
+            yield
+        except OSError as exc:
+            where = f"{self._part_path()} (table {self.folder.name!r})"
+            if exc.errno is None:
+                raise OSError(f"{exc}: {where}") from exc
+            hint = "; free space on its file system and run the stage again" if exc.errno == errno.ENOSPC else ""
+            raise OSError(exc.errno, f"{os.strerror(exc.errno)}: {where}{hint}") from exc
 
     def write(self, data: pa.RecordBatch | pa.Table | dict[str, list[Any]]) -> None:
         if isinstance(data, dict):
@@ -99,15 +133,17 @@ class TableWriter:
         data = data.select(self.schema.names).cast(self.schema)
         offset = 0
         while offset < data.num_rows:
-            if self._writer is None:
-                self._writer = self._open()
-            take = min(data.num_rows - offset, self.part_rows - self._rows_in_part)
-            self._writer.write_table(data.slice(offset, take))
-            offset += take
-            self._rows_in_part += take
-            self.rows += take
-            if self._rows_in_part >= self.part_rows:
-                self._close_part()
+            with self._naming_the_part():
+                failpoint("io.write")
+                if self._writer is None:
+                    self._writer = self._open()
+                take = min(data.num_rows - offset, self.part_rows - self._rows_in_part)
+                self._writer.write_table(data.slice(offset, take))
+                offset += take
+                self._rows_in_part += take
+                self.rows += take
+                if self._rows_in_part >= self.part_rows:
+                    self._close_part()
 
     def _close_part(self) -> None:
         if self._writer is not None:
@@ -117,20 +153,78 @@ class TableWriter:
             self._rows_in_part = 0
 
     def close(self) -> None:
-        if self._writer is None and self._part == 0:
-            # An empty table still gets one (empty) part, so readers see its schema.
-            pq.write_table(self.schema.empty_table(), self.folder / "part-00000.parquet")
-            self._part = 1
-        self._close_part()
+        with self._naming_the_part():
+            if self._writer is None and self._part == 0:
+                # An empty table still gets one (empty) part, so readers see its schema.
+                pq.write_table(self.schema.empty_table(), self._part_path())
+                self._part = 1
+            self._close_part()
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
+
+
+def _process_start(pid: int) -> int:
+    """A process's start time in 1/100 s (the kernel's clock ticks): with the pid, it names one process."""
+    return round(psutil.Process(pid).create_time() * 100)
+
+
+def _temporary_name(final: Path, kind: str) -> Path:
+    """`.<name>.<kind>-<host>-<pid>-<start>-<hex>` beside `final`: a folder this process owns."""
+    pid = os.getpid()
+    return final.with_name(f".{final.name}.{kind}-{_host()}-{pid}-{_process_start(pid)}-{uuid.uuid4().hex[:8]}")
+
+
+def _abandoned(folder: Path) -> bool:
+    """Whether a temporary folder's writer is gone: a process on this host that no longer runs (its pid
+    dead or reused by a process started at another time), or, for a name without an owner, older than
+    UNOWNED_STALE_SECONDS. Another host's folders are never abandoned as far as this host can tell."""
+    owned = _TEMPORARY.match(folder.name)
+    if owned is None:
+        try:
+            return _UNOWNED.match(folder.name) is not None and time.time() - folder.stat().st_mtime > UNOWNED_STALE_SECONDS
+        except FileNotFoundError:
+            return False
+    if owned["host"] != _host():
+        return False
+    try:
+        owner = psutil.Process(int(owned["pid"]))
+        if owner.status() == psutil.STATUS_ZOMBIE:  # exited, not yet reaped: it writes nothing any more
+            return True
+        # psutil's create_time rests on the boot time, which clock adjustments can move by a second.
+        return abs(round(owner.create_time() * 100) - int(owned["start"])) > 100
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.AccessDenied:
+        return False
+
+
+def remove_abandoned_temporaries(stage_dir: Path) -> list[Path]:
+    """Remove the temporary folders (`.*.partial-*`, `.*.stale-*`) under `stage_dir` whose writer is gone."""
+    removed = []
+    for folder in sorted(stage_dir.glob(".*.partial-*")) + sorted(stage_dir.glob(".*.stale-*")):
+        if folder.is_dir() and _abandoned(folder):
+            log.warning("removing %s, left by a stage run that no longer runs", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 class StageWriter:
-    """The output of one stage run: tables and files, committed atomically with a manifest."""
+    """The output of one stage run: tables and files, committed atomically with a manifest.
+
+    Creating a writer removes the temporary folders killed writers left beside its output folder.
+    """
 
     def __init__(self, final_dir: str | Path):
         self.final_dir = Path(final_dir)
-        self.final_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.dir = self.final_dir.with_name(f".{self.final_dir.name}.partial-{uuid.uuid4().hex[:8]}")
+        parent = self.final_dir.parent
+        # The folders this writer creates (deepest first): `abort` removes those it leaves empty.
+        self._created = list(itertools.takewhile(lambda p: not p.exists(), (parent, *parent.parents)))
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_abandoned_temporaries(parent)
+        self.dir = _temporary_name(self.final_dir, "partial")
         self.dir.mkdir(parents=True)
         self._tables: dict[str, TableWriter] = {}
         self.started = datetime.now(timezone.utc)
@@ -168,7 +262,15 @@ class StageWriter:
         return path
 
     def abort(self) -> None:
+        """Discard the output: the temporary folder, and the folders this writer created when they are empty."""
         shutil.rmtree(self.dir, ignore_errors=True)
+        for folder in self._created:
+            try:
+                folder.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:  # not empty: another output or another writer's folder is in it
+                break
 
     def commit(
         self,
@@ -181,6 +283,7 @@ class StageWriter:
         inputs: dict[str, str],
         code_version: str,
         versions: dict[str, str],
+        producer: Producer | None = None,
     ) -> StageManifest:
         expected = STAGE_METRICS[stage]
         if type(result.metrics) is not expected:
@@ -212,11 +315,12 @@ class StageWriter:
             finished=finished,
             seconds=(finished - self.started).total_seconds(),
             versions=versions,
+            producer=producer,
         )
         atomic_write_text(self.dir / MANIFEST, manifest.model_dump_json(indent=2))
         if self.final_dir.exists():
             # Same cache key computed again (forced refresh, or a damaged earlier output): replace it.
-            stale = self.final_dir.with_name(f".{self.final_dir.name}.stale-{uuid.uuid4().hex[:8]}")
+            stale = _temporary_name(self.final_dir, "stale")
             os.replace(self.final_dir, stale)
             shutil.rmtree(stale, ignore_errors=True)
         os.replace(self.dir, self.final_dir)

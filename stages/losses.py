@@ -4,7 +4,10 @@ Notation: l_t = log pi(y_t | x, y_<t) over the response tokens (EOS included), L
 sg[.] = stop-gradient, rho = exp(L_theta - L_ref), rho_t = exp(l_t^theta - l_t^ref),
 clip_e(z) = min(max(z, 1 - e), 1 + e), A+ = max(A, 0). A loss is the batch mean of per-row terms.
 
-pi_ref's log-probs are not computed here: they come from the reference stage's table.
+pi_ref's log-probs are not computed here: they come from the reference stage's table (eval mode,
+fp32). The log-probs in an importance weight (rho, rho_t) must be taken the same way, so the train
+stage passes `weight_token_logprobs` from a dropout-free no-grad forward when pi_theta has dropout
+(LossBatch.weight_logprobs), and refuses mixed precision for the losses that take a ratio.
 """
 
 from __future__ import annotations
@@ -33,11 +36,18 @@ class LossBatch:
     ref_logprob: Tensor  # L_ref per row (reference table)
     reward: Tensor  # R per row
     advantage: Tensor  # A = R - V per row
+    weight_token_logprobs: Tensor | None = None  # l_t^theta of a dropout-free forward; None: token_logprobs'
 
     @property
     def logprob(self) -> Tensor:
         """L_theta = sum_t l_t^theta per row."""
         return (self.token_logprobs * self.mask).sum(-1)
+
+    @property
+    def weight_logprobs(self) -> Tensor:
+        """Detached l_t^theta for an importance weight, taken like l_t^ref (no dropout): B x T."""
+        weights = self.token_logprobs if self.weight_token_logprobs is None else self.weight_token_logprobs
+        return weights.detach() * self.mask
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,7 @@ def r_gold(b: LossBatch) -> LossOutput:
 def r_lol(b: LossBatch, clip_epsilon: float) -> LossOutput:
     """R-LoL: R * sg[clip_e(rho)] * (-L_theta), rho = exp(L_theta - L_ref)."""
     logprob = b.logprob
-    rho = (logprob.detach() - b.ref_logprob).exp()
+    rho = (b.weight_logprobs.sum(-1) - b.ref_logprob).exp()
     per_row = b.reward * clip(rho, clip_epsilon) * -logprob
     return LossOutput(per_row.mean(), rho, outside_clip(rho, clip_epsilon))
 
@@ -94,7 +104,7 @@ def r_lol(b: LossBatch, clip_epsilon: float) -> LossOutput:
 def a_lol(b: LossBatch, clip_epsilon: float) -> LossOutput:
     """A-LoL: A+ * sg[clip_e(rho)] * (-L_theta), rho = exp(L_theta - L_ref)."""
     logprob = b.logprob
-    rho = (logprob.detach() - b.ref_logprob).exp()
+    rho = (b.weight_logprobs.sum(-1) - b.ref_logprob).exp()
     per_row = positive_part(b.advantage) * clip(rho, clip_epsilon) * -logprob
     return LossOutput(per_row.mean(), rho, outside_clip(rho, clip_epsilon))
 
@@ -106,14 +116,21 @@ def a_lol_ref_free(b: LossBatch) -> LossOutput:
 
 def a_lol_seq(b: LossBatch, clip_epsilon: float) -> LossOutput:
     """A-LoL sequence (per-token ratios): A+ * sum_t sg[clip_e(rho_t)] * (-l_t^theta), rho_t = exp(l_t^theta - l_t^ref)."""
-    rho_t = (b.token_logprobs.detach() - b.ref_token_logprobs).exp()
+    rho_t = (b.weight_logprobs - b.ref_token_logprobs).exp()
     per_row = positive_part(b.advantage) * (clip(rho_t, clip_epsilon) * -b.token_logprobs * b.mask).sum(-1)
     real = b.mask.bool()
     return LossOutput(per_row.mean(), rho_t[real], outside_clip(rho_t, clip_epsilon)[real])
 
 
 def a_lol_kl(b: LossBatch, kl_beta: float) -> LossOutput:
-    """A-LoL KL: A+ * (-L_theta) + beta * (L_theta - sg[L_ref])."""
+    """A-LoL KL: A+ * (-L_theta) + beta * (L_theta - sg[L_ref]).
+
+    L_ref is a constant, so the gradient is -(A+ - beta) * grad L_theta: a step raises log pi_theta(y|x)
+    with weight A+ - beta, lowers it where A+ < beta, and never reads a ratio to pi_ref (so, unlike the
+    clipped losses, it neither needs a dropout-free weight forward nor refuses mixed precision); the
+    penalty term's value is a single-sample estimate of beta * KL(pi_theta || pi_ref) only for y drawn
+    from pi_theta, which offline rows are not.
+    """
     logprob = b.logprob
     per_row = positive_part(b.advantage) * -logprob + kl_beta * (logprob - b.ref_logprob.detach())
     return LossOutput(per_row.mean())

@@ -12,11 +12,12 @@
    features of the value head (stages.value_head), fitted before the training rows' pass, which
    then gives V(x) from its own forward. Each prompt is run through pi_ref once.
 
-Outputs: table `reference` (id, split, ref_logprob, ref_token_logprobs, response_tokens, value),
+Outputs: table `reference` (id, split, preference, ref_logprob, ref_token_logprobs, response_tokens,
+response_truncated, token_hash, value: schemas.reference.REFERENCE_SCHEMA),
 table `value_targets` (prompt_id, prompt, response, one column per reward component, reward, value,
 holdout), `value_head.safetensors`, and `pi_ref/` when fine-tuned. Metrics: rows per split, r_max,
 value head fit (train and held-out MSE, the MSE of always predicting the mean on each, chosen epoch),
-log-prob and value statistics, rows at the token limits (truncated, or exactly that long), timings
+log-prob and value statistics, rows at the token limits (prompts of that length, responses cut), timings
 and the log-prob pass's tokens/s.
 """
 
@@ -38,12 +39,13 @@ from schemas.config import AlolConfig
 from schemas.manifest import StageResult, Summary
 from schemas.reference import REFERENCE_SCHEMA, ReferenceConfig, ReferenceMetrics, value_targets_schema
 from stages.catalog import PI_REF_FOLDER, VALUE_HEAD_FILE, load_scorer, prompt_key
+from stages.faults import failpoint
 from stages.io import StageReader, StageWriter
 from stages.losses import nll, nll_batch
 from stages.models.generate import generate
 from stages.models.logprobs import length_batches, response_logprobs_and_prompt_states, response_token_logprobs
-from stages.models.store import load_causal_lm, load_tokenizer, resolve_model
-from stages.models.tokenize import encode_pair
+from stages.models.store import load_causal_lm, load_tokenizer, resolve_model, save_model_folder
+from stages.models.tokenize import encode_pair, response_truncated, token_digest
 from stages.value_head import AttentionPoolingValueHead, fit_value_head, predict_values, save_value_head
 
 log = logging.getLogger("alol.reference")
@@ -58,8 +60,10 @@ class EncodedRows:
 
     ids: list[str] = field(default_factory=list)
     splits: list[str] = field(default_factory=list)
+    preferences: list[str | None] = field(default_factory=list)
     prompt_ids: list[list[int]] = field(default_factory=list)
     response_ids: list[list[int]] = field(default_factory=list)
+    truncated: list[bool] = field(default_factory=list)
     sft_rows: list[int] = field(default_factory=list)
     validation_prompts: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     validation_first_row: dict[str, int] = field(default_factory=dict)
@@ -81,8 +85,9 @@ def encode_rows(ingest: StageReader, tokenizer: Any, ref: ReferenceConfig, batch
             prompt_ids, response_ids = encode_pair(
                 tokenizer, row["prompt"], row["response"], ref.max_prompt_tokens, ref.max_response_tokens
             )
+            truncated = response_truncated(tokenizer, response_ids)
             rows.prompts_at_token_limit += len(prompt_ids) == ref.max_prompt_tokens
-            rows.responses_at_token_limit += len(response_ids) == ref.max_response_tokens
+            rows.responses_at_token_limit += truncated
             if row["split"] == "train" and row["preference"] in (None, "chosen"):
                 rows.sft_rows.append(len(rows.ids))
             if row["split"] == "validation":
@@ -91,8 +96,10 @@ def encode_rows(ingest: StageReader, tokenizer: Any, ref: ReferenceConfig, batch
                 rows.validation_first_row.setdefault(key, len(rows.ids))
             rows.ids.append(row["id"])
             rows.splits.append(row["split"])
+            rows.preferences.append(row["preference"])
             rows.prompt_ids.append(prompt_ids)
             rows.response_ids.append(response_ids)
+            rows.truncated.append(truncated)
     return rows
 
 
@@ -124,6 +131,7 @@ def fine_tune_reference(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             losses.append(float(loss.detach()))
+            failpoint("reference.sft")
         epoch_means.append(float(np.mean(losses[-len(batches) :])))
         log.info("SFT epoch %d: mean summed-token NLL %.4f", epoch, epoch_means[-1])
     model.eval()
@@ -179,6 +187,7 @@ def reference_logprobs(
                         kept[i] = state.float().cpu().clone()
             for i, lp in zip(batch, rows):
                 token_logprobs[i] = lp.float().cpu().numpy()
+            failpoint("reference.logprobs")
     return ReferencePass(token_logprobs, values, kept, sum(lengths), time.perf_counter() - started)  # type: ignore[arg-type]
 
 
@@ -191,9 +200,14 @@ def _write_reference(out: StageWriter, rows: EncodedRows, token_logprobs: list[n
                 {
                     "id": rows.ids[start:stop],
                     "split": rows.splits[start:stop],
+                    "preference": rows.preferences[start:stop],
                     "ref_logprob": [float(lp.astype(np.float64).sum()) for lp in token_lps],
                     "ref_token_logprobs": [lp.tolist() for lp in token_lps],
                     "response_tokens": [len(lp) for lp in token_lps],
+                    "response_truncated": rows.truncated[start:stop],
+                    "token_hash": [
+                        token_digest(p, r) for p, r in zip(rows.prompt_ids[start:stop], rows.response_ids[start:stop])
+                    ],
                     "value": values[start:stop].tolist(),
                 }
             )
@@ -245,8 +259,7 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
         clock = time.perf_counter()
         sft_metrics = fine_tune_reference(model, rows, ref, cfg.run.seed)
         folder = out.path(PI_REF_FOLDER)
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        save_model_folder(model, tokenizer, folder)
         timings["sft_seconds"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

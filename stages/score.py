@@ -33,6 +33,7 @@ from schemas.manifest import StageResult, Summary
 from schemas.score import ComponentConfig, ComponentStats, ScoreMetrics, score_schema
 from stages.cache import ParquetCache
 from stages.catalog import SCORER_STATE
+from stages.faults import failpoint
 from stages.io import StageReader, StageWriter
 from stages.rewards import RewardComponent
 from stages.rewards.scorer import Scorer, fit_states
@@ -83,6 +84,7 @@ def score_column(
             key, pa.table({"id": ids, "score": pa.array(scores, pa.float64())}, schema=CACHE_SCHEMA),
             {"component": name, "kind": component.kind, "seconds": compute_seconds, "rows": len(ids)},
         )
+        failpoint("score.component_cached")
     seconds = time.perf_counter() - started
     stats = ComponentStats(
         kind=component.kind,

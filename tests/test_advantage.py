@@ -17,11 +17,12 @@ from stages.io import StageReader, StageWriter
 from tests.support.outputs import commit_output
 
 
-def reference_table(ids, splits, values) -> pa.Table:
+def reference_table(ids, splits, values, preferences=None) -> pa.Table:
     n = len(ids)
     return pa.table(
-        {"id": ids, "split": splits, "ref_logprob": [-3.0] * n, "ref_token_logprobs": [[-1.0, -2.0]] * n,
-         "response_tokens": [2] * n, "value": values},
+        {"id": ids, "split": splits, "preference": preferences or [None] * n, "ref_logprob": [-3.0] * n,
+         "ref_token_logprobs": [[-1.0, -2.0]] * n, "response_tokens": [2] * n, "response_truncated": [False] * n,
+         "token_hash": ["0" * 16] * n, "value": values},
         schema=REFERENCE_SCHEMA,
     )
 
@@ -30,16 +31,36 @@ def score_table(ids, rewards) -> pa.Table:
     return pa.table({"id": ids, "safety": [0.5] * len(ids), "reward": rewards})
 
 
-def run_advantage(tmp_path, score: pa.Table, reference: pa.Table):
+def run_advantage(tmp_path, score: pa.Table, reference: pa.Table, cfg: AlolConfig | None = None, name="advantage"):
     inputs = {
-        "score": commit_output(tmp_path / "score", "score", {"score": score}),
-        "reference": commit_output(tmp_path / "reference", "reference", {"reference": reference}),
+        "score": commit_output(tmp_path / f"{name}-score", "score", {"score": score}),
+        "reference": commit_output(tmp_path / f"{name}-reference", "reference", {"reference": reference}),
     }
-    out = StageWriter(tmp_path / "advantage")
-    result = advantage.run(AlolConfig(), inputs, out)
+    out = StageWriter(tmp_path / name)
+    result = advantage.run(cfg or AlolConfig(), inputs, out)
     out.commit(stage="advantage", cache_key="a" * 64, result=result, config_fingerprints={}, config={}, inputs={},
                code_version="test", versions={})
-    return result, StageReader(tmp_path / "advantage")
+    return result, StageReader(tmp_path / name)
+
+
+def test_preference_data_trains_on_chosen_rows_unless_all_rows_are_asked_for(tmp_path):
+    """advantage.rows: chosen leaves rejected responses out of the table, and out of the positive fraction."""
+    ids = ["c1", "r1", "c2", "r2", "plain", "v1"]
+    preferences = ["chosen", "rejected", "chosen", "rejected", None, "chosen"]
+    splits = ["train"] * 5 + ["validation"]
+    rewards = [1.0, 2.0, 0.1, 3.0, 0.8, 1.0]  # both rejected rows have A > 0, one chosen row has not
+    reference = reference_table(ids, splits, [0.5] * 6, preferences)
+    result, reader = run_advantage(tmp_path, score_table(ids, rewards), reference)
+    assert reader.read("advantage")["id"].to_pylist() == ["c1", "c2", "plain"]
+    m = result.metrics
+    assert (m.rows, m.positive_rows, m.rejected_rows_left_out) == (3, 2, 2)
+    assert m.positive_fraction == pytest.approx(2 / 3)
+    assert (result.rows_in, result.rows_out, result.rows_rejected) == (5, 3, 2)
+
+    every = AlolConfig.model_validate({"advantage": {"rows": "all"}})
+    result, reader = run_advantage(tmp_path, score_table(ids, rewards), reference, every, name="all")
+    assert reader.read("advantage")["id"].to_pylist() == ["c1", "c2", "plain", "r1", "r2"]
+    assert (result.metrics.rows, result.metrics.positive_rows, result.metrics.rejected_rows_left_out) == (5, 4, 0)
 
 
 def test_advantage_matches_numpy_for_train_rows_in_any_order(tmp_path):
@@ -114,6 +135,8 @@ def test_cache_key_ignores_train_settings():
     assert cache_key(base, "advantage", inputs) == cache_key(changed, "advantage", inputs)
     threads = AlolConfig.model_validate({"advantage": {"threads": 1}})
     assert cache_key(base, "advantage", inputs) != cache_key(threads, "advantage", inputs)
+    every = AlolConfig.model_validate({"advantage": {"rows": "all"}})
+    assert cache_key(base, "advantage", inputs) != cache_key(every, "advantage", inputs)
 
 
 def test_recomputed_output_has_the_same_bytes(tmp_path):
@@ -126,7 +149,8 @@ def test_recomputed_output_has_the_same_bytes(tmp_path):
 
     ids = [f"{i:032x}" for i in range(20_000)]
     duckdb.sql(f"COPY (SELECT id, random() AS reward FROM (SELECT unnest({ids!r}) AS id)) TO '{tmp_path}/s.parquet'")
-    duckdb.sql(f"COPY (SELECT id, 'train' AS split, random() AS value FROM read_parquet('{tmp_path}/s.parquet') "
+    duckdb.sql(f"COPY (SELECT id, 'train' AS split, NULL::VARCHAR AS preference, random() AS value "
+               f"FROM read_parquet('{tmp_path}/s.parquet') "
                f"ORDER BY random()) TO '{tmp_path}/r.parquet'")
     cfg = load_config("smoke", overrides={"advantage.threads": 2})
     shas = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -15,8 +16,21 @@ def test_unparseable_input_file_is_one_clear_line(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 1
-    last = proc.stderr.strip().splitlines()[-1] if "alol: error" in proc.stderr.strip().splitlines()[-1] else \
-        next(line for line in proc.stderr.splitlines() if line.startswith("alol: error"))
-    assert last == f"alol: error: {bad}: line 2, column 17: not valid JSON: Expecting ',' delimiter"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("alol: error")]
+    assert errors == [f"alol: error: {bad}: line 2, column 17: not valid JSON: Expecting ',' delimiter"]
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert not list((tmp_path / "runs").glob("smoke/ingest/*")), "a failed stage leaves no output folder"
+    assert not (tmp_path / "runs" / "smoke").exists(), "a failed stage leaves no output folder"
+    records = [p.name for p in (tmp_path / "runs" / ".prefect-results").iterdir() if p.name != "locks"]
+    assert records == [], "nor a Prefect record of its exception"
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    args = [sys.executable, "-m", "pipeline.cli", "run", "--profile", "smoke", "--stages", "score",
+            "--set", f"run.root={tmp_path / 'runs'}"]
+    quiet = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 1 and "Traceback" not in quiet.stderr
+    for debug_args, env in ((["--debug"], {}), ([], {"ALOL_DEBUG": "1"})):
+        loud = subprocess.run([*args[:3], *debug_args, *args[3:]], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, **env})
+        assert loud.returncode == 1
+        assert "Traceback" in loud.stderr and "PreflightError: run 'smoke' has no output of ingest" in loud.stderr

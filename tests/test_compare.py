@@ -8,7 +8,8 @@ import csv
 import numpy as np
 import pytest
 
-from pipeline.compare import algorithm_overrides, method_row, write_comparison
+from pipeline import compare as compare_module
+from pipeline.compare import algorithm_overrides, compare, method_row, write_comparison
 from pipeline.report_cli import print_report, text_table
 from pipeline.storage import RunStore
 from schemas.config import load_config
@@ -18,7 +19,7 @@ from tests.support.outputs import commit_output, metrics
 from tests.support.tables import parse_markdown_tables
 
 
-def evaluation_metrics(shift: float, policy_is_reference: bool = False, seconds: float = 10.0) -> EvaluateMetrics:
+def evaluation_metrics(shift: float, policy_is_reference: bool = False) -> EvaluateMetrics:
     rng = np.random.default_rng(0)
     reference = {"safety": rng.uniform(0.3, 0.9, 20)}
     policy = {"safety": reference["safety"] + shift}
@@ -26,7 +27,7 @@ def evaluation_metrics(shift: float, policy_is_reference: bool = False, seconds:
         scores["reward"] = scores["safety"].copy()
     compared = compare_models(["yes sure"] * 20, policy, ["no"] * 20, reference, samples=100, seed=0)
     train = {"policy_is_reference": policy_is_reference, "best_step": None, "best_validation_reward": None,
-             "reference_validation_reward": 0.0, "train_seconds": seconds}
+             "reference_validation_reward": 0.0}
     return metrics(
         "evaluate", **compared, algorithm="a_lol", prompts=20, components=["safety"], bootstrap_samples=100,
         policy_is_reference=policy_is_reference, train=train, generation={"do_sample": False, "max_new_tokens": 8},
@@ -48,8 +49,9 @@ def test_algorithm_overrides_set_kl_beta_only_for_a_lol_kl():
 
 
 def test_comparison_table_has_pi_ref_and_one_row_per_method(tmp_path):
-    good, same = evaluation_metrics(0.05, seconds=12.0), evaluation_metrics(0.0, policy_is_reference=True)
-    rows = [method_row("pi_ref", good, "reference"), method_row("a_lol", good, "policy"), method_row("nll", same, "policy")]
+    good, same = evaluation_metrics(0.05), evaluation_metrics(0.0, policy_is_reference=True)
+    rows = [method_row("pi_ref", good, "reference", 12.0), method_row("a_lol", good, "policy", 12.0),
+            method_row("nll", same, "policy", 3.0)]
     result = write_comparison(tmp_path, rows, ["safety"], "test comparison")
 
     (table,) = parse_markdown_tables(result.markdown())
@@ -58,7 +60,7 @@ def test_comparison_table_has_pi_ref_and_one_row_per_method(tmp_path):
     assert table[1]["Δ reward vs pi_ref (95% CI)"].startswith("0.050 [0.050, 0.050]")
     assert table[1]["win/tie vs pi_ref"] == "1.00/0.00"
     assert table[2]["win/tie vs pi_ref"] == "0.00/1.00"
-    assert table[1]["train s"] == "12"
+    assert table[1]["train s"] == "12" and table[2]["train s"] == "3"
     assert float(table[1]["safety"]) == pytest.approx(float(table[0]["safety"]) + 0.05, abs=1e-3)
 
     with open(result.csv_path, newline="") as fh:
@@ -67,6 +69,22 @@ def test_comparison_table_has_pi_ref_and_one_row_per_method(tmp_path):
     assert float(records[1]["reward"]) - float(records[0]["reward"]) == pytest.approx(0.05)
     assert float(records[1]["distinct_1"]) == pytest.approx(2 / 40)
     assert records[0]["win_rate"] == ""
+    assert records[0]["train_seconds"] == "" and float(records[1]["train_seconds"]) == 12.0
+
+
+def test_compare_takes_training_seconds_from_the_train_stage(tmp_path, monkeypatch):
+    # The evaluate stage's files carry no timing (recomputing train must leave evaluate cached).
+    evaluation = commit_output(tmp_path / "evaluate", "evaluate", metrics_model=evaluation_metrics(0.05))
+    trains = {
+        algorithm: commit_output(tmp_path / f"train-{algorithm}", "train",
+                                 metrics_model=metrics("train", algorithm=algorithm, train_seconds=seconds))
+        for algorithm, seconds in (("a_lol", 7.4), ("nll", 2.6))
+    }
+    monkeypatch.setattr(compare_module, "run_alol", lambda cfg, stages: {
+        "evaluate": evaluation.output(), "train": trains[cfg.train.algorithm].output(),
+    })
+    result = compare(["a_lol", "nll"], profile="smoke", overrides={"run.root": str(tmp_path / "runs")})
+    assert [(r["method"], r["train_seconds"]) for r in result.rows] == [("pi_ref", None), ("a_lol", 7.4), ("nll", 2.6)]
 
 
 def _store_evaluation(root, name, evaluation: EvaluateMetrics):
@@ -81,7 +99,7 @@ def test_print_report_reads_the_latest_runs_metrics(tmp_path):
     with pytest.raises(FileNotFoundError, match="no evaluation yet"):
         print_report(None, cfg)
     _store_evaluation(tmp_path, "first", evaluation_metrics(0.05))
-    _store_evaluation(tmp_path, "second", evaluation_metrics(-0.1, seconds=3.0))
+    _store_evaluation(tmp_path, "second", evaluation_metrics(-0.1))
     text = print_report(None, cfg)
     assert text.startswith("run second:")
     assert "-0.100 [-0.100, -0.100]" in text

@@ -148,3 +148,69 @@ def test_the_cache_folder_is_in_no_cache_key(tmp_path):
     moved = load_config("smoke", overrides={"run.cache_dir": str(tmp_path / "b")})
     for stage in STAGE_NAMES:
         assert runner.cache_key(here, stage, inputs) == runner.cache_key(moved, stage, inputs), stage
+
+
+def test_a_moved_run_root_keeps_every_output_cached(tmp_path, prefect_backend, fake_stages):
+    """run.json and the stage results in Prefect's records hold paths relative to the run root (Prefect's
+    own `metadata.storage_key` stays absolute, but lookups go by key under the current result storage)."""
+    import shutil
+
+    _run(tmp_path)
+    old_root = str((tmp_path / "runs").resolve())
+    shutil.move(tmp_path / "runs", tmp_path / "moved")
+    assert old_root not in (tmp_path / "moved" / "t" / "run.json").read_text(encoding="utf-8")
+    records = [p for p in (tmp_path / "moved" / ".prefect-results").iterdir() if p.is_file()]
+    assert records
+    for record in records:
+        assert old_root not in json.loads(record.read_text(encoding="utf-8"))["result"], record
+    (tmp_path / "runs").mkdir()  # _run's run.root: keep it empty, the run goes to the moved root
+    moved = _run(tmp_path, **{"run.root": str(tmp_path / "moved")})
+    assert fake_stages == ["ingest", "score"], "a moved run root recomputed something"
+    state = RunStore(tmp_path / "moved", "t").state()["stages"]
+    assert {s: e["cached"] for s, e in state.items()} == {"ingest": True, "score": True}
+    assert all(not Path(e["path"]).is_absolute() for e in state.values())
+    assert Path(moved["score"].path).is_relative_to((tmp_path / "moved").resolve())
+    StageReader(moved["score"].path)
+
+
+def test_the_run_record_says_who_computed_a_stage_and_how_long_this_run_waited(tmp_path, prefect_backend, fake_stages):
+    import os
+    import socket
+
+    _run(tmp_path)
+    first = RunStore(tmp_path / "runs", "t").state()["stages"]["score"]
+    computed_by = first["computed_by"]
+    assert (computed_by["host"], computed_by["pid"]) == (socket.gethostname(), os.getpid())
+    assert computed_by["run"] and computed_by["run_id"], "the flow run that computed it is named"
+    assert first["cached"] is False and first["computing_seconds"] == pytest.approx(computed_by["seconds"], abs=1e-3)
+    assert first["computing_seconds"] + first["waiting_seconds"] == pytest.approx(first["seconds"], abs=2e-3)
+
+    _run(tmp_path)
+    again = RunStore(tmp_path / "runs", "t").state()["stages"]["score"]
+    assert again["cached"] is True and again["computing_seconds"] == 0.0
+    assert again["waiting_seconds"] == again["seconds"]
+    assert again["computed_by"] == computed_by, "a cached stage keeps the story of the run that computed it"
+
+
+def test_record_splits_computing_from_waiting(tmp_path):
+    from schemas.manifest import Producer
+    from stages.io import StageWriter
+    from tests.support.outputs import metrics as stage_metrics
+
+    store = RunStore(tmp_path / "runs", "t")
+    writer = StageWriter(store.stage_dir("score", "k" * 64))
+    writer.write_table("score", pa.table({"id": ["a"], "reward": [1.0]}))
+    manifest = writer.commit(
+        stage="score", cache_key="k" * 64, result=StageResult(rows_in=1, rows_out=1, metrics=stage_metrics("score")),
+        config_fingerprints={}, config={}, inputs={}, code_version="c", versions={},
+        producer=Producer(host="elsewhere", pid=4242, run="other-run"),
+    )
+    output = StageReader(store.stage_dir("score", "k" * 64)).output()
+    store.record(output, cached=True, seconds=216.0)
+    entry = store.state()["stages"]["score"]
+    assert (entry["cached"], entry["computing_seconds"], entry["waiting_seconds"]) == (True, 0.0, 216.0)
+    assert entry["computed_by"]["run"] == "other-run" and entry["computed_by"]["pid"] == 4242
+    store.record(output, cached=False, seconds=manifest.seconds + 2.0)
+    entry = store.state()["stages"]["score"]
+    assert entry["computing_seconds"] == pytest.approx(manifest.seconds, abs=1e-3)
+    assert entry["waiting_seconds"] == pytest.approx(2.0, abs=1e-3)

@@ -356,3 +356,20 @@ def test_per_split_caps_cap_only_the_named_splits(tmp_path):
     assert splits.count("train") == 30 and splits.count("test") == 5
     assert splits.count("validation") > 100, "validation has no cap"
     assert result.rows_in == result.rows_out + result.rows_rejected
+
+
+def test_chatterbot_rows_name_their_file_relative_to_the_package(tmp_path):
+    """ingest_rejected.source_file must not carry where the environment lives (two checkouts, one hash)."""
+    import shutil
+    from pathlib import Path
+
+    from stages.ingest.sources import chatterbot_files, read_chatterbot
+
+    installed = chatterbot_files()[:2]
+    copy_dir = tmp_path / "elsewhere" / "chatterbot_corpus" / "data" / "english"
+    copy_dir.mkdir(parents=True)
+    copies = [Path(shutil.copy(path, copy_dir)) for path in installed]
+    here = [(r.file, r.row, r.data) for r in read_chatterbot(installed)]
+    there = [(r.file, r.row, r.data) for r in read_chatterbot(copies)]
+    assert here == there
+    assert here[0][0] == f"chatterbot_corpus/data/english/{installed[0].name}"

@@ -141,3 +141,19 @@ def test_nll_batch_gives_the_summed_token_nll_of_unpadded_rows():
     expected = torch.autograd.grad(-torch.stack([r.sum() for r in rows]).mean(), rows)
     for got, want in zip(grads, expected):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("algorithm", ["r_lol", "a_lol", "a_lol_seq"])
+def test_ratio_reads_the_dropout_free_log_probs_and_the_gradient_the_training_ones(algorithm):
+    """With weight_token_logprobs = L_REF every weight is 1; the gradient is that of the unweighted loss."""
+    from dataclasses import replace
+
+    batch, theta = toy_batch()
+    batch = replace(batch, weight_token_logprobs=batch.ref_token_logprobs.clone())
+    cfg = TrainConfig(algorithm=algorithm, clip_epsilon=EPS)
+    out = loss_function(cfg)(batch)
+    torch.testing.assert_close(out.weights, torch.ones_like(out.weights))
+    out.loss.backward()
+    scale = R if algorithm == "r_lol" else A
+    expected = [-scale[0] / 2] * 3 + [-scale[1] / 2] * 2  # d/dl_t of mean_i s_i * (-L_i), weights 1
+    assert theta.grad[0].tolist() + theta.grad[1, :2].tolist() == pytest.approx(expected)

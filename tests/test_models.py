@@ -16,7 +16,7 @@ import torch
 from stages.models.generate import generate
 from stages.models.logprobs import length_batches, response_logprobs_and_prompt_states, response_token_logprobs
 from stages.models.store import build_once, load_causal_lm, load_tokenizer, resolve_model
-from stages.models.tokenize import encode_pair, encode_prompt, render_prompt
+from stages.models.tokenize import encode_pair, encode_prompt, render_prompt, response_truncated, token_digest
 from tests.support.models import tiny_model_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,17 +70,28 @@ def test_length_batches_cover_every_row_once_within_budget():
     assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
 
 
-def test_prompt_left_truncated_response_right_truncated_with_eos(tiny):
+def test_prompt_left_truncated_response_gets_eos_then_right_truncated(tiny):
+    """EOS is appended before truncating (the authors' rule): a response cut short ends without EOS."""
     _, tokenizer = tiny
     prompt = PROMPTS[2]
     full = encode_prompt(tokenizer, prompt, 10_000)
     assert render_prompt(tokenizer, prompt).endswith("<|im_start|>assistant\n")
-    cut, response = encode_pair(tokenizer, prompt, "i live in the computer and i like jazz", 12, 5)
+    text = "i live in the computer and i like jazz"
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cut, response = encode_pair(tokenizer, prompt, text, 12, 5)
     assert cut == full[-12:]
-    assert len(response) == 5 and response[-1] == tokenizer.eos_token_id
-    whole = tokenizer("i live in the computer and i like jazz", add_special_tokens=False)["input_ids"]
-    assert response[:-1] == whole[:4]
+    assert response == whole[:5] and tokenizer.eos_token_id not in response
+    assert response_truncated(tokenizer, response)
+    exact = encode_pair(tokenizer, prompt, text, 12, len(whole) + 1)[1]
+    assert exact == whole + [tokenizer.eos_token_id] and not response_truncated(tokenizer, exact)
+    assert encode_pair(tokenizer, prompt, text, 12, len(whole))[1] == whole, "one token short of the EOS: cut"
     assert encode_pair(tokenizer, prompt, "", 12, 5)[1] == [tokenizer.eos_token_id]
+
+
+def test_token_digest_changes_with_any_id_or_the_prompt_response_boundary():
+    assert token_digest([1, 2], [3, 4]) == token_digest([1, 2], [3, 4])
+    assert len({token_digest([1, 2], [3, 4]), token_digest([1, 2], [3, 5]), token_digest([1], [2, 3, 4]),
+                token_digest([1, 2, 3], [4])}) == 4
 
 
 def test_plain_prompt_and_pad_token_without_template(tmp_path):

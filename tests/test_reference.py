@@ -18,7 +18,7 @@ from stages.catalog import PI_REF_FOLDER, VALUE_HEAD_FILE, load_scorer, prompt_k
 from stages.io import StageReader
 from stages.models.generate import generate
 from stages.models.store import load_causal_lm, load_tokenizer
-from stages.models.tokenize import encode_pair, encode_prompt
+from stages.models.tokenize import encode_pair, encode_prompt, token_digest
 from stages.value_head import load_value_head, predict_values
 from tests.support.models import tiny_model_folder
 from tests.support.reference import tiny_config
@@ -54,13 +54,34 @@ def test_reference_table_covers_train_and_validation_rows(tiny_run):
     expected = {r["id"]: r["split"] for r in rows if r["split"] in ("train", "validation")}
     assert {r["id"]: r["split"] for r in table} == expected and len(table) == len(expected) == 36
     assert reference.manifest.columns["reference"] == {
-        "id": "string", "split": "string", "ref_logprob": "double", "ref_token_logprobs": "list<item: float>",
-        "response_tokens": "int32", "value": "double",
+        "id": "string", "split": "string", "preference": "string", "ref_logprob": "double",
+        "ref_token_logprobs": "list<item: float>", "response_tokens": "int32", "response_truncated": "bool",
+        "token_hash": "string", "value": "double",
     }
     for row in table:
         assert row["response_tokens"] == len(row["ref_token_logprobs"]) <= cfg.reference.max_response_tokens
         assert abs(row["ref_logprob"] - sum(row["ref_token_logprobs"])) < 1e-4
         assert all(lp <= 0 for lp in row["ref_token_logprobs"])
+        assert row["preference"] is None, "prompt/response rows have no preference"
+
+
+def test_truncated_responses_are_flagged_and_hashed_as_tokenised(tiny_run):
+    """A response longer than max_response_tokens is cut without its EOS and flagged; the hash is of the ids."""
+    cfg, ingest, _, reference = tiny_run
+    tokenizer = load_tokenizer(reference_model_path(cfg, reference))
+    stored = {r["id"]: r for r in reference.read("reference").to_pylist()}
+    flags = []
+    for row in ingest.read("ingest").to_pylist():
+        if row["id"] not in stored:
+            continue
+        prompt, response = encode_pair(tokenizer, row["prompt"], row["response"], 24, 8)
+        whole = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+        truncated = len(whole) + 1 > cfg.reference.max_response_tokens
+        assert stored[row["id"]]["response_truncated"] == truncated == (response[-1] != tokenizer.eos_token_id)
+        assert stored[row["id"]]["token_hash"] == token_digest(prompt, response)
+        flags.append(truncated)
+    assert 0 < sum(flags) < len(flags), "the toy data has cut and whole responses"
+    assert reference.metrics.responses_at_token_limit == sum(flags)
 
 
 def test_reference_logprobs_equal_a_naive_loop(tiny_run):

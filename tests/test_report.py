@@ -35,7 +35,7 @@ def metrics() -> EvaluateMetrics:
         policy_is_reference=False,
         generation={"do_sample": False, "max_new_tokens": 16},
         train={"policy_is_reference": False, "best_step": 4, "best_validation_reward": 1.1,
-               "reference_validation_reward": 1.0, "train_seconds": 12.5},
+               "reference_validation_reward": 1.0},
         advantage={},
     )
 
@@ -67,6 +67,9 @@ def test_report_table_parses_and_carries_the_metrics(metrics, tmp_path):
     assert summary[0]["win/tie/loss vs pi_ref"] == "1.00/0.00/0.00"
     assert summary[1]["win/tie/loss vs pi_ref"] == "—"
     assert any(row.get("positive") == "2" for table in tables for row in table)
+    training = next(table for table in tables if "best_step" in table[0])
+    assert training == [{"policy_is_reference": "no", "best_step": "4", "best_validation_reward": "1.100",
+                         "reference_validation_reward": "1.000"}], "the train stage's outcome, no timing"
     assert "![reward](plots/reward.png)" in text
     assert "[eval table](eval/)" in text
     assert "algorithm: a_lol" in text

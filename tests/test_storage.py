@@ -1,14 +1,22 @@
 """Stage I/O (stages/io.py): atomic commit, manifest with hashes, verification on read, streaming parts,
-typed metrics through the manifest."""
+typed metrics through the manifest, nothing left by an aborted or killed writer."""
 
 from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
 from schemas.advantage import AdvantageMetrics
 from schemas.manifest import StageResult
-from stages.io import IntegrityError, StageReader, StageWriter, atomic_path, atomic_write_text
+from stages.io import UNOWNED_STALE_SECONDS, IntegrityError, StageReader, StageWriter, atomic_path, atomic_write_text
 from tests.support.outputs import metrics
 
 SCHEMA = pa.schema([("id", pa.string()), ("v", pa.float64())])
@@ -39,11 +47,59 @@ def test_commit_is_atomic_and_manifest_lists_every_file(tmp_path):
 
 
 def test_aborted_stage_leaves_nothing(tmp_path):
-    writer = StageWriter(tmp_path / "s" / "abc")
+    writer = StageWriter(tmp_path / "run" / "s" / "abc")
     with writer.table("t", SCHEMA) as t:
         t.write({"id": ["a"], "v": [1.0]})
     writer.abort()
-    assert list((tmp_path / "s").iterdir()) == []
+    assert list(tmp_path.iterdir()) == [], "the folders the writer created go too"
+
+
+def test_abort_keeps_folders_that_hold_something_else(tmp_path):
+    first = StageWriter(tmp_path / "run" / "s" / "abc")
+    _commit(first, 0)
+    writer = StageWriter(tmp_path / "run" / "t" / "abc")
+    writer.abort()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["s"]
+    writer = StageWriter(tmp_path / "run" / "s" / "def")
+    writer.abort()
+    assert [p.name for p in (tmp_path / "run" / "s").iterdir()] == ["abc"]
+
+
+def test_partial_folders_of_gone_writers_are_removed_by_the_next_writer(tmp_path):
+    stage = tmp_path / "run" / "s"
+    child = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import os, signal
+            from stages.io import StageWriter
+            writer = StageWriter({str(stage / "abc")!r})
+            writer.path("weights.bin").write_bytes(b"half")
+            print(os.getpid(), writer.dir, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        """)],
+        capture_output=True, text=True, cwd=os.getcwd(), timeout=120,
+    )
+    assert child.returncode == -signal.SIGKILL
+    pid, folder = child.stdout.split()
+    killed = Path(folder)
+    assert killed.is_dir() and killed.parent == stage, "SIGKILL leaves the partial folder behind"
+    assert f"-{pid}-" in killed.name, "the partial folder names its owner"
+    elsewhere = stage / f".abc.partial-some-other-host-{pid}-1-0123abcd"
+    elsewhere.mkdir()
+    alive = StageWriter(stage / "abc")  # this process: alive
+    legacy = stage / ".old.partial-89abcdef"
+    legacy.mkdir()
+
+    StageWriter(stage / "xyz").abort()
+    assert not killed.exists()
+    assert elsewhere.is_dir(), "another host's partial folder is left alone"
+    assert alive.dir.is_dir(), "a live writer's folder is left alone"
+    assert legacy.is_dir(), "a recent folder without an owner may still be written"
+    old = time.time() - UNOWNED_STALE_SECONDS - 60
+    os.utime(legacy, (old, old))
+    StageWriter(stage / "xyz").abort()
+    assert not legacy.exists()
+    _commit(alive, 0)
+    assert StageReader(stage / "abc").manifest.rows_out == 0
 
 
 def test_reader_refuses_changed_or_missing_files(tmp_path):
@@ -105,3 +161,21 @@ def test_a_stage_must_return_its_own_metrics_model(tmp_path):
     with pytest.raises(TypeError, match="expected AdvantageMetrics"):
         _commit(writer, 0, stage_metrics=metrics("score"))
     assert not (tmp_path / "advantage" / "abc").exists()
+
+
+def test_an_os_error_without_a_file_name_says_which_stage_was_writing(tmp_path, monkeypatch):
+    import errno
+
+    from pipeline import runner
+    from schemas.config import load_config
+
+    def full_disk(cfg, inputs, out):
+        out.path("scorer_state.json").write_text("{}")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setitem(runner.STAGES, "ingest", runner.StageSpec(f"{__name__}.full_disk", ("data",), ()))
+    monkeypatch.setattr(runner, "load_stage_function", lambda stage: full_disk)
+    cfg = load_config("smoke", overrides={"run.root": str(tmp_path / "runs")})
+    with pytest.raises(OSError, match=r"No space left on device: while stage ingest wrote .*partial.* \(discarded\)"):
+        runner.execute_stage(cfg, "ingest", {})
+    assert not (tmp_path / "runs" / "smoke" / "ingest").exists(), "nothing of the failed stage is left"

@@ -18,7 +18,7 @@ from stages.io import StageReader, StageWriter
 from stages.losses import loss_function
 from stages.models.logprobs import response_token_logprobs
 from stages.models.store import load_causal_lm, load_tokenizer
-from stages.models.tokenize import encode_pair
+from stages.models.tokenize import encode_pair, token_digest
 from stages.train.errors import TrainError
 from stages.train.policy import learning_rate_factor
 from stages.train.resume import RESUME_FOLDER
@@ -101,6 +101,7 @@ def _rows(tokenizer, model, n=8, seed=0):
             own = response_token_logprobs(model, [p], [r])[0].numpy()
         ref = (own + rng.normal(0, 0.4, size=own.shape)).astype(np.float32)
         rows.append({"id": f"r{i}", "prompt": prompt, "response": response, "response_tokens": len(r),
+                     "token_hash": token_digest(p, r),
                      "ref_token_logprobs": ref.tolist(), "ref_logprob": float(ref.sum()),
                      "reward": float(rng.uniform(0, 1)), "advantage": float(rng.uniform(-0.5, 1))})
     return rows
@@ -181,7 +182,12 @@ def test_a_lol_trains_only_pi_theta_and_beats_pi_ref(tiny, monkeypatch):
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert rows[0]["importance_weight_mean"] == pytest.approx(1.0, abs=1e-3), "pi_theta starts as pi_ref: rho = 1"
     assert all(r["advantage_mean"] > 0 for r in rows), "A-LoL never draws A <= 0"
-    assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["tokens"] > 0 for r in rows)
+    # Wall-clock figures are metrics (the manifest), never columns of the hashed train_log.
+    assert not [c for c in log.column_names if c.endswith(("_seconds", "_per_s"))]
+    assert len(m.step_tokens_per_s) == m.steps and all(s > 0 for s in m.step_tokens_per_s)
+    assert m.tokens_per_s_median == pytest.approx(np.median(m.step_tokens_per_s))
+    assert 0 < m.validation_seconds < m.train_seconds
     assert [r["validation_reward"] is not None for r in rows] == [False] * 5 + [True]
     assert rows[-1]["validation_reward"] == m.best_validation_reward
 

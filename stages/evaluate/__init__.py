@@ -10,7 +10,10 @@
 
 Outputs: the `eval` table (schemas.evaluate.eval_schema), optionally `eval_harmlessness`,
 `metrics.json` (schemas.evaluate.EvaluateMetrics), `metrics_table.json` (the summary rows, for a
-table artifact), `report.md` and `plots/*.png`.
+table artifact), `report.md` and `plots/*.png`. They are a function of the inputs' files, the config
+and the code: no timing (the train stage's are in its own metrics) and nothing about the shared
+cache (whether pi_ref's generations came from it is in the manifest only), so recomputing train
+to the same content hash leaves this stage's cache key, and output, as they were.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from stages.evaluate.harmlessness import harmlessness
 from stages.evaluate.outputs import write_report
 from stages.evaluate.prompts import test_prompts
 from stages.evaluate.table import eval_table, score_both
+from stages.faults import failpoint
 from stages.io import StageReader, StageWriter
 from stages.metrics import compare_models
 from stages.report import advantage_statistics
@@ -38,7 +42,7 @@ def _train_summary(train: StageReader) -> TrainSummary:
     m = train.metrics
     return TrainSummary(
         policy_is_reference=m.policy_is_reference, best_step=m.best_step, best_validation_reward=m.best_validation_reward,
-        reference_validation_reward=m.reference_validation_reward, train_seconds=m.train_seconds,
+        reference_validation_reward=m.reference_validation_reward,
     )
 
 
@@ -58,6 +62,7 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     scorer = load_scorer(cfg, inputs["score"])
     generations = Generations(cfg, inputs)
     reference = generations.reference(ids, prompts)
+    failpoint("evaluate.reference_generations")
     responses = {"reference": reference, "policy": generations.policy(prompts, reference)}
     scores = score_both(scorer, ids, prompts, responses, generations.policy_is_reference)
     schema = eval_schema(scorer.component_names)

@@ -88,9 +88,21 @@ def chatterbot_files() -> list[Path]:
     return sorted((Path(spec.submodule_search_locations[0]) / "data" / "english").glob("*.yml"))
 
 
+def corpus_file_name(path: Path) -> str:
+    """A corpus file as `ingest_rejected.source_file` names it: relative to the installed package
+    (`chatterbot_corpus/data/english/ai.yml`, the same on every machine, so the output does not depend
+    on where the environment lives), or the path itself for a file outside the package."""
+    parts = path.parts
+    if "chatterbot_corpus" not in parts:
+        return str(path)
+    start = len(parts) - 1 - parts[::-1].index("chatterbot_corpus")
+    return "/".join(parts[start:])
+
+
 def read_chatterbot(files: list[Path]) -> Iterator[SourceRecord]:
     """Each conversation's consecutive turns as prompt -> response; the row number counts pairs in a file."""
     for path in files:
+        name = corpus_file_name(path)
         try:
             document = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -104,13 +116,13 @@ def read_chatterbot(files: list[Path]) -> Iterator[SourceRecord]:
             if not isinstance(turns, list):
                 row += 1
                 problem = Problem("conversations", "wrong_type", f"conversation {number} is not a list of turns")
-                yield SourceRecord(str(path), row, None, raw=repr(turns), problem=problem)
+                yield SourceRecord(name, row, None, raw=repr(turns), problem=problem)
                 continue
             for turn in range(len(turns) - 1):
                 row += 1
                 fields = {"prompt": turns[turn], "response": turns[turn + 1], "topic": path.stem,
                           "conversation": number, "turn": turn + 1}
-                yield SourceRecord(str(path), row, fields)
+                yield SourceRecord(name, row, fields)
 
 
 def open_file(path: Path, batch_rows: int) -> Source:

@@ -125,8 +125,21 @@ def convert_smollm2_gguf(target: Path) -> None:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
-    plain.save_pretrained(target)
-    tokenizer.save_pretrained(target)
+    save_model_folder(plain, tokenizer, target)
+
+
+TOKENIZER_LOAD_FLAGS = ("is_local", "local_files_only")
+"""What transformers records of how a tokenizer was loaded (`local_files_only` follows HF_HUB_OFFLINE)
+and writes back into tokenizer_config.json: not part of the tokenizer, and it would make a saved
+folder depend on the environment."""
+
+
+def save_model_folder(model: Any, tokenizer: Any, folder: Path) -> None:
+    """A transformers folder (safetensors and tokenizer) whose bytes depend only on the weights and the tokenizer."""
+    model.save_pretrained(folder)
+    for flag in TOKENIZER_LOAD_FLAGS:
+        tokenizer.init_kwargs.pop(flag, None)
+    tokenizer.save_pretrained(folder)
 
 
 def load_tokenizer(path: str | Path) -> Any:

@@ -1,10 +1,15 @@
 """Tokenisation of a row: the rendered prompt (chat template, left-truncated) and the response
-(right-truncated, EOS appended, so T <= max_response_tokens counts the EOS)."""
+(EOS appended, then right-truncated, so T <= max_response_tokens; a response cut short loses its EOS,
+as in the authors' code: pi_theta is not taught to stop where the data did not stop), and the digest
+of both token id lists that lets the train stage check it tokenises a row as the reference stage did."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 Messages = Sequence[dict[str, str]]
 
@@ -31,9 +36,15 @@ def encode_prompt(tokenizer: Any, prompt_messages: Messages, max_prompt_tokens: 
 
 
 def encode_response(tokenizer: Any, response: str, max_response_tokens: int) -> list[int]:
-    """Response ids truncated from the right to `max_response_tokens - 1`, then EOS: T <= max_response_tokens."""
+    """Response ids with EOS appended, then truncated from the right to `max_response_tokens`: a response
+    of max_response_tokens tokens or more keeps its first max_response_tokens tokens and no EOS."""
     ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    return list(ids[: max_response_tokens - 1]) + [tokenizer.eos_token_id]
+    return (list(ids) + [tokenizer.eos_token_id])[:max_response_tokens]
+
+
+def response_truncated(tokenizer: Any, response_ids: Sequence[int]) -> bool:
+    """Whether encode_response cut the response: its ids do not end with EOS."""
+    return not response_ids or response_ids[-1] != tokenizer.eos_token_id
 
 
 def encode_pair(
@@ -44,3 +55,11 @@ def encode_pair(
         encode_prompt(tokenizer, prompt_messages, max_prompt_tokens),
         encode_response(tokenizer, response, max_response_tokens),
     )
+
+
+def token_digest(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> str:
+    """blake2b-64 (hex) of the prompt and response ids as int64, with the prompt length first so that
+    moving a token across the boundary changes it."""
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(np.array([len(prompt_ids), *prompt_ids, *response_ids], dtype=np.int64).tobytes())
+    return digest.hexdigest()

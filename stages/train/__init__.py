@@ -6,7 +6,9 @@ One optimiser step (stages.train.step): draw batch_size x grad_accumulation rows
 R-GOLD and R-LoL; uniformly for NLL) as grad_accumulation micro-batches, shared out over the
 processes; per micro-batch one forward of pi_theta gives l_t^theta of the response tokens, pi_ref's
 l_t^ref and L_ref come from the reference table (pi_ref is never loaded: the only model in memory
-is pi_theta), backward of loss / (micro-batches of this process); the gradients are averaged over
+is pi_theta; when it has dropout, the importance weights of the ratio losses come from a second,
+dropout-free no-grad forward, like pi_ref's cached log-probs, and those losses refuse mixed
+precision), backward of loss / (micro-batches of this process); the gradients are averaged over
 the processes, so the step's gradient is the mean over all micro-batches whatever the number of
 processes; then gradient-norm clip, AdamW, schedule (stages.train.policy).
 The A-LoL family's step budget is int(steps x #(A > 0) / N) (stages.train.rows).
@@ -17,10 +19,14 @@ reference stage's value targets (pi_ref's greedy decodes of the same prompts wit
 settings). The best checkpoint becomes `policy/` (a transformers folder, LoRA merged) only if it
 beats pi_ref; else there is no `policy/` and `policy_is_reference` is true.
 
-Resume (stages.train.resume): the state (trainable weights, optimiser, scheduler, sampler, RNG, log)
-is saved every `checkpoint_every` steps under <run.cache_dir>/train-resume/<key of config and
-inputs>/, which outlives the stage's discarded partial output; a rerun after a crash continues from
-it and reaches the same weights. The folder is deleted when the stage finishes.
+Resume (stages.train.resume): the state (trainable weights, optimiser, scheduler, sampler, RNG, log,
+timings) is saved every `checkpoint_every` steps under <run.cache_dir>/train-resume/<key of config
+and inputs>/, which outlives the stage's discarded partial output; a rerun after a crash continues
+from it and reaches the same weights. The folder is deleted when the stage finishes.
+
+The files (`train_log`, `policy/`) are a function of the inputs, config and code, so computing a key
+again, or resuming it, gives the same content hash; the wall-clock figures (seconds, tokens per
+second of each step) are in the metrics (schemas.train.TrainMetrics), which the hash does not cover.
 
 Several processes: `torchrun --nproc_per_node N -m pipeline.launch --profile P [--set k=v ...]`
 (pipeline/launch.py); grad_accumulation must be a multiple of N, each process runs grad_accumulation / N
@@ -43,7 +49,9 @@ from schemas.config import AlolConfig
 from schemas.manifest import StageResult
 from schemas.train import TRAIN_LOG_SCHEMA, TrainMetrics
 from stages.catalog import POLICY_FOLDER, load_scorer
+from stages.faults import failpoint
 from stages.io import StageReader, StageWriter
+from stages.models.store import save_model_folder
 from stages.train.policy import resolve_mixed_precision
 from stages.train.resume import RESUME_FOLDER, Progress, ResumeFolder, load_trainable, resume_key
 from stages.train.step import Trainer
@@ -82,10 +90,14 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     bar = tqdm(total=trainer.total_steps, initial=progress.step, desc=f"train {train.algorithm}", unit="step",
                disable=not main_process)
     for step in range(progress.step + 1, trainer.total_steps + 1):
+        clock = time.perf_counter()
         row = trainer.step(step)
+        progress.step_tokens_per_s.append(round(row["tokens"] / max(time.perf_counter() - clock, 1e-9), 2))
         if should_validate(step, trainer.total_steps, train.eval_every):
             if main_process:
+                clock = time.perf_counter()
                 row["validation_reward"] = trainer.validate(validation, scorer)
+                progress.validation_seconds += time.perf_counter() - clock
                 log.info("step %d: validation reward %.4f (pi_ref %.4f)", step, row["validation_reward"],
                          validation.reference_reward)
                 if progress.best_reward is None or row["validation_reward"] > progress.best_reward:
@@ -100,6 +112,7 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
             progress.sampler = trainer.sampler.state_dict()
             progress.seconds = time.perf_counter() - started
             resume.save(trainer.model, trainer.optimizer, trainer.scheduler, progress)
+        failpoint("train.step")
     bar.close()
     train_seconds = time.perf_counter() - started
 
@@ -123,8 +136,7 @@ def _write_policy(model: Any, tokenizer: Any, best: Path, folder: Path) -> None:
     load_trainable(model, best)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_model_folder(model, tokenizer, folder)
 
 
 def _metrics(
@@ -132,7 +144,7 @@ def _metrics(
     resumed_from: int,
 ) -> TrainMetrics:
     rows, accelerator = trainer.rows, trainer.accelerator
-    speeds = [r["tokens_per_s"] for r in progress.log]
+    speeds = progress.step_tokens_per_s
     return TrainMetrics(
         algorithm=cfg.train.algorithm,
         policy_is_reference=not beat,
@@ -142,6 +154,7 @@ def _metrics(
         reference_validation_reward=validation.reference_reward,
         validation_prompts=len(validation.prompts),
         train_seconds=round(train_seconds, 3),
+        validation_seconds=round(progress.validation_seconds, 3),
         steps=trainer.total_steps,
         steps_full=cfg.train.steps,
         train_rows=rows.train_rows,
@@ -151,6 +164,7 @@ def _metrics(
         processes=accelerator.num_processes,
         device=accelerator.device.type,
         mixed_precision=accelerator.mixed_precision,
+        step_tokens_per_s=speeds,
         tokens_per_s_median=float(np.median(speeds)) if speeds else None,
         final_loss=progress.log[-1]["loss"] if progress.log else None,
         resumed_from_step=resumed_from,

@@ -1,9 +1,9 @@
 """Resume state: what a rerun after a crash continues from, so that it reaches the same weights.
 
 Every `checkpoint_every` steps the trainable weights, optimiser, scheduler, sampler, each process's
-RNG and the log so far are saved under <run.cache_dir>/train-resume/<key>/, the key a hash of the
-config, the inputs and the training code (`resume_key`). The folder outlives the stage's discarded
-partial output; the stage deletes it when it finishes.
+RNG, the log and the timings so far are saved under <run.cache_dir>/train-resume/<key>/, the key a
+hash of the config, the inputs and the training code (`resume_key`). The folder outlives the stage's
+discarded partial output; the stage deletes it when it finishes.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ TRAIN_PACKAGE = Path(__file__).resolve().parent
 
 @dataclass
 class Progress:
-    """Everything of a run that is not a tensor: the last finished step, the log, the best checkpoint."""
+    """Everything of a run that is not a tensor: the last finished step, the log, the best checkpoint,
+    and the wall-clock figures so far (for TrainMetrics; `log` holds none, it is hashed output)."""
 
     step: int = 0
     log: list[dict[str, Any]] = field(default_factory=list)
@@ -39,6 +40,8 @@ class Progress:
     best_reward: float | None = None
     sampler: dict[str, Any] | None = None
     seconds: float = 0.0
+    validation_seconds: float = 0.0
+    step_tokens_per_s: list[float] = field(default_factory=list)
 
 
 def training_sources() -> list[Path]:

@@ -1,9 +1,10 @@
 """The training rows and the step budget.
 
-The rows the sampler can draw are the advantage table's training rows whose sampling weight (the
+The rows the sampler can draw are the advantage table's training rows (on preference data the chosen
+responses only, unless advantage.rows is `all`) whose sampling weight (the
 algorithm's `weight_column` in schemas.algorithms: A+, R or 1) is positive, joined by id with their
-prompt and response (ingest) and pi_ref's log-probs l_t^ref, L_ref (reference table).
-The A-LoL family's step budget is int(steps x #(A > 0) / N), N the number of training rows.
+prompt and response (ingest) and pi_ref's log-probs l_t^ref, L_ref and token hash (reference table).
+The A-LoL family's step budget is int(steps x #(A > 0) / N), N the number of training rows of that table.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from stages.train.errors import TrainError
 
 TRAIN_ROWS_SQL = """
 SELECT a.id, i.prompt, i.response, a.reward, a.advantage, a.{weight} AS weight,
-       r.ref_logprob, r.ref_token_logprobs, r.response_tokens
+       r.ref_logprob, r.ref_token_logprobs, r.response_tokens, r.token_hash
 FROM {advantage} AS a
 LEFT JOIN {reference} AS r USING (id)
 LEFT JOIN {ingest} AS i USING (id)

@@ -2,7 +2,11 @@
 
 A step draws batch_size x grad_accumulation rows (stages.sampler) as grad_accumulation micro-batches,
 shared out over the processes. Per micro-batch one forward of pi_theta gives l_t^theta of the
-response tokens; l_t^ref and L_ref come from the reference table, so pi_ref is never loaded. Each
+response tokens; l_t^ref and L_ref come from the reference table, so pi_ref is never loaded. The
+losses with an importance weight (rho, rho_t: registry entries with a clip) compare pi_theta with
+pi_ref's cached log-probs, which were taken in eval mode and fp32: when pi_theta has active dropout,
+a second, no-grad eval-mode forward of the micro-batch gives the weight's log-probs (without
+dropout there is no second forward), and they refuse mixed precision at stage start. Each
 process backpropagates loss / (its micro-batches); the gradients are averaged over the processes at
 the last micro-batch, so the step's gradient is the mean over all micro-batches whatever the number
 of processes. Then gradient-norm clip, AdamW and the schedule (stages.train.policy).
@@ -10,20 +14,20 @@ of processes. Then gradient-norm clip, AdamW and the schedule (stages.train.poli
 
 from __future__ import annotations
 
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
+from schemas.algorithms import ALGORITHM_REGISTRY
 from schemas.config import AlolConfig
 from stages.catalog import reference_model_path
 from stages.io import StageReader
 from stages.losses import LossBatch, LossOutput, loss_function, pad_rows
 from stages.models.logprobs import response_token_logprobs
 from stages.models.store import load_tokenizer
-from stages.models.tokenize import encode_pair
+from stages.models.tokenize import encode_pair, token_digest
 from stages.sampler import PrioritySampler
 from stages.train.errors import TrainError
 from stages.train.policy import build_policy, learning_rate_factor, trainable_parameters
@@ -48,16 +52,19 @@ class MicroBatch:
 
 
 def encode_micro_batch(rows: list[dict[str, Any]], tokenizer: Any, cfg: AlolConfig) -> MicroBatch:
-    """Tokenise as the reference stage did (stages.models.tokenize.encode_pair); T must equal the reference table's."""
+    """Tokenise as the reference stage did (stages.models.tokenize.encode_pair): the prompt and response ids
+    must hash to the reference table's `token_hash`, else pi_ref's cached log-probs are of other tokens."""
     prompt_ids, response_ids = [], []
     for row in rows:
         p, r = encode_pair(
             tokenizer, row["prompt"], row["response"], cfg.reference.max_prompt_tokens, cfg.reference.max_response_tokens
         )
-        if len(r) != row["response_tokens"] or len(r) != len(row["ref_token_logprobs"]):
+        if token_digest(p, r) != row["token_hash"] or len(r) != len(row["ref_token_logprobs"]):
             raise TrainError(
-                f"row id {row['id']}: the response has {len(r)} tokens here but {row['response_tokens']} in the "
-                "reference table; the tokenizer or reference.* settings changed since the reference stage ran"
+                f"row id {row['id']}: its prompt and response tokenise to other ids here ({len(p)} prompt and "
+                f"{len(r)} response tokens; {row['response_tokens']} response tokens in the reference table) than "
+                "when the reference stage ran: the tokenizer, its chat template or reference.* changed; rerun the "
+                "reference stage"
             )
         prompt_ids.append(p)
         response_ids.append(r)
@@ -77,6 +84,7 @@ class PolicyForward:
 
     def __init__(self, prepared: Any, unwrapped: Any):
         self.prepared = prepared
+        self.unwrapped = unwrapped
         self.config = unwrapped.config
         self.device = unwrapped.device
 
@@ -84,11 +92,38 @@ class PolicyForward:
         return self.prepared(**kwargs)
 
 
-def micro_batch_loss(policy: Any, batch: MicroBatch, loss_fn: Any) -> LossOutput:
-    """One forward of pi_theta over the micro-batch, then the algorithm's loss."""
+def has_active_dropout(model: Any) -> bool:
+    """Whether a forward of `model` in its current mode drops activations: an nn.Dropout with p > 0 (LoRA's
+    included), or a positive `*dropout*` / `*pdrop*` probability in its config (transformers applies attention
+    dropout as a function argument, not a module)."""
+    if not model.training:
+        return False
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    settings = model.config.to_dict()
+    return any(isinstance(v, float) and v > 0 for k, v in settings.items() if "dropout" in k or "pdrop" in k)
+
+
+def dropout_free_logprobs(model: Any, batch: MicroBatch) -> list[torch.Tensor]:
+    """l_t^theta of the micro-batch from a no-grad eval-mode forward (as the reference stage took l_t^ref);
+    the model goes back to train mode after."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            return response_token_logprobs(model, batch.prompt_ids, batch.response_ids)
+    finally:
+        model.train()
+
+
+def micro_batch_loss(policy: Any, batch: MicroBatch, loss_fn: Any, weight_forward: bool = False) -> LossOutput:
+    """One forward of pi_theta over the micro-batch, then the algorithm's loss. `weight_forward`: the
+    importance weight's log-probs come from a second, dropout-free forward (dropout_free_logprobs)."""
     device = policy.device
     token_logprobs, mask = pad_rows(response_token_logprobs(policy, batch.prompt_ids, batch.response_ids))
     ref_token_logprobs, _ = pad_rows(batch.ref_token_logprobs, width=token_logprobs.shape[1])
+    weight_token_logprobs = None
+    if weight_forward:
+        weight_token_logprobs, _ = pad_rows(dropout_free_logprobs(policy.unwrapped, batch), width=token_logprobs.shape[1])
     return loss_fn(
         LossBatch(
             token_logprobs=token_logprobs,
@@ -97,6 +132,7 @@ def micro_batch_loss(policy: Any, batch: MicroBatch, loss_fn: Any) -> LossOutput
             ref_logprob=batch.ref_logprob.to(device),
             reward=batch.reward.to(device),
             advantage=batch.advantage.to(device),
+            weight_token_logprobs=weight_token_logprobs,
         )
     )
 
@@ -135,7 +171,9 @@ class StepSums:
         return StepSums(**{n: type(getattr(self, n))(v) for n, v in zip(names, total)})
 
 
-def backward_micro_batches(accelerator: Any, model: Any, policy: Any, batches: list[MicroBatch], loss_fn: Any) -> StepSums:
+def backward_micro_batches(
+    accelerator: Any, model: Any, policy: Any, batches: list[MicroBatch], loss_fn: Any, weight_forward: bool = False
+) -> StepSums:
     """Accumulate the gradient of mean over micro-batches of their batch-mean losses.
 
     Gradients are all-reduced (averaged over processes) only at the last micro-batch.
@@ -144,14 +182,15 @@ def backward_micro_batches(accelerator: Any, model: Any, policy: Any, batches: l
     for k, batch in enumerate(batches):
         sync = k == len(batches) - 1
         with nullcontext() if sync else accelerator.no_sync(model):
-            out = micro_batch_loss(policy, batch, loss_fn)
+            out = micro_batch_loss(policy, batch, loss_fn, weight_forward)
             accelerator.backward(out.loss / len(batches))
         sums.add(out, batch)
     return sums
 
 
-def _log_row(step: int, sums: StepSums, lr: float, grad_norm: float, seconds: float) -> dict[str, Any]:
-    """The train_log row of one step (schemas.train.TRAIN_LOG_SCHEMA); validation_reward is filled in by the stage."""
+def _log_row(step: int, sums: StepSums, lr: float, grad_norm: float) -> dict[str, Any]:
+    """The train_log row of one step (schemas.train.TRAIN_LOG_SCHEMA); validation_reward is filled in by the stage.
+    No timing: the row is part of the content hash (the stage times the step for its metrics)."""
     has_weights = sums.weight_count > 0
     return {
         "step": step,
@@ -163,7 +202,6 @@ def _log_row(step: int, sums: StepSums, lr: float, grad_norm: float, seconds: fl
         "advantage_mean": sums.advantage / sums.rows,
         "reward_mean": sums.reward / sums.rows,
         "tokens": sums.tokens,
-        "tokens_per_s": sums.tokens / max(seconds, 1e-9),
         "validation_reward": None,
     }
 
@@ -180,6 +218,15 @@ class Trainer:
                 f"processes ({accelerator.num_processes}): each process runs an equal share of the micro-batches"
             )
         self.micro_batches = train.grad_accumulation // accelerator.num_processes
+        takes_ratio = ALGORITHM_REGISTRY[train.algorithm].clipped
+        if takes_ratio and accelerator.mixed_precision != "no":
+            without = ", ".join(s.name for s in ALGORITHM_REGISTRY.values() if not s.clipped)
+            raise TrainError(
+                f"train.algorithm {train.algorithm} weights rows by a ratio of pi_theta to pi_ref, whose log-probs "
+                f"the reference stage cached in fp32; under train.mixed_precision {accelerator.mixed_precision} the "
+                "ratio would compare two precisions. Set train.mixed_precision: no for this algorithm "
+                f"({without} take no ratio and may use mixed precision)"
+            )
         self.rows = load_train_rows(train.algorithm, inputs)
         self.sampler = PrioritySampler(self.rows.weight, seed=cfg.run.seed)
         self.total_steps = step_budget(train, self.rows.positive_rows, self.rows.train_rows)
@@ -196,6 +243,7 @@ class Trainer:
         self.prepared, self.optimizer = accelerator.prepare(self.model, optimizer)
         self.policy = PolicyForward(self.prepared, accelerator.unwrap_model(self.prepared))
         self.loss_fn = loss_function(train)
+        self.weight_forward = takes_ratio and has_active_dropout(self.model)
 
     def step(self, step: int) -> dict[str, Any]:
         """One optimiser step on batch_size x grad_accumulation drawn rows; its train_log row.
@@ -203,7 +251,6 @@ class Trainer:
         Process p of W takes micro-batches p x k/W .. (p + 1) x k/W - 1 of the k = grad_accumulation.
         """
         train, acc = self.cfg.train, self.accelerator
-        clock = time.perf_counter()
         drawn = self.sampler.draw(train.batch_size * train.grad_accumulation)
         mine = range(acc.process_index * self.micro_batches, (acc.process_index + 1) * self.micro_batches)
         batches = [
@@ -211,13 +258,15 @@ class Trainer:
                                self.tokenizer, self.cfg)
             for k in mine
         ]
-        sums = backward_micro_batches(acc, self.prepared, self.policy, batches, self.loss_fn).reduced(acc)
+        sums = backward_micro_batches(
+            acc, self.prepared, self.policy, batches, self.loss_fn, self.weight_forward
+        ).reduced(acc)
         grad_norm = float(acc.clip_grad_norm_(trainable_parameters(self.model).values(), train.max_grad_norm))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return _log_row(step, sums, lr, grad_norm, time.perf_counter() - clock)
+        return _log_row(step, sums, lr, grad_norm)
 
     def validate(self, validation: Validation, scorer: Any) -> float:
         return validation_reward(self.accelerator.unwrap_model(self.prepared), self.tokenizer, validation, scorer, self.cfg)

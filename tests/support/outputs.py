@@ -43,20 +43,21 @@ def _neutral(stage: str) -> dict[str, Any]:
                 "value_head_seconds": 0.0, "logprob_seconds": 0.0}
     if stage == "advantage":
         return {"rows": 0, "positive_rows": 0, "positive_fraction": 0.0, "reward_mean": 0.0, "value_mean": 0.0,
-                "advantage_mean": 0.0, "advantage_quantiles": {}, "negative_reward_rows": 0}
+                "advantage_mean": 0.0, "advantage_quantiles": {}, "negative_reward_rows": 0, "rejected_rows_left_out": 0}
     if stage == "train":
         return {"algorithm": "a_lol", "policy_is_reference": True, "best_step": None, "best_validation_reward": None,
                 "best_validation_step": None, "reference_validation_reward": 0.0, "validation_prompts": 0,
-                "train_seconds": 0.0, "steps": 0, "steps_full": 0, "train_rows": 0, "positive_rows": 0,
-                "drawable_rows": 0, "rows_per_step": 0, "processes": 1, "device": "cpu", "mixed_precision": "no",
-                "tokens_per_s_median": None, "final_loss": None, "resumed_from_step": 0}
+                "train_seconds": 0.0, "validation_seconds": 0.0, "steps": 0, "steps_full": 0, "train_rows": 0,
+                "positive_rows": 0, "drawable_rows": 0, "rows_per_step": 0, "processes": 1, "device": "cpu",
+                "mixed_precision": "no", "step_tokens_per_s": [], "tokens_per_s_median": None, "final_loss": None,
+                "resumed_from_step": 0}
     if stage == "evaluate":
         return {"algorithm": "a_lol", "prompts": 0, "components": [], "bootstrap_samples": 1,
                 "policy_is_reference": True, "models": {"policy": _model_metrics([]), "reference": _model_metrics([])},
                 "difference": {"reward": _INTERVAL},
                 "win_rate": {"wins": 0, "ties": 0, "losses": 0, "win_rate": 0.0, "tie_rate": 0.0, "loss_rate": 0.0},
                 "train": {"policy_is_reference": True, "best_step": None, "best_validation_reward": None,
-                          "reference_validation_reward": 0.0, "train_seconds": 0.0},
+                          "reference_validation_reward": 0.0},
                 "generation": {}, "advantage": {}}
     raise KeyError(f"no stage {stage!r}")
 

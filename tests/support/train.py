@@ -47,6 +47,33 @@ def write_rows(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def write_preference_rows(path: Path, seed: int = 0) -> Path:
+    """prompt/chosen/rejected pairs with a split column: 16 train, 6 validation and 2 test pairs, distinct prompts.
+
+    Two chosen responses in three are all "cats"; every other rejected response is "cats dogs cats" (reward
+    2/3), so rejected rows too can have A > 0 and count in a positive fraction taken over every row.
+    """
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(24):
+        split = "train" if i < 16 else "validation" if i < 22 else "test"
+        prompt = " ".join(WORDS[(i * 5 + k) % len(WORDS)] for k in range(2 + i % 6))
+        n = int(rng.integers(2, 6))
+        chosen = " ".join(["cats"] * n) if i % 3 != 2 else " ".join(rng.choice(WORDS, size=n))
+        rejected = "cats dogs cats" if i % 2 else " ".join(rng.choice(WORDS, size=n + 1))
+        records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "split": split})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def with_attention_dropout(folder: Path, probability: float) -> Path:
+    """Set `attention_dropout` in the model folder's config.json (a Llama applies it in train mode only)."""
+    settings = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    settings["attention_dropout"] = probability
+    (folder / "config.json").write_text(json.dumps(settings), encoding="utf-8")
+    return folder
+
+
 def overrides(tmp: Path, model: Path, data: Path, **extra) -> dict:
     return {
         "run.root": str(tmp / "runs"),

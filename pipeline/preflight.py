@@ -1,0 +1,202 @@
+"""What `alol run` checks before Prefect starts, so that a run that cannot work fails in a second,
+writes nothing (no folder, no record) and starts no server.
+
+- The outputs the selected stages read from the run (their upstream stages that are not selected)
+  are recorded in run.json and intact.
+- The data source is readable when ingest runs: the file (data.source=file), a local folder
+  (data.source=datasets), the chatterbot-corpus package (data.source=chatterbot).
+- reference.model can be loaded when a selected stage loads it: the built-in name needs its package
+  (or its converted folder in run.cache_dir), a local folder needs config.json, a hub name needs the
+  local hub cache only when HF_HUB_OFFLINE is set (else it is downloaded, as before).
+- run.root and the run's folders can be written.
+
+Each problem is one line naming the setting or file and what to do (`PreflightError.problems`).
+Only what would fail anyway is refused: e.g. a missing data file is fine while the ingest output of
+the same cache key is committed, since ingest then reuses it without reading the source.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipeline.runner import RESULTS_FOLDER, STAGES, cache_key, reusable_output
+from pipeline.storage import RunStore
+from schemas.base import UserInputError
+from schemas.config import AlolConfig
+from schemas.reference import SMOLLM2_NAME
+from schemas.stages import STAGE_NAMES
+from stages.io import IntegrityError, StageReader
+
+
+class PreflightError(UserInputError):
+    """The run cannot start; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def check(cfg: AlolConfig, stages: list[str] | None = None, refresh: list[str] | None = None) -> None:
+    """Raise PreflightError listing every problem that would stop a run of `stages` (all by default)."""
+    selected = [s for s in STAGE_NAMES if s in set(stages or STAGE_NAMES)]
+    store = RunStore.of(cfg)
+    problems = _unwritable(store, selected)
+    upstream, upstream_problems = _recorded_upstream(store, selected)
+    problems += upstream_problems
+    if "ingest" in selected:
+        data_problems = _unreadable_data(cfg)
+        if data_problems and not _ingest_reused(cfg, store, refresh or []):
+            problems += data_problems
+    if _loads_reference_model(selected, upstream):
+        problems += _unavailable_model(cfg)
+    if problems:
+        raise PreflightError(problems)
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A name that can only mean a local path: hub ids are `name` or `owner/name`."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _unwritable(store: RunStore, selected: list[str]) -> list[str]:
+    problems: list[str] = []
+    seen: set[Path] = set()
+    for folder in (store.dir, *(store.dir / s for s in selected), store.root / RESULTS_FOLDER):
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if existing in seen:
+            continue
+        seen.add(existing)
+        if not existing.is_dir():
+            problems.append(f"run.root {store.root}: {existing} is a file, not a folder; remove it or choose another run.root (--set run.root=FOLDER)")
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            problems.append(f"run.root {store.root}: cannot write in {existing} (permission denied); choose a writable run.root (--set run.root=FOLDER)")
+    return problems
+
+
+def _recorded_upstream(store: RunStore, selected: list[str]) -> tuple[dict[str, StageReader], list[str]]:
+    """The verified outputs run.json records for the upstream stages that are not selected, and the problems."""
+    needed = [s for s in STAGE_NAMES if s not in selected and any(s in STAGES[x].upstream for x in selected)]
+    if not needed:
+        return {}, []
+    try:
+        recorded = {s: store.current(s) for s in needed}
+    except ValueError as exc:  # run.json is not JSON (or not ours)
+        return {}, [f"{store.state_path}: unreadable ({exc}); move it away to start the run afresh"]
+    missing = [s for s in needed if recorded[s] is None]
+    problems: list[str] = []
+    if missing:
+        readers_of = [x for x in selected if set(STAGES[x].upstream) & set(missing)]
+        stages = " ".join(s for s in STAGE_NAMES if s in missing or s in selected)
+        problems.append(
+            f"run {store.name!r} has no output of {', '.join(missing)} (not in {store.state_path}), which "
+            f"{', '.join(readers_of)} {'reads' if len(readers_of) == 1 else 'read'}; run {'it' if len(missing) == 1 else 'them'} "
+            f"too: --stages {stages}"
+        )
+    readers: dict[str, StageReader] = {}
+    for stage in (s for s in needed if recorded[s] is not None):
+        try:
+            readers[stage] = StageReader(recorded[stage].path)
+        except IntegrityError as exc:
+            stages = " ".join(s for s in STAGE_NAMES if s == stage or s in selected)
+            problems.append(f"the {stage} output recorded in {store.state_path} is damaged ({exc}); run it again: --stages {stages}")
+    return readers, problems
+
+
+def _ingest_reused(cfg: AlolConfig, store: RunStore, refresh: list[str]) -> bool:
+    """Whether ingest will reuse a committed output of its cache key (and so not read the source)."""
+    return "ingest" not in refresh and reusable_output(store, "ingest", cache_key(cfg, "ingest", {})) is not None
+
+
+def _unreadable_data(cfg: AlolConfig) -> list[str]:
+    data = cfg.data
+    if data.source == "chatterbot":
+        from stages.ingest.sources import chatterbot_files
+
+        try:
+            found = chatterbot_files()
+        except UserInputError as exc:
+            return [f"data.source chatterbot: {exc}"]
+        return [] if found else ["data.source chatterbot: the chatterbot-corpus package holds no English corpus files; reinstall it (make setup)"]
+    path = Path(data.path)
+    if data.source == "file":
+        from stages.ingest.sources import FILE_SUFFIXES
+
+        if not path.exists():
+            return [f"data.path {path}: no such file; give an existing {', '.join(FILE_SUFFIXES)} file (--set data.path=FILE)"]
+        if path.is_dir():
+            return [f"data.path {path}: a folder, but data.source=file reads one file (a saved or file-based dataset folder: data.source=datasets)"]
+        if path.suffix.lower() not in FILE_SUFFIXES:
+            return [f"data.path {path}: unknown file type {path.suffix!r}; expected one of {', '.join(FILE_SUFFIXES)}"]
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            return [f"data.path {path}: cannot read it ({exc.strerror}); fix its permissions or give another file"]
+        return []
+    # data.source=datasets: a local file or folder, else a hub name that `datasets` resolves itself.
+    if path.exists():
+        if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+            return [f"data.path {path}: cannot read it (permission denied); fix its permissions or give another dataset"]
+        return []
+    if _looks_like_a_path(data.path):
+        return [f"data.path {path}: no such file or folder; give a saved dataset folder or a hub dataset name"]
+    return []
+
+
+def _loads_reference_model(selected: list[str], upstream: dict[str, StageReader]) -> bool:
+    """Reference loads reference.model; train and evaluate load it too when pi_ref is the base model
+    (not fine-tuned), which the reference output says when it is not being recomputed."""
+    if "reference" in selected:
+        return True
+    if not any(s in selected for s in ("train", "evaluate")):
+        return False
+    reference = upstream.get("reference")
+    if reference is None:  # missing or damaged: already a problem of its own
+        return False
+    try:
+        return reference.metrics.pi_ref == "base"
+    except ValueError:  # metrics of another schema version: the stage will say so; check the model anyway
+        return True
+
+
+def _unavailable_model(cfg: AlolConfig) -> list[str]:
+    name = cfg.reference.model
+    if name == SMOLLM2_NAME:
+        from stages.models import store
+
+        # resolve_model's converted folder: present, it needs the package no more.
+        if (Path(cfg.run.cache_dir).resolve() / "models" / store.SMOLLM2).is_dir():
+            return []
+        try:
+            store.smollm2_gguf_path()
+        except store.ModelNotFoundError as exc:
+            return [f"{exc} (or set reference.model to a local model folder)"]
+        return []
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            return [f"reference.model {folder}: the folder has no config.json; give a transformers model folder"]
+        return []
+    if folder.exists() or _looks_like_a_path(name):
+        return [f"reference.model {folder}: no such folder; give a transformers model folder, a hub name or {SMOLLM2_NAME!r}"]
+    return _not_in_offline_hub_cache(name, Path(cfg.run.cache_dir) / "hub")
+
+
+def _not_in_offline_hub_cache(name: str, hub_dir: Path) -> list[str]:
+    """A hub name is downloaded into `hub_dir` when online; offline (HF_HUB_OFFLINE or
+    TRANSFORMERS_OFFLINE, read by huggingface_hub at import) only a cached snapshot loads."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return []
+    try:
+        cached = try_to_load_from_cache(name, "config.json", cache_dir=hub_dir)
+    except ValueError as exc:  # not a valid hub id
+        return [f"reference.model {name!r}: not {SMOLLM2_NAME!r}, not a local folder and not a hub name ({exc})"]
+    if isinstance(cached, str):
+        return []
+    return [
+        f"reference.model {name!r}: not in the local hub cache {hub_dir} and HF_HUB_OFFLINE is set; unset "
+        "HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE) to download it, or set reference.model to a local model folder"
+    ]
