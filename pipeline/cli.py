@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 import traceback
-from pathlib import Path
 
 from pipeline import console
 from schemas.base import UserInputError

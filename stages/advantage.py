@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import duckdb
 import pyarrow.parquet as pq

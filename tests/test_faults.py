@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.runner import RESULTS_FOLDER, STAGES, execute_stage
+from pipeline.runner import RESULTS_FOLDER, STAGES
 from pipeline.storage import RunStore
 from schemas.manifest import StageOutput
 from schemas.stages import STAGE_NAMES
@@ -37,7 +37,7 @@ from stages.faults import ENVIRONMENT_VARIABLE, parse
 from stages.io import StageReader, TableWriter
 from stages.train.resume import RESUME_FOLDER
 from tests.support.faults import run_stage_in_child
-from tests.support.train import config, overrides, tiny_setup
+from tests.support.train import config, overrides, run_stages, tiny_setup
 
 REPO = Path(__file__).resolve().parent.parent
 SETTINGS = {
@@ -63,11 +63,7 @@ def pipeline(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
     model, data = tiny_setup(tmp)
     cfg = config(tmp, model, data, **SETTINGS)
-    store = RunStore.of(cfg)
-    outputs = {}
-    for stage in STAGE_NAMES:
-        outputs[stage], _ = execute_stage(cfg, stage, {n: outputs[n] for n in STAGES[stage].upstream})
-        store.record(outputs[stage], cached=False, seconds=0.0)
+    outputs = run_stages(cfg, STAGE_NAMES)
     train = StageReader(outputs["train"].path).metrics
     assert train.policy_is_reference is False and train.steps == 6, "train wrote policy/ after 6 steps"
     assert StageReader(outputs["reference"].path).metrics.sft_steps == 4

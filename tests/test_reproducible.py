@@ -21,7 +21,7 @@ from pipeline.runner import STAGES, execute_stage
 from pipeline.storage import RunStore
 from schemas.stages import STAGE_NAMES
 from stages.io import StageReader
-from tests.support.train import config, tiny_setup
+from tests.support.train import config, run_stages, tiny_setup
 
 REPO = Path(__file__).resolve().parent.parent
 SETTINGS = {
@@ -42,11 +42,7 @@ def pipeline(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reproducible")
     model, data = tiny_setup(tmp)
     cfg = config(tmp, model, data, **SETTINGS)
-    store = RunStore.of(cfg)
-    outputs = {}
-    for stage in STAGE_NAMES:
-        outputs[stage], _ = execute_stage(cfg, stage, {n: outputs[n] for n in STAGES[stage].upstream})
-        store.record(outputs[stage], cached=False, seconds=0.0)
+    outputs = run_stages(cfg, STAGE_NAMES)
     assert StageReader(outputs["train"].path).metrics.policy_is_reference is False, "train wrote policy/"
     assert StageReader(outputs["score"].path).metrics.components["informative"].mean > 0, "tf-idf was fitted"
     return cfg, outputs

@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from pipeline.runner import execute_stage
+from pipeline.runner import STAGES, execute_stage
 from schemas.config import ConfigError, load_config
 from schemas.train import ALGORITHMS, TRAIN_LOG_SCHEMA, TrainConfig
 from stages import train
@@ -25,7 +25,7 @@ from stages.train.resume import RESUME_FOLDER
 from stages.train.rows import load_train_rows, step_budget
 from stages.train.step import PolicyForward, backward_micro_batches, encode_micro_batch
 from tests.support.outputs import commit_output
-from tests.support.train import UPSTREAM, UPSTREAM_INPUTS, build_upstream, config, readers, tiny_setup
+from tests.support.train import UPSTREAM, build_upstream, config, readers, tiny_setup
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +244,7 @@ def test_changing_only_train_settings_reuses_every_upstream_stage(tiny):
     tmp, model, data, outputs = tiny
     cfg = config(tmp, model, data, **{"train.algorithm": "wbc", "train.steps": 3, "train.learning_rate": 1e-3})
     for stage in UPSTREAM:
-        output, reused = execute_stage(cfg, stage, {n: outputs[n] for n in UPSTREAM_INPUTS[stage]})
+        output, reused = execute_stage(cfg, stage, {n: outputs[n] for n in STAGES[stage].upstream})
         assert reused and output.path == outputs[stage].path, stage
 
 

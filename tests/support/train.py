@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.runner import execute_stage
+from pipeline.runner import STAGES, execute_stage
 from pipeline.storage import RunStore
 from schemas.config import AlolConfig, load_config
 from schemas.manifest import StageOutput
@@ -24,7 +24,6 @@ from tests.support.models import tiny_model_folder
 
 WORDS = "hello there how are you today i am fine thank you what is your name tell me a joke about dogs music".split()
 UPSTREAM = ("ingest", "score", "reference", "advantage")
-UPSTREAM_INPUTS = {"ingest": (), "score": ("ingest",), "reference": ("ingest", "score"), "advantage": ("score", "reference")}
 """Each upstream stage -> the stages it reads."""
 
 
@@ -117,14 +116,20 @@ def config(tmp: Path, model: Path, data: Path, **extra) -> AlolConfig:
     return load_config("smoke", overrides=overrides(tmp, model, data, **extra))
 
 
-def build_upstream(cfg: AlolConfig) -> dict[str, StageOutput]:
-    """Run ingest, score, reference and advantage, and record them in the run's run.json."""
-    store = RunStore(cfg.run.root, cfg.run.name)
+def run_stages(cfg: AlolConfig, stages: tuple[str, ...]) -> dict[str, StageOutput]:
+    """Run `stages` in order through the runner (no Prefect), each on the outputs of the earlier ones,
+    and record them in the run's run.json."""
+    store = RunStore.of(cfg)
     outputs: dict[str, StageOutput] = {}
-    for stage in UPSTREAM:
-        outputs[stage], cached = execute_stage(cfg, stage, {n: outputs[n] for n in UPSTREAM_INPUTS[stage]})
+    for stage in stages:
+        outputs[stage], cached = execute_stage(cfg, stage, {n: outputs[n] for n in STAGES[stage].upstream})
         store.record(outputs[stage], cached=cached, seconds=0.0)
     return outputs
+
+
+def build_upstream(cfg: AlolConfig) -> dict[str, StageOutput]:
+    """Run ingest, score, reference and advantage, and record them in the run's run.json."""
+    return run_stages(cfg, UPSTREAM)
 
 
 def readers(outputs: dict[str, StageOutput]) -> dict[str, StageReader]:
