@@ -37,17 +37,11 @@ from stages.faults import ENVIRONMENT_VARIABLE, parse
 from stages.io import StageReader, TableWriter
 from stages.train.resume import RESUME_FOLDER
 from tests.support.faults import run_stage_in_child
-from tests.support.train import config, overrides, run_stages, tiny_setup
+from tests.support.train import WHOLE_PIPELINE, config, overrides, run_stages, tiny_setup
 
 REPO = Path(__file__).resolve().parent.parent
 SETTINGS = {
-    "evaluate.max_new_tokens": 5, "evaluate.batch_size": 4, "evaluate.bootstrap_samples": 50,
-    # Two components, so that a kill can fall between them (the second one fitted: the tf-idf vocabulary).
-    "score.components": [
-        {"name": "cats", "kind": "python",
-         "options": {"function": "tests.support.train:cats_reward", "lower": 0.0, "upper": 1.0}},
-        {"name": "informative", "kind": "tfidf", "weight": 0.0},
-    ],
+    **WHOLE_PIPELINE,  # two score components, so that a kill can fall between them
     "reference.sft_epochs": 1, "reference.sft_batch_size": 8, "reference.sft_learning_rate": 1e-3,
     "train.checkpoint_every": 2, "train.eval_every": 3,
 }

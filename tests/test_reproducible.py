@@ -21,18 +21,10 @@ from pipeline.runner import STAGES, execute_stage
 from pipeline.storage import RunStore
 from schemas.stages import STAGE_NAMES
 from stages.io import StageReader
-from tests.support.train import config, run_stages, tiny_setup
+from tests.support.train import WHOLE_PIPELINE, config, run_stages, tiny_setup
 
 REPO = Path(__file__).resolve().parent.parent
-SETTINGS = {
-    "evaluate.max_new_tokens": 5, "evaluate.batch_size": 4, "evaluate.bootstrap_samples": 50,
-    # A fitted component (the tf-idf vocabulary in scorer_state.json) at weight 0: the reward stays "cats".
-    "score.components": [
-        {"name": "cats", "kind": "python",
-         "options": {"function": "tests.support.train:cats_reward", "lower": 0.0, "upper": 1.0}},
-        {"name": "informative", "kind": "tfidf", "weight": 0.0},
-    ],
-}
+SETTINGS = WHOLE_PIPELINE
 
 
 @pytest.fixture(scope="module")

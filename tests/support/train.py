@@ -27,6 +27,19 @@ UPSTREAM = ("ingest", "score", "reference", "advantage")
 """Each upstream stage -> the stages it reads."""
 
 
+WHOLE_PIPELINE = {
+    "evaluate.max_new_tokens": 5, "evaluate.batch_size": 4, "evaluate.bootstrap_samples": 50,
+    # A fitted component (the tf-idf vocabulary in scorer_state.json) at weight 0: the reward stays "cats".
+    "score.components": [
+        {"name": "cats", "kind": "python",
+         "options": {"function": "tests.support.train:cats_reward", "lower": 0.0, "upper": 1.0}},
+        {"name": "informative", "kind": "tfidf", "weight": 0.0},
+    ],
+}
+"""Overrides that make every stage of the tiny pipeline quick, evaluate included, with two score
+components (one of them fitted)."""
+
+
 def cats_reward(prompts, responses):
     """Fraction of the whitespace-separated words that are "cats" (0 for an empty response)."""
     return [sum(w == "cats" for w in r.split()) / max(len(r.split()), 1) for r in responses]
