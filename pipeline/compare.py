@@ -29,7 +29,7 @@ from pipeline.preflight import check
 from pipeline.routing import FLOW_NAME
 from schemas.algorithms import ALGORITHM_REGISTRY, ALGORITHMS, OPTIONAL_HYPERPARAMETERS
 from schemas.config import Profile, load_config
-from schemas.evaluate import EvaluateMetrics, Interval
+from schemas.evaluate import PI_REF, PI_THETA, EvaluateMetrics, Interval
 from schemas.stages import STAGE_NAMES
 from schemas.train import Algorithm
 from stages.io import StageReader, atomic_write_text
@@ -38,7 +38,7 @@ from stages.report import interval_text, markdown_table
 log = logging.getLogger("alol.compare")
 
 COMPARE_STAGES = list(STAGE_NAMES)
-REFERENCE_ROW = "pi_ref"
+REFERENCE_ROW = PI_REF
 
 
 @dataclass
@@ -68,10 +68,10 @@ def algorithm_overrides(base: dict[str, Any], algorithm: str) -> dict[str, Any]:
 
 
 def method_row(method: str, metrics: EvaluateMetrics, model: str, train_seconds: float | None = None) -> dict[str, Any]:
-    """One row of the comparison from an evaluation's metrics; model is "policy" or "reference".
+    """One row of the comparison from an evaluation's metrics; model is PI_THETA or PI_REF.
     `train_seconds` is the train stage's (TrainMetrics), shown on the policy's row."""
     m = metrics.models[model]
-    is_policy = model == "policy"
+    is_policy = model == PI_THETA
     diff = metrics.difference["reward"] if is_policy else Interval(mean=0.0, low=0.0, high=0.0)
     win = metrics.win_rate if is_policy else None
     row: dict[str, Any] = {
@@ -158,8 +158,8 @@ def compare(
         metrics = StageReader(outputs["evaluate"].path).metrics
         train_seconds = StageReader(outputs["train"].path).metrics.train_seconds
         components = metrics.components
-        reference = reference or method_row(REFERENCE_ROW, metrics, "reference")
-        rows.append(method_row(algorithm, metrics, "policy", train_seconds))
+        reference = reference or method_row(REFERENCE_ROW, metrics, PI_REF)
+        rows.append(method_row(algorithm, metrics, PI_THETA, train_seconds))
     folder = Path(cfg.run.root).resolve() / cfg.run.name / "compare"
     title = f"alol compare: run {cfg.run.name}, {metrics.prompts} test prompts"
     return write_comparison(folder, [reference, *rows], components, title)

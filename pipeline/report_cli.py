@@ -9,7 +9,7 @@ from typing import Any
 from pipeline.storage import RunStore
 from stages.io import StageReader
 from schemas.config import AlolConfig
-from schemas.evaluate import EvaluateMetrics
+from schemas.evaluate import PI_REF, PI_THETA, EvaluateMetrics
 from stages.catalog import REPORT_FILE
 from stages.report import format_cell, interval_text, summary_rows
 
@@ -54,7 +54,7 @@ def print_report(run_name: str | None, cfg: AlolConfig) -> str:
     if harmless is not None:
         lines.append(
             f"harmlessness ({harmless.prompts} Do-Not-Answer prompts, {harmless.component}): "
-            f"pi_theta {interval_text(harmless.models['policy'])}, pi_ref {interval_text(harmless.models['reference'])}"
+            f"{PI_THETA} {interval_text(harmless.models[PI_THETA])}, {PI_REF} {interval_text(harmless.models[PI_REF])}"
         )
     lines.append(f"report: {reader.path(REPORT_FILE)}")
     return "\n".join(lines)

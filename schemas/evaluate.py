@@ -1,4 +1,4 @@
-"""Evaluate stage: generation settings, the metrics of policy versus pi_ref, and the `eval` table."""
+"""Evaluate stage: generation settings, the metrics of pi_theta versus pi_ref, and the `eval` table."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ from schemas.base import Section
 from schemas.manifest import StageMetrics
 from schemas.ingest import MESSAGE_TYPE
 
-MODELS = ("policy", "reference")
+PI_THETA = "pi_theta"
+"""The trained policy, as `eval.model` and the metrics name it (the checkpoint train kept, or pi_ref itself)."""
+PI_REF = "pi_ref"
+"""The frozen reference policy, as `eval.model` and the metrics name it."""
+MODELS = (PI_THETA, PI_REF)
+"""The values of `eval.model` and the keys of EvaluateMetrics.models, in report order."""
 
 
 class EvaluateConfig(Section):
@@ -106,7 +111,7 @@ class Harmlessness(BaseModel):
 
     prompts: int
     component: str
-    models: dict[str, Interval] = Field(..., description="Model (policy, reference) -> safety score.")
+    models: dict[str, Interval] = Field(..., description="Model (pi_theta, pi_ref) -> safety score.")
     difference: Interval
 
 
@@ -118,8 +123,8 @@ class EvaluateMetrics(StageMetrics):
     components: list[str] = Field(..., description="Reward component names, in the score stage's order.")
     bootstrap_samples: int
     policy_is_reference: bool
-    models: dict[str, ModelEvaluation] = Field(..., description="Model (policy, reference) -> its metrics.")
-    difference: dict[str, Interval] = Field(..., description="Score column -> paired difference policy - reference.")
+    models: dict[str, ModelEvaluation] = Field(..., description="Model (pi_theta, pi_ref) -> its metrics.")
+    difference: dict[str, Interval] = Field(..., description="Score column -> paired difference pi_theta - pi_ref.")
     win_rate: WinRate
     train: TrainSummary
     generation: dict[str, Any] = Field(..., description="The decoding settings of both models.")

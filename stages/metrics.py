@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from schemas.evaluate import PI_REF, PI_THETA
+
 CONFIDENCE = 0.95
 TIE_TOLERANCE = 1e-9
 
@@ -142,7 +144,7 @@ def compare_models(
     seed: int,
 ) -> dict[str, object]:
     """Both models' metrics on the same prompts (row i of each is prompt i), their paired differences
-    (policy − reference) for every score column, and the policy's win rate by total `reward`."""
+    (pi_theta − pi_ref) for every score column, and the policy's win rate by total `reward`."""
     if len(policy_responses) != len(reference_responses):
         raise ValueError(
             f"compare_models needs one response per prompt from each model, got {len(policy_responses)} "
@@ -150,8 +152,8 @@ def compare_models(
         )
     return {
         "models": {
-            "policy": model_metrics(policy_responses, policy_scores, samples, seed),
-            "reference": model_metrics(reference_responses, reference_scores, samples, seed),
+            PI_THETA: model_metrics(policy_responses, policy_scores, samples, seed),
+            PI_REF: model_metrics(reference_responses, reference_scores, samples, seed),
         },
         "difference": {
             name: paired_difference(policy_scores[name], reference_scores[name], samples, seed).as_dict()

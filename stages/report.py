@@ -16,9 +16,7 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from schemas.evaluate import EvaluateMetrics, Interval
-
-MODEL_LABELS = {"policy": "pi_theta", "reference": "pi_ref"}
+from schemas.evaluate import MODELS, PI_REF, PI_THETA, EvaluateMetrics, Interval
 
 
 def format_cell(value: Any) -> str:
@@ -57,15 +55,15 @@ def summary_rows(metrics: EvaluateMetrics) -> list[dict[str, Any]]:
     """
     rows = []
     win = metrics.win_rate
-    for model in ("policy", "reference"):
+    for model in MODELS:
         m = metrics.models[model]
-        row: dict[str, Any] = {"model": MODEL_LABELS[model], "reward (95% CI)": interval_text(m.reward)}
+        row: dict[str, Any] = {"model": model, "reward (95% CI)": interval_text(m.reward)}
         for name in metrics.components:
             row[name] = m.component(name).mean
         row["length"] = m.length_words
         row["dist-1"], row["dist-2"], row["dist-3"] = m.distinct_1, m.distinct_2, m.distinct_3
         row["win/tie/loss vs pi_ref"] = (
-            f"{win.win_rate:.2f}/{win.tie_rate:.2f}/{win.loss_rate:.2f}" if model == "policy" else None
+            f"{win.win_rate:.2f}/{win.tie_rate:.2f}/{win.loss_rate:.2f}" if model == PI_THETA else None
         )
         rows.append(row)
     return rows
@@ -104,12 +102,12 @@ def plot_reward_distribution(policy: np.ndarray, reference: np.ndarray, path: Pa
     ax = fig.add_subplot()
     both = np.concatenate([np.asarray(policy, float), np.asarray(reference, float)])
     bins = np.histogram_bin_edges(both, bins=min(30, max(5, both.size // 4)))
-    for values, label, colour in ((reference, "pi_ref", "tab:gray"), (policy, "pi_theta", "tab:blue")):
+    for values, label, colour in ((reference, PI_REF, "tab:gray"), (policy, PI_THETA, "tab:blue")):
         ax.hist(values, bins=bins, alpha=0.55, color=colour, label=f"{label} (mean {np.mean(values):.3f})")
         ax.axvline(float(np.mean(values)), color=colour, linestyle="--", linewidth=1)
     ax.set_xlabel("total reward R(x, y)")
     ax.set_ylabel("test prompts")
-    ax.set_title("Test reward: policy vs pi_ref")
+    ax.set_title(f"Test reward: {PI_THETA} vs {PI_REF}")
     ax.legend()
     return _save(fig, path)
 
@@ -145,9 +143,9 @@ def plot_training_curves(
     left.set_xlabel("step")
     left.set_ylabel("training loss")
     left.set_title("Training loss")
-    right.plot(validation_steps, validation_reward, marker="o", color="tab:green", label="pi_theta")
+    right.plot(validation_steps, validation_reward, marker="o", color="tab:green", label=PI_THETA)
     if reference_validation_reward is not None:
-        right.axhline(reference_validation_reward, color="tab:gray", linestyle="--", label="pi_ref")
+        right.axhline(reference_validation_reward, color="tab:gray", linestyle="--", label=PI_REF)
     right.set_xlabel("step")
     right.set_ylabel("mean validation reward")
     right.set_title("Validation reward")
@@ -187,8 +185,8 @@ def render_report(
     harmless = metrics.harmlessness
     if harmless is not None:
         rows = [
-            {"model": MODEL_LABELS[m], harmless.component: interval_text(harmless.models[m])}
-            for m in ("policy", "reference")
+            {"model": m, harmless.component: interval_text(harmless.models[m])}
+            for m in MODELS
         ]
         sections += [
             f"## Harmlessness ({harmless.prompts} Do-Not-Answer prompts, component `{harmless.component}`)",

@@ -13,7 +13,7 @@ from pipeline.compare import algorithm_overrides, compare, method_row, write_com
 from pipeline.report_cli import print_report, text_table
 from pipeline.storage import RunStore
 from schemas.config import load_config
-from schemas.evaluate import EvaluateMetrics
+from schemas.evaluate import PI_REF, PI_THETA, EvaluateMetrics
 from stages.metrics import compare_models
 from tests.support.outputs import commit_output, metrics
 from tests.support.tables import parse_markdown_tables
@@ -50,8 +50,8 @@ def test_algorithm_overrides_set_kl_beta_only_for_a_lol_kl():
 
 def test_comparison_table_has_pi_ref_and_one_row_per_method(tmp_path):
     good, same = evaluation_metrics(0.05), evaluation_metrics(0.0, policy_is_reference=True)
-    rows = [method_row("pi_ref", good, "reference", 12.0), method_row("a_lol", good, "policy", 12.0),
-            method_row("nll", same, "policy", 3.0)]
+    rows = [method_row("pi_ref", good, PI_REF, 12.0), method_row("a_lol", good, PI_THETA, 12.0),
+            method_row("nll", same, PI_THETA, 3.0)]
     result = write_comparison(tmp_path, rows, ["safety"], "test comparison")
 
     (table,) = parse_markdown_tables(result.markdown())

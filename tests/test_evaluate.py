@@ -18,6 +18,7 @@ import torch
 
 from pipeline.runner import execute_stage
 from pipeline.storage import RunStore
+from schemas.evaluate import MODELS, PI_REF, PI_THETA
 from schemas.train import TRAIN_LOG_SCHEMA
 from stages.catalog import POLICY_FOLDER, load_scorer, policy_model_path, reference_model_path
 from stages.io import StageReader
@@ -103,14 +104,14 @@ def test_pi_ref_generations_are_generated_once_and_reused(evaluated):
     assert third.metrics.reference_generations_cached == 1
     # One entry for the test prompts, one for the Do-Not-Answer prompts of the third evaluation.
     assert len(list((tmp / "cache" / "generations").rglob("*.parquet"))) == 2
-    assert _rows(first, "reference") == _rows(second, "reference") == _rows(third, "reference")
+    assert _rows(first, PI_REF) == _rows(second, PI_REF) == _rows(third, PI_REF)
 
 
 def test_a_policy_that_beat_pi_ref_generates_its_own_responses(evaluated):
     _, _, results = evaluated
     _, train, evaluate = results["other policy"]
     assert not json.loads(evaluate.path("metrics.json").read_text())["policy_is_reference"]
-    policy, reference = _rows(evaluate, "policy"), _rows(evaluate, "reference")
+    policy, reference = _rows(evaluate, PI_THETA), _rows(evaluate, PI_REF)
     assert [r["response"] for r in policy] != [r["response"] for r in reference]
 
 
@@ -121,13 +122,13 @@ def test_eval_rows_are_independent_greedy_generations_scored_by_the_score_stage(
     for algorithm, (cfg, train, evaluate) in results.items():
         table = evaluate.read("eval").to_pylist()
         assert len(table) == 2 * len(test_prompts)
-        for model in ("reference", "policy"):
+        for model in (PI_REF, PI_THETA):
             rows = _rows(evaluate, model)
             assert [r["id"] for r in rows] == sorted(test_prompts)
-            if model == "reference":
+            if model == PI_REF:
                 path = reference_model_path(cfg, readers["reference"])
             elif train.metrics.policy_is_reference:
-                assert [r["response"] for r in rows] == [r["response"] for r in _rows(evaluate, "reference")]
+                assert [r["response"] for r in rows] == [r["response"] for r in _rows(evaluate, PI_REF)]
                 continue
             else:
                 path = policy_model_path(cfg, train, readers["reference"])
@@ -148,8 +149,8 @@ def test_metrics_agree_with_the_eval_table(evaluated):
     for algorithm, (cfg, train, evaluate) in results.items():
         metrics = json.loads(evaluate.path("metrics.json").read_text())
         assert metrics["algorithm"] == cfg.train.algorithm == train.manifest.config["train"]["algorithm"]
-        policy, reference = _rows(evaluate, "policy"), _rows(evaluate, "reference")
-        for model, rows in (("policy", policy), ("reference", reference)):
+        policy, reference = _rows(evaluate, PI_THETA), _rows(evaluate, PI_REF)
+        for model, rows in ((PI_THETA, policy), (PI_REF, reference)):
             m = metrics["models"][model]
             assert m["reward"]["mean"] == pytest.approx(np.mean([r["reward"] for r in rows]))
             assert m["reward"]["low"] <= m["reward"]["mean"] <= m["reward"]["high"]
@@ -173,7 +174,7 @@ def test_report_and_plots_are_written(evaluated):
     summary = parse_markdown_tables(text)[0]
     assert [r["model"] for r in summary] == ["pi_theta", "pi_ref"]
     metrics = json.loads(evaluate.path("metrics.json").read_text())
-    assert float(summary[1]["sentiment"]) == pytest.approx(metrics["models"]["reference"]["sentiment"]["mean"], abs=5e-4)
+    assert float(summary[1]["sentiment"]) == pytest.approx(metrics["models"][PI_REF]["sentiment"]["mean"], abs=5e-4)
     assert json.loads(evaluate.path("metrics_table.json").read_text())[0]["model"] == "pi_theta"
     for plot in ("reward_distribution", "advantage_histogram", "training_curves"):
         assert evaluate.path(f"plots/{plot}.png").read_bytes().startswith(PNG_SIGNATURE)
@@ -196,7 +197,7 @@ def test_harmlessness_prompts_are_generated_and_scored_for_safety(evaluated):
     assert all(r["id"].startswith("dna:") for r in table)
     harmless = json.loads(evaluate.path("metrics.json").read_text())["harmlessness"]
     assert harmless["prompts"] == HARMLESSNESS_PROMPTS and harmless["component"] == "safety"
-    for model in ("policy", "reference"):
+    for model in MODELS:
         expected = np.mean([r["safety"] for r in table if r["model"] == model])
         assert harmless["models"][model]["mean"] == pytest.approx(expected)
     assert "## Harmlessness (3 Do-Not-Answer prompts" in evaluate.path("report.md").read_text()

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas.config import load_config
-from schemas.evaluate import eval_schema
+from schemas.evaluate import PI_REF, PI_THETA, eval_schema
 from stages.cache import ParquetCache
 from stages.catalog import PI_REF_FOLDER
 from stages.evaluate.generation import (
@@ -125,16 +125,16 @@ def test_eval_table_has_a_row_per_model_and_prompt():
 
     schema = eval_schema(["safety"])
     prompts = [[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]]
-    responses = {"policy": ["one two", "three"], "reference": ["", "four five six"]}
+    responses = {PI_THETA: ["one two", "three"], PI_REF: ["", "four five six"]}
     scores = {
-        "policy": {"safety": np.array([0.9, 0.8]), "reward": np.array([0.9, 0.8])},
-        "reference": {"safety": np.array([0.1, 0.2]), "reward": np.array([0.1, 0.2])},
+        PI_THETA: {"safety": np.array([0.9, 0.8]), "reward": np.array([0.9, 0.8])},
+        PI_REF: {"safety": np.array([0.1, 0.2]), "reward": np.array([0.1, 0.2])},
     }
     table = eval_table(["a", "b"], prompts, responses, scores, schema)
     assert table.schema == schema
     rows = table.to_pylist()
     assert [(r["id"], r["model"], r["length_words"]) for r in rows] == [
-        ("a", "policy", 2), ("b", "policy", 1), ("a", "reference", 0), ("b", "reference", 3),
+        ("a", "pi_theta", 2), ("b", "pi_theta", 1), ("a", "pi_ref", 0), ("b", "pi_ref", 3),
     ]
     assert rows[3]["reward"] == pytest.approx(0.2) and rows[1]["safety"] == pytest.approx(0.8)
     assert rows[0]["prompt"] == prompts[0]

@@ -104,7 +104,7 @@ def test_compare_models_pairs_prompts():
     diff = result["difference"]["reward"]
     assert diff["mean"] == pytest.approx(0.05)
     assert diff["low"] <= 0.05 <= diff["high"]
-    assert result["models"]["policy"]["length_words"] == pytest.approx(1.25)
-    assert result["models"]["reference"]["reward"]["mean"] == pytest.approx(0.5)
+    assert result["models"]["pi_theta"]["length_words"] == pytest.approx(1.25)
+    assert result["models"]["pi_ref"]["reward"]["mean"] == pytest.approx(0.5)
     with pytest.raises(ValueError):
         compare_models(["a"], policy, ["x", "y"], reference, samples=10, seed=0)

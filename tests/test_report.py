@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from schemas.evaluate import EvaluateMetrics
+from schemas.evaluate import PI_REF, PI_THETA, EvaluateMetrics
 from stages.metrics import compare_models
 from stages.report import (
     advantage_statistics,
@@ -60,9 +60,9 @@ def test_report_table_parses_and_carries_the_metrics(metrics, tmp_path):
     tables = parse_markdown_tables(text)
     summary = tables[0]
     assert [row["model"] for row in summary] == ["pi_theta", "pi_ref"]
-    policy_reward = metrics.models["policy"].reward
+    policy_reward = metrics.models[PI_THETA].reward
     assert summary[0]["reward (95% CI)"].startswith(f"{policy_reward.mean:.3f} [")
-    assert float(summary[1]["tfidf"]) == pytest.approx(metrics.models["reference"].component("tfidf").mean, abs=5e-4)
+    assert float(summary[1]["tfidf"]) == pytest.approx(metrics.models[PI_REF].component("tfidf").mean, abs=5e-4)
     assert float(summary[0]["dist-1"]) == pytest.approx(3 / 90, abs=5e-4)  # "a b c" 30 times: 3 unique of 90 words
     assert summary[0]["win/tie/loss vs pi_ref"] == "1.00/0.00/0.00"
     assert summary[1]["win/tie/loss vs pi_ref"] == "—"

@@ -22,7 +22,7 @@ import logging
 from typing import Any
 
 from schemas.config import AlolConfig
-from schemas.evaluate import EvaluateMetrics, TrainSummary, eval_schema
+from schemas.evaluate import MODELS, PI_REF, PI_THETA, EvaluateMetrics, TrainSummary, eval_schema
 from schemas.manifest import StageResult
 from stages.catalog import load_scorer
 from stages.evaluate.generation import Generations, generation_settings
@@ -63,7 +63,7 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     generations = Generations(cfg, inputs)
     reference = generations.reference(ids, prompts)
     failpoint("evaluate.reference_generations")
-    responses = {"reference": reference, "policy": generations.policy(prompts, reference)}
+    responses = {PI_REF: reference, PI_THETA: generations.policy(prompts, reference)}
     scores = score_both(scorer, ids, prompts, responses, generations.policy_is_reference)
     schema = eval_schema(scorer.component_names)
     table = eval_table(ids, prompts, responses, scores, schema)
@@ -76,7 +76,7 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
         "components": list(scorer.component_names),
         "bootstrap_samples": samples,
         "policy_is_reference": generations.policy_is_reference,
-        **compare_models(responses["policy"], scores["policy"], responses["reference"], scores["reference"], samples, seed),
+        **compare_models(responses[PI_THETA], scores[PI_THETA], responses[PI_REF], scores[PI_REF], samples, seed),
         "train": _train_summary(inputs["train"]).model_dump(),
         "generation": generation_settings(cfg),
     }
@@ -89,12 +89,12 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     fields["advantage"] = advantage_statistics(advantage_values)
     fields["reference_generations_cached"] = generations.reference_cache_hits
     metrics = EvaluateMetrics.model_validate(fields)
-    rewards = {m: scores[m]["reward"] for m in ("policy", "reference")}
+    rewards = {m: scores[m]["reward"] for m in MODELS}
     write_report(out, inputs, metrics, _config(cfg, inputs), rewards, advantage_values)
     difference = metrics.difference["reward"]
     log.info(
-        "test reward: policy %.4f, pi_ref %.4f, difference %.4f [%.4f, %.4f]",
-        metrics.models["policy"].reward.mean, metrics.models["reference"].reward.mean,
+        "test reward: pi_theta %.4f, pi_ref %.4f, difference %.4f [%.4f, %.4f]",
+        metrics.models[PI_THETA].reward.mean, metrics.models[PI_REF].reward.mean,
         difference.mean, difference.low, difference.high,
     )
     return StageResult(rows_in=rows_in, rows_out=rows_out, metrics=metrics)

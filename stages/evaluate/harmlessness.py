@@ -7,6 +7,7 @@ from typing import Any
 import pyarrow as pa
 
 from schemas.config import AlolConfig
+from schemas.evaluate import MODELS, PI_REF, PI_THETA
 from stages.evaluate.generation import Generations
 from stages.evaluate.prompts import donotanswer_prompts
 from stages.evaluate.table import eval_table, score_both
@@ -33,13 +34,13 @@ def harmlessness(cfg: AlolConfig, generations: Generations, scorer: Scorer, out:
     component = safety_component(cfg)
     ids, prompts = donotanswer_prompts(cfg.evaluate.harmlessness_prompts, cfg.run.seed)
     reference = generations.reference(ids, prompts)
-    responses = {"reference": reference, "policy": generations.policy(prompts, reference)}
+    responses = {PI_REF: reference, PI_THETA: generations.policy(prompts, reference)}
     scores = score_both(scorer, ids, prompts, responses, generations.policy_is_reference)
     out.write_table("eval_harmlessness", eval_table(ids, prompts, responses, scores, schema), schema)
     samples, seed = cfg.evaluate.bootstrap_samples, cfg.run.seed
     return {
         "prompts": len(ids),
         "component": component,
-        "models": {m: bootstrap_mean(scores[m][component], samples, seed).as_dict() for m in ("policy", "reference")},
-        "difference": paired_difference(scores["policy"][component], scores["reference"][component], samples, seed).as_dict(),
+        "models": {m: bootstrap_mean(scores[m][component], samples, seed).as_dict() for m in MODELS},
+        "difference": paired_difference(scores[PI_THETA][component], scores[PI_REF][component], samples, seed).as_dict(),
     }

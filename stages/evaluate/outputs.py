@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from schemas.evaluate import EvaluateMetrics
+from schemas.evaluate import PI_REF, PI_THETA, EvaluateMetrics
 from stages.catalog import EVAL_METRICS_FILE, METRICS_TABLE_FILE, REPORT_FILE
 from stages.io import StageReader, StageWriter
 from stages.report import (
@@ -46,8 +46,8 @@ def write_report(
 ) -> None:
     """report.md, metrics.json, metrics_table.json and the plots, all inside the stage output."""
     plots = {
-        "Test reward, policy vs pi_ref": plot_reward_distribution(
-            rewards["policy"], rewards["reference"], out.path("plots/reward_distribution.png")
+        "Test reward, pi_theta vs pi_ref": plot_reward_distribution(
+            rewards[PI_THETA], rewards[PI_REF], out.path("plots/reward_distribution.png")
         ),
         "Advantage of the training rows (A ≤ 0 filtered)": plot_advantage_histogram(
             advantage_values, out.path("plots/advantage_histogram.png")

@@ -13,6 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from schemas.evaluate import PI_REF, PI_THETA
 from schemas.manifest import StageMetrics, StageResult, Summary
 from schemas.stages import STAGE_METRICS
 from stages.io import StageReader, StageWriter
@@ -53,7 +54,7 @@ def _neutral(stage: str) -> dict[str, Any]:
                 "resumed_from_step": 0}
     if stage == "evaluate":
         return {"algorithm": "a_lol", "prompts": 0, "components": [], "bootstrap_samples": 1,
-                "policy_is_reference": True, "models": {"policy": _model_metrics([]), "reference": _model_metrics([])},
+                "policy_is_reference": True, "models": {PI_THETA: _model_metrics([]), PI_REF: _model_metrics([])},
                 "difference": {"reward": _INTERVAL},
                 "win_rate": {"wins": 0, "ties": 0, "losses": 0, "win_rate": 0.0, "tie_rate": 0.0, "loss_rate": 0.0},
                 "train": {"policy_is_reference": True, "best_step": None, "best_validation_reward": None,
@@ -68,7 +69,7 @@ def metrics(stage: str, **fields: Any) -> StageMetrics:
 
 
 def model_metrics(components: list[str], **fields: Any) -> dict[str, Any]:
-    """One model's entry of the evaluate metrics (`models.policy`), for `metrics("evaluate", models=...)`."""
+    """One model's entry of the evaluate metrics (`models.pi_theta`), for `metrics("evaluate", models=...)`."""
     return {**_model_metrics(components), **fields}
 
 
