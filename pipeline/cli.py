@@ -130,6 +130,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from stages.export import export_run
+    from stages.io import StageReader
+
+    cfg = _config(args)
+    store = _store(args, cfg)
+    readers = {}
+    for stage in STAGE_NAMES:
+        current = store.current(stage)
+        if current is not None:
+            readers[stage] = StageReader(current.path)  # verified: a damaged output is refused here
+    result = export_run(cfg, readers, args.dir, args.dtype, store.name)
+    if result.policy_is_reference:
+        print(f"no checkpoint of run {store.name} beat pi_ref on validation: exported pi_ref ({result.source})")
+    what = "pi_ref" if result.policy_is_reference else "the policy"
+    print(f"exported {what} of run {store.name} ({args.dtype}) with its model card to {result.folder}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from pipeline.report_cli import compare_main
 
@@ -181,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_options(report)
     report.add_argument("--run", help="run name (default: the latest run)")
     report.set_defaults(func=cmd_report)
+
+    export = sub.add_parser("export", help="write a run's policy as a transformers folder with a model card")
+    _config_options(export)
+    export.add_argument("dir", metavar="DIR", help="the new folder to write (must not exist, or be empty)")
+    export.add_argument("--run", help="run name (default: the latest run)")
+    export.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights' dtype (default fp32)")
+    export.set_defaults(func=cmd_export)
 
     compare = sub.add_parser("compare", help="train and evaluate several algorithms over one cached upstream")
     _config_options(compare)

@@ -135,11 +135,26 @@ folder depend on the environment."""
 
 
 def save_model_folder(model: Any, tokenizer: Any, folder: Path) -> None:
-    """A transformers folder (safetensors and tokenizer) whose bytes depend only on the weights and the tokenizer."""
+    """A transformers folder (safetensors and tokenizer) whose bytes depend only on the weights and the
+    tokenizer, every file readable by all (mode 0644)."""
     model.save_pretrained(folder)
     for flag in TOKENIZER_LOAD_FLAGS:
         tokenizer.init_kwargs.pop(flag, None)
     tokenizer.save_pretrained(folder)
+    readable_by_all(folder)
+
+
+FILE_MODE = 0o644
+FOLDER_MODE = 0o755
+
+
+def readable_by_all(folder: Path) -> None:
+    """Files 0644 and folders 0755 under `folder` (itself included). transformers writes
+    model.safetensors through a private temporary file (mode 0600), which other users, a serving
+    container or `huggingface-cli upload` run as another user could not read."""
+    folder.chmod(FOLDER_MODE)
+    for path in folder.rglob("*"):
+        path.chmod(FOLDER_MODE if path.is_dir() else FILE_MODE)
 
 
 def load_tokenizer(path: str | Path) -> Any:
