@@ -104,11 +104,15 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     store = _store(args, cfg)
+    if args.describe is not None:
+        components = sql.run_component_names(store) or [c.name for c in cfg.score.components]
+        print(sql.describe(args.describe or None, components))
+        return 0
     if args.views:
-        print("\n".join(sql.create_view_statements(sql.run_views(store).tables)))
+        print("\n".join(sql.all_view_statements(sql.run_views(store).tables)))
         return 0
     if not args.query:
-        raise SystemExit("alol sql: give a query, or --views")
+        raise SystemExit("alol sql: give a query, --views or --describe")
     out = sql.check_out_path(args.out, [store.root, cfg.run.cache_dir]) if args.out else None
     relation = sql.query(store, args.query)
     if out is not None:
@@ -189,11 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sql = sub.add_parser("sql", help="query a run's tables with DuckDB (read-only)")
     _config_options(sql)
-    sql.add_argument("query", nargs="?", help="a SELECT statement over the views (ingest, score, reference, ...)")
+    sql.add_argument("query", nargs="?", help="a SELECT statement over the views (ingest, score, reference, ..., joined)")
     sql.add_argument("--run", help="run name (default: the latest run)")
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
     sql.add_argument("--out", metavar="FILE.parquet", help="write the result to a Parquet file")
     sql.add_argument("--views", action="store_true", help="print CREATE VIEW statements for the duckdb CLI")
+    sql.add_argument(
+        "--describe", nargs="?", const="", metavar="TABLE",
+        help="print the columns, types and descriptions of TABLE (every table and the joined view without one)",
+    )
     sql.set_defaults(func=cmd_sql)
 
     report = sub.add_parser("report", help="print the evaluation metrics of a run")

@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.storage import RunStore
-from schemas.base import UserInputError
+from schemas.base import UserInputError, column_description
+from schemas.tables import JOINED_COLUMNS, JOINED_ROW, JOINED_SOURCES, JOINED_VIEW, PROMPT_TEXT, SCORE_COLUMNS, TABLES, joined_schema
 from stages.io import IntegrityError, StageReader, atomic_path
 
 log = logging.getLogger("alol.sql")
@@ -71,6 +72,57 @@ def run_views(store: RunStore) -> RunViews:
 
 def create_view_statements(views: dict[str, str]) -> list[str]:
     return [f"CREATE OR REPLACE VIEW \"{name}\" AS SELECT * FROM read_parquet('{glob}');" for name, glob in views.items()]
+
+
+def joined_view_statement(views: dict[str, str]) -> str | None:
+    """CREATE VIEW of `joined` (schemas.tables.JOINED_COLUMNS) over the table views, when the run has all of
+    JOINED_SOURCES; None otherwise."""
+    if not all(table in views for table in JOINED_SOURCES):
+        return None
+    alias = {table: table[0] for table in JOINED_SOURCES}
+    select = []
+    for table, name in JOINED_COLUMNS:
+        if name == PROMPT_TEXT.name:
+            select.append(f"{alias[table]}.prompt[-1].content AS {name}")
+        elif name == SCORE_COLUMNS:
+            select.append(f"{alias[table]}.* EXCLUDE (id)")
+        else:
+            select.append(f"{alias[table]}.{name}")
+    joins = " ".join(f'LEFT JOIN "{t}" AS {alias[t]} ON {alias[t]}.id = {alias["ingest"]}.id' for t in JOINED_SOURCES[1:])
+    return f'CREATE OR REPLACE VIEW "{JOINED_VIEW}" AS SELECT {", ".join(select)} FROM "ingest" AS {alias["ingest"]} {joins};'
+
+
+def all_view_statements(views: dict[str, str]) -> list[str]:
+    """The table views, then the joined view where the run has its tables (`alol sql --views`)."""
+    joined = joined_view_statement(views)
+    return create_view_statements(views) + ([joined] if joined else [])
+
+
+def run_component_names(store: RunStore) -> list[str] | None:
+    """The reward component columns of the run's score table (None before the score stage ran)."""
+    current = store.current("score") if store.state_path.is_file() else None
+    if current is None:
+        return None
+    columns = StageReader(current.path, verify=False).manifest.columns.get("score", {})
+    return [name for name in columns if name not in ("id", "reward")]
+
+
+def describe(table: str | None, component_names: list[str]) -> str:
+    """Columns, Arrow types and descriptions of one table or view (every one when `table` is None)."""
+    known = {name: (doc.stage, doc.row, doc.schema(component_names)) for name, doc in TABLES.items()}
+    known[JOINED_VIEW] = (" + ".join(JOINED_SOURCES), JOINED_ROW, joined_schema(component_names))
+    if table is not None and table not in known:
+        raise SqlError(f"--describe {table}: no such table; the tables are {', '.join(known)}")
+    blocks = []
+    for name, (stage, row, schema) in known.items():
+        if table is not None and name != table:
+            continue
+        rows = [(f.name, str(f.type), column_description(f) or "") for f in schema]
+        widths = [max(len(r[i]) for r in rows) for i in range(2)]
+        lines = [f"{name} (stage {stage}): {row}"]
+        lines += [f"  {n.ljust(widths[0])}  {t.ljust(widths[1])}  {d}" for n, t, d in rows]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def _statements(text: str) -> list[duckdb.Statement]:
@@ -138,6 +190,12 @@ def connect(views: dict[str, str]) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(":memory:")
     for statement in create_view_statements(views):
         con.execute(statement)
+    joined = joined_view_statement(views)
+    if joined is not None:
+        try:
+            con.execute(joined)
+        except duckdb.BinderException as exc:  # tables written by an older alol (no prompt_tokens, ...)
+            log.warning("view %s left out: %s; `alol run` rewrites the tables", JOINED_VIEW, str(exc).splitlines()[0])
     folders = sorted({str(Path(glob).parent.parent) for glob in views.values()})
     con.execute("SET allowed_directories = ?", [folders])
     con.execute("SET enable_external_access = false")

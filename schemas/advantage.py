@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from schemas.base import Section
+from schemas.base import Section, column
 from schemas.manifest import StageMetrics
 
 
@@ -30,15 +30,15 @@ class AdvantageConfig(Section):
 # (`weight_column` in schemas.algorithms.ALGORITHM_REGISTRY).
 ADVANTAGE_SCHEMA = pa.schema(
     [
-        ("id", pa.string()),
-        ("split", pa.string()),
-        ("reward", pa.float64()),
-        ("value", pa.float64()),
-        ("advantage", pa.float64()),
-        ("positive", pa.bool_()),
-        ("weight_advantage", pa.float64()),
-        ("weight_reward", pa.float64()),
-        ("weight_uniform", pa.float64()),
+        column("id", pa.string(), "The ingest row id (training rows only; rejected responses left out under advantage.rows: chosen)."),
+        column("split", pa.string(), "Always train."),
+        column("reward", pa.float64(), "R(x, y) from the score stage."),
+        column("value", pa.float64(), "V(x) from the reference stage."),
+        column("advantage", pa.float64(), "A = R - V(x)."),
+        column("positive", pa.bool_(), "A > 0: the rows the A-LoL family trains on."),
+        column("weight_advantage", pa.float64(), "Sampling weight of the A-LoL family, max(A, 0): rows are drawn in proportion to it."),
+        column("weight_reward", pa.float64(), "Sampling weight of the reward baselines (wbc, r_gold, r_lol), max(R, 0)."),
+        column("weight_uniform", pa.float64(), "Sampling weight of nll: 1 for every row."),
     ]
 )
 

@@ -1,10 +1,11 @@
-"""Shared pieces of the configuration models: the strict base class and section fingerprints."""
+"""Shared pieces of the schemas: the strict base class of config sections, fingerprints, described table columns."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
 
@@ -30,3 +31,18 @@ class Section(BaseModel):
 class UserInputError(Exception):
     """An error in what the user gave (data files, settings, model names): the CLI shows its message as one
     line, without a traceback, and exits non-zero. Its message names the file, row and field where it can."""
+
+
+DESCRIPTION_KEY = b"description"
+"""The Arrow field-metadata key holding a column's description (schemas.tables, `alol sql --describe`)."""
+
+
+def column(name: str, type: pa.DataType, description: str) -> pa.Field:
+    """A table column with its description in the field metadata (it travels into the Parquet files too)."""
+    return pa.field(name, type, metadata={DESCRIPTION_KEY: description.encode("utf-8")})
+
+
+def column_description(field: pa.Field) -> str | None:
+    """The description `column` gave a field, or None."""
+    value = (field.metadata or {}).get(DESCRIPTION_KEY)
+    return value.decode("utf-8") if value is not None else None

@@ -8,9 +8,10 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.base import Section
+from schemas.base import Section, column
 from schemas.manifest import StageMetrics
 from schemas.ingest import MESSAGE_TYPE
+from schemas.score import component_columns
 
 PI_THETA = "pi_theta"
 """The trained policy, as `eval.model` and the metrics name it (the checkpoint train kept, or pi_ref itself)."""
@@ -40,13 +41,13 @@ def eval_schema(component_names: Sequence[str]) -> pa.Schema:
     """
     return pa.schema(
         [
-            ("id", pa.string()),
-            ("prompt", pa.list_(MESSAGE_TYPE)),
-            ("model", pa.string()),
-            ("response", pa.string()),
-            *[(name, pa.float64()) for name in component_names],
-            ("reward", pa.float64()),
-            ("length_words", pa.int32()),
+            column("id", pa.string(), "The prompt: its ingest row id (test prompts) or `dna:<n>` (Do-Not-Answer)."),
+            column("prompt", pa.list_(MESSAGE_TYPE), "The prompt as chat messages."),
+            column("model", pa.string(), f"Which model answered: {PI_THETA} (the trained policy) or {PI_REF}."),
+            column("response", pa.string(), "The model's generation (evaluate.max_new_tokens)."),
+            *component_columns(component_names, "the generation"),
+            column("reward", pa.float64(), "R: the components' weighted sum."),
+            column("length_words", pa.int32(), "Whitespace-separated words of the response."),
         ]
     )
 

@@ -7,7 +7,7 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field, PositiveInt, model_validator
 
-from schemas.base import Section
+from schemas.base import Section, column
 from schemas.manifest import StageMetrics
 
 SPLITS = ("train", "validation", "test")
@@ -100,14 +100,14 @@ MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
 INGEST_SCHEMA = pa.schema(
     [
-        ("id", pa.string()),
-        ("split", pa.string()),
-        ("prompt", pa.list_(MESSAGE_TYPE)),
-        ("response", pa.string()),
-        ("pair_id", pa.string()),
-        ("preference", pa.string()),
-        ("source", pa.string()),
-        ("meta", pa.string()),
+        column("id", pa.string(), "Row id: a hash of the source name, the prompt and the response (the key every later table joins on)."),
+        column("split", pa.string(), "train, validation or test (the source's split column, else a hash of the prompt)."),
+        column("prompt", pa.list_(MESSAGE_TYPE), "The prompt as chat messages {role, content}; a text prompt is one user message."),
+        column("response", pa.string(), "The response y from the data (never generated)."),
+        column("pair_id", pa.string(), "Shared by the chosen and rejected row of one preference pair; null outside pairs."),
+        column("preference", pa.string(), "chosen or rejected within a preference pair; null outside pairs."),
+        column("source", pa.string(), "The source name (chatterbot, or the data file's or dataset's name)."),
+        column("meta", pa.string(), "The row's unmapped source columns as JSON."),
     ]
 )
 
@@ -118,12 +118,12 @@ INGEST_SCHEMA = pa.schema(
 # `detail` says it in words, `raw` is the source row as text (JSON for structured sources).
 REJECTED_SCHEMA = pa.schema(
     [
-        ("source_file", pa.string()),
-        ("source_row", pa.int64()),
-        ("field", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-        ("raw", pa.string()),
+        column("source_file", pa.string(), "The file (or dataset split) the rejected row came from."),
+        column("source_row", pa.int64(), "1-based row in that file: line for JSONL and CSV, position for JSON, Parquet, datasets."),
+        column("field", pa.string(), "The field that failed its check (prompt, response, chosen, ...)."),
+        column("reason", pa.string(), "Short code: missing, empty, wrong_type, too_long, duplicate_id, over_max_rows_per_split, ..."),
+        column("detail", pa.string(), "The reason in words."),
+        column("raw", pa.string(), "The source row as text (JSON for structured sources)."),
     ]
 )
 

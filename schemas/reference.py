@@ -9,8 +9,9 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from schemas.base import Section
+from schemas.base import Section, column
 from schemas.manifest import StageMetrics, Summary
+from schemas.score import component_columns
 from schemas.ingest import MESSAGE_TYPE
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
@@ -83,19 +84,22 @@ def check_value_heads(reference: ReferenceConfig, value: ValueConfig) -> None:
 
 REFERENCE_SCHEMA = pa.schema(
     [
-        ("id", pa.string()),
-        ("split", pa.string()),
-        ("preference", pa.string()),
-        ("ref_logprob", pa.float64()),
-        ("ref_token_logprobs", pa.list_(pa.float32())),
-        ("response_tokens", pa.int32()),
-        ("response_truncated", pa.bool_()),
-        ("token_hash", pa.string()),
-        ("value", pa.float64()),
+        column("id", pa.string(), "The ingest row id."),
+        column("split", pa.string(), "train or validation (test rows are never scored by pi_ref here)."),
+        column("preference", pa.string(), "ingest's preference: chosen / rejected, null outside preference pairs."),
+        column("prompt_tokens", pa.int32(), "Prompt tokens (chat template applied) after left truncation; "
+               "reference.max_prompt_tokens when the prompt was cut."),
+        column("ref_logprob", pa.float64(), "L_ref = sum_t log pi_ref(y_t | x, y_<t) over the response tokens, EOS included."),
+        column("ref_token_logprobs", pa.list_(pa.float32()), "The per-token l_t of pi_ref, in response order."),
+        column("response_tokens", pa.int32(), "T: response tokens, EOS included unless the response was cut."),
+        column("response_truncated", pa.bool_(), "The response was cut to reference.max_response_tokens (trained on without its EOS)."),
+        column("token_hash", pa.string(), "Digest of the prompt and response token ids; train refuses a row it tokenises differently."),
+        column("value", pa.float64(), "V(x): the value head's estimate of the prompt's reward under pi_ref."),
     ]
 )
 """One row per train and validation ingest row: its `preference` (ingest's: chosen / rejected, null
-outside preference pairs; the advantage stage picks the rows to train on by it), L_ref = sum_t l_t,
+outside preference pairs; the advantage stage picks the rows to train on by it), the prompt's tokens
+after truncation, L_ref = sum_t l_t,
 the l_t, T (EOS included unless the response was cut), `response_truncated` (the response was cut
 to reference.max_response_tokens, so it is trained on without its EOS, while its reward R is the
 score stage's, of the whole response), `token_hash` (stages.models.tokenize.token_digest of the
@@ -106,13 +110,13 @@ def value_targets_schema(component_names: list[str]) -> pa.Schema:
     """One row per distinct validation prompt: pi_ref's greedy response, its reward columns, and the fitted V(x)."""
     return pa.schema(
         [
-            ("prompt_id", pa.string()),
-            ("prompt", pa.list_(MESSAGE_TYPE)),
-            ("response", pa.string()),
-            *[(name, pa.float64()) for name in component_names],
-            ("reward", pa.float64()),
-            ("value", pa.float64()),
-            ("holdout", pa.bool_()),
+            column("prompt_id", pa.string(), "stages.catalog.prompt_key of the prompt (equal prompts share one target)."),
+            column("prompt", pa.list_(MESSAGE_TYPE), "The validation prompt as chat messages."),
+            column("response", pa.string(), "pi_ref's greedy response (reference.generate_max_new_tokens)."),
+            *component_columns(component_names, "pi_ref's response"),
+            column("reward", pa.float64(), "R: the weighted sum of the components: the value head's target."),
+            column("value", pa.float64(), "V(x) of the fitted value head."),
+            column("holdout", pa.bool_(), "Held out of the head's training to choose its epoch (value.holdout_fraction)."),
         ]
     )
 

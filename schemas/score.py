@@ -11,7 +11,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from schemas.base import Section
+from schemas.base import Section, column
 from schemas.manifest import StageMetrics, Summary
 
 ComponentKind = Literal[
@@ -184,9 +184,20 @@ class ScoreConfig(Section):
         return self
 
 
+def component_columns(component_names: list[str], scored: str) -> list[pa.Field]:
+    """One float64 column per reward component (score.components, in config order), describing what it scored."""
+    return [column(n, pa.float64(), f"Reward component `{n}` (score.components) of {scored}.") for n in component_names]
+
+
 def score_schema(component_names: list[str]) -> pa.Schema:
     """The `score` table: id, one float64 column per component (in config order), reward."""
-    return pa.schema([("id", pa.string())] + [(n, pa.float64()) for n in component_names] + [("reward", pa.float64())])
+    return pa.schema(
+        [
+            column("id", pa.string(), "The ingest row id (every row of every split)."),
+            *component_columns(component_names, "the data's response"),
+            column("reward", pa.float64(), "R(x, y): the components' weighted sum (score.components weights)."),
+        ]
+    )
 
 
 class ComponentStats(BaseModel):

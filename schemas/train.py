@@ -8,7 +8,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from schemas.algorithms import ALGORITHM_REGISTRY, ALGORITHMS, OPTIONAL_HYPERPARAMETERS
-from schemas.base import Section
+from schemas.base import Section, column
 from schemas.manifest import StageMetrics
 
 Algorithm = Literal[ALGORITHMS]  # type: ignore[valid-type]
@@ -67,16 +67,16 @@ class TrainConfig(Section):
 
 TRAIN_LOG_SCHEMA = pa.schema(
     [
-        ("step", pa.int64()),
-        ("loss", pa.float64()),
-        ("learning_rate", pa.float64()),
-        ("grad_norm", pa.float64()),
-        ("importance_weight_mean", pa.float64()),
-        ("clipped_fraction", pa.float64()),
-        ("advantage_mean", pa.float64()),
-        ("reward_mean", pa.float64()),
-        ("tokens", pa.int64()),
-        ("validation_reward", pa.float64()),
+        column("step", pa.int64(), "Optimiser step, from 1."),
+        column("loss", pa.float64(), "The algorithm's loss, batch mean over all processes."),
+        column("learning_rate", pa.float64(), "Learning rate of the step."),
+        column("grad_norm", pa.float64(), "Gradient norm before clipping."),
+        column("importance_weight_mean", pa.float64(), "Mean importance weight (rows: r_lol, a_lol; tokens: a_lol_seq, r_gold); null otherwise."),
+        column("clipped_fraction", pa.float64(), "Share of those weights that were clipped; null otherwise."),
+        column("advantage_mean", pa.float64(), "Mean advantage A of the step's rows."),
+        column("reward_mean", pa.float64(), "Mean reward R of the step's rows."),
+        column("tokens", pa.int64(), "Prompt and response tokens of the step."),
+        column("validation_reward", pa.float64(), "Mean reward of greedy decodes of the validation prompts; null when not measured."),
     ]
 )
 """One row per optimiser step. `loss` is the batch mean over all processes; `grad_norm` is before

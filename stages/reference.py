@@ -12,7 +12,7 @@
    features of the value head (stages.value_head), fitted before the training rows' pass, which
    then gives V(x) from its own forward. Each prompt is run through pi_ref once.
 
-Outputs: table `reference` (id, split, preference, ref_logprob, ref_token_logprobs, response_tokens,
+Outputs: table `reference` (id, split, preference, prompt_tokens, ref_logprob, ref_token_logprobs, response_tokens,
 response_truncated, token_hash, value: schemas.reference.REFERENCE_SCHEMA),
 table `value_targets` (prompt_id, prompt, response, one column per reward component, reward, value,
 holdout), `value_head.safetensors`, and `pi_ref/` when fine-tuned. Metrics: rows per split, r_max,
@@ -201,6 +201,7 @@ def _write_reference(out: StageWriter, rows: EncodedRows, token_logprobs: list[n
                     "id": rows.ids[start:stop],
                     "split": rows.splits[start:stop],
                     "preference": rows.preferences[start:stop],
+                    "prompt_tokens": [len(p) for p in rows.prompt_ids[start:stop]],
                     "ref_logprob": [float(lp.astype(np.float64).sum()) for lp in token_lps],
                     "ref_token_logprobs": [lp.tolist() for lp in token_lps],
                     "response_tokens": [len(lp) for lp in token_lps],

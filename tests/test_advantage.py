@@ -20,7 +20,7 @@ from tests.support.outputs import commit_output
 def reference_table(ids, splits, values, preferences=None) -> pa.Table:
     n = len(ids)
     return pa.table(
-        {"id": ids, "split": splits, "preference": preferences or [None] * n, "ref_logprob": [-3.0] * n,
+        {"id": ids, "split": splits, "preference": preferences or [None] * n, "prompt_tokens": [4] * n, "ref_logprob": [-3.0] * n,
          "ref_token_logprobs": [[-1.0, -2.0]] * n, "response_tokens": [2] * n, "response_truncated": [False] * n,
          "token_hash": ["0" * 16] * n, "value": values},
         schema=REFERENCE_SCHEMA,

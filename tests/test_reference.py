@@ -54,7 +54,7 @@ def test_reference_table_covers_train_and_validation_rows(tiny_run):
     expected = {r["id"]: r["split"] for r in rows if r["split"] in ("train", "validation")}
     assert {r["id"]: r["split"] for r in table} == expected and len(table) == len(expected) == 36
     assert reference.manifest.columns["reference"] == {
-        "id": "string", "split": "string", "preference": "string", "ref_logprob": "double",
+        "id": "string", "split": "string", "preference": "string", "prompt_tokens": "int32", "ref_logprob": "double",
         "ref_token_logprobs": "list<item: float>", "response_tokens": "int32", "response_truncated": "bool",
         "token_hash": "string", "value": "double",
     }
@@ -79,6 +79,7 @@ def test_truncated_responses_are_flagged_and_hashed_as_tokenised(tiny_run):
         truncated = len(whole) + 1 > cfg.reference.max_response_tokens
         assert stored[row["id"]]["response_truncated"] == truncated == (response[-1] != tokenizer.eos_token_id)
         assert stored[row["id"]]["token_hash"] == token_digest(prompt, response)
+        assert stored[row["id"]]["prompt_tokens"] == len(prompt) <= 24
         flags.append(truncated)
     assert 0 < sum(flags) < len(flags), "the toy data has cut and whole responses"
     assert reference.metrics.responses_at_token_limit == sum(flags)
