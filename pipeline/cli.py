@@ -44,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline import preflight
 
     cfg = _config(args)  # read once; a config error stops here, before Prefect starts
-    preflight.check(cfg, stages=args.stages, refresh=args.refresh)  # so do missing inputs, models, folders
+    preflight.check(cfg, stages=args.stages, refresh=args.refresh, force=args.force)  # so do missing inputs, models, folders
 
     from pipeline.flow import run_alol
 
@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_options(run)
     run.add_argument("--stages", nargs="+", choices=STAGE_NAMES, help="run only these stages on the existing upstream outputs")
     run.add_argument("--refresh", nargs="+", choices=STAGE_NAMES, default=[], help="recompute these stages even when cached")
+    run.add_argument("--force", action="store_true", help="reuse a run name that holds another data source (replaces its record)")
     run.set_defaults(func=cmd_run)
 
     status = sub.add_parser("status", help="per stage of a run: rows, content hash, cached or fresh, seconds")

@@ -236,6 +236,8 @@ def alol(
     store = RunStore.of(cfg)
     outputs: dict[str, StageOutput] = {}
     for stage in selected:
+        if stage == selected[0]:  # what a run costs before any work: imports, checks, the temporary Prefect server
+            log.info("first stage %s starts %.1f s after alol started", stage, time.time() - psutil.Process().create_time())
         inputs = {up: outputs[up] if up in outputs else upstream_from_run(store, up) for up in STAGES[stage].upstream}
         key = cache_key(cfg, stage, inputs)
         deployment = accelerator_deployment(stage)

@@ -9,6 +9,10 @@ writes nothing (no folder, no record) and starts no server.
   (or its converted folder in run.cache_dir), a local folder needs config.json, a hub name needs the
   local hub cache only when HF_HUB_OFFLINE is set (else it is downloaded, as before).
 - run.root and the run's folders can be written.
+- A run name is not silently reused for other data: when ingest runs and the run already records
+  an ingest output of another data source (data.source, data.path, data.dataset_config), the run
+  would replace that record (and `alol report`, `status`, `sql` would show the new data under the
+  old name): refused unless `force` (`alol run --force`), with the line to give it its own name.
 
 Each problem is one line naming the setting or file and what to do (`PreflightError.problems`).
 Only what would fail anyway is refused: e.g. a missing data file is fine while the ingest output of
@@ -37,8 +41,9 @@ class PreflightError(UserInputError):
         super().__init__("\n".join(problems))
 
 
-def check(cfg: AlolConfig, stages: list[str] | None = None, refresh: list[str] | None = None) -> None:
-    """Raise PreflightError listing every problem that would stop a run of `stages` (all by default)."""
+def check(cfg: AlolConfig, stages: list[str] | None = None, refresh: list[str] | None = None, force: bool = False) -> None:
+    """Raise PreflightError listing every problem that would stop a run of `stages` (all by default).
+    `force`: a run name that holds another data source may be reused."""
     selected = [s for s in STAGE_NAMES if s in set(stages or STAGE_NAMES)]
     store = RunStore.of(cfg)
     problems = _unwritable(store, selected)
@@ -48,10 +53,48 @@ def check(cfg: AlolConfig, stages: list[str] | None = None, refresh: list[str] |
         data_problems = _unreadable_data(cfg)
         if data_problems and not _ingest_reused(cfg, store, refresh or []):
             problems += data_problems
+        if not force:
+            problems += _another_source(cfg, store)
     if _loads_reference_model(selected, upstream):
         problems += _unavailable_model(cfg)
     if problems:
         raise PreflightError(problems)
+
+
+SOURCE_FIELDS = ("source", "path", "dataset_config")
+"""The data.* settings that say which data a run is of (others, e.g. max_rows_per_split, only select from it)."""
+
+
+def _data_identity(data: dict) -> dict:
+    identity = {name: data.get(name) for name in SOURCE_FIELDS}
+    path = identity["path"]
+    if path and Path(path).expanduser().exists():
+        identity["path"] = str(Path(path).expanduser().resolve())
+    return identity
+
+
+def _another_source(cfg: AlolConfig, store: RunStore) -> list[str]:
+    """One line when the run already records an ingest output of other data than cfg.data."""
+    try:
+        recorded = store.current("ingest")
+    except ValueError:  # run.json unreadable: said by _recorded_upstream when it matters
+        return []
+    if recorded is None:
+        return []
+    try:
+        previous = StageReader(recorded.path, verify=False).manifest.config.get("data")
+    except IntegrityError:  # gone or damaged: the run recomputes it anyway
+        return []
+    if not previous:
+        return []
+    old, new = _data_identity(previous), _data_identity(cfg.data.model_dump(mode="json"))
+    if old == new:
+        return []
+    spell = lambda d: ", ".join(f"data.{k}={d[k]}" for k in SOURCE_FIELDS if d[k] is not None)  # noqa: E731
+    return [
+        f"run {store.name!r} already holds other data ({spell(old)}); give this run ({spell(new)}) its own name: "
+        f"--set run.name=NAME (or --force to replace the run's record)"
+    ]
 
 
 def _looks_like_a_path(name: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ def test_unparseable_input_file_is_one_clear_line(tmp_path):
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("alol: error")]
     assert errors == [f"alol: error: {bad}: line 2, column 17: not valid JSON: Expecting ',' delimiter"]
+    assert re.search(r"first stage ingest starts \d+\.\d s after alol started", proc.stderr), "the time to the first stage"
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "runs" / "smoke").exists(), "a failed stage leaves no output folder"
     records = [p.name for p in (tmp_path / "runs" / ".prefect-results").iterdir() if p.name != "locks"]
