@@ -1,0 +1,105 @@
+"""Every `alol` command the README shows parses, and each of its subcommand + flag combinations is
+exercised by a named test (TESTED_BY): the test exists and runs that subcommand with those flags
+(its source, or a helper of its module it calls, holds the literals). A README command with no
+entry fails here; so does an entry the README no longer shows."""
+
+from __future__ import annotations
+
+import ast
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import build_parser
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+WALKTHROUGH = "tests/test_readme_commands.py::test_readme_commands_on_tiny_inputs"
+
+TESTED_BY: dict[tuple[str, frozenset[str]], str] = {
+    ("run", frozenset()): WALKTHROUGH,
+    ("run", frozenset({"--profile"})): WALKTHROUGH,
+    ("run", frozenset({"--set"})): WALKTHROUGH,
+    ("run", frozenset({"--config"})): WALKTHROUGH,
+    ("run", frozenset({"--config", "--set"})): WALKTHROUGH,
+    ("run", frozenset({"--stages"})): WALKTHROUGH,
+    ("run", frozenset({"--stages", "--refresh"})): WALKTHROUGH,
+    ("status", frozenset()): WALKTHROUGH,
+    ("status", frozenset({"--verify"})): "tests/test_sql.py::test_status_verify_names_the_damaged_output",
+    ("report", frozenset()): WALKTHROUGH,
+    ("compare", frozenset()): WALKTHROUGH,
+    ("compare", frozenset({"--algorithms"})): WALKTHROUGH,
+    ("export", frozenset()): "tests/test_export.py::test_export_refuses_a_folder_in_the_way_and_leaves_it",
+    ("export", frozenset({"--dtype"})): "tests/test_export.py::test_export_of_a_run_where_no_checkpoint_beat_pi_ref_exports_pi_ref",
+    ("export", frozenset({"--run", "--dtype"})): WALKTHROUGH,
+    ("sql", frozenset()): WALKTHROUGH,
+    ("sql", frozenset({"--format"})): "tests/test_sql.py::test_cli_sql_latest_run_views_and_refusal",
+    ("sql", frozenset({"--out"})): "tests/test_sql.py::test_cli_cannot_write_into_the_run_through_explain_analyze_or_out",
+    ("sql", frozenset({"--views"})): "tests/test_tables.py::test_views_file_works_in_the_duckdb_cli",
+    ("sql", frozenset({"--describe"})): "tests/test_tables.py::test_cli_describe_prints_columns_types_and_descriptions",
+    ("up", frozenset()): "tests/test_deployments.py::test_full_deployment_runs_caches_and_refreshes_one_stage",
+    ("up", frozenset({"--port"})): "tests/test_deployments.py::test_full_deployment_runs_caches_and_refreshes_one_stage",
+    ("down", frozenset()): "tests/test_deployments.py::test_full_deployment_runs_caches_and_refreshes_one_stage",
+}
+"""(subcommand, flags) of a README command -> the test that runs it (on the smoke profile or tiny inputs)."""
+
+CODE_LINE = re.compile(r"(?:^|\s)(?:\.venv/bin/)?alol ([a-z]+\b[^#&|>]*)")
+INLINE = re.compile(r"`(?:\.venv/bin/)?alol\s+([a-z]+\b[^`]*)`")
+
+
+def readme_commands(text: str, inline: bool = True) -> list[list[str]]:
+    """The `alol ...` commands of the README: in code blocks (up to a comment, `&&`, `|` or `>`) and, with
+    `inline`, in inline code (mentions such as `alol export`, which need not be complete commands)."""
+    commands, in_code = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif in_code:
+            commands += [m.group(1) for m in CODE_LINE.finditer(line)]
+    if inline:
+        commands += [" ".join(m.group(1).split()) for m in INLINE.finditer(text)]
+    return [shlex.split(c) for c in commands]
+
+
+def combination(tokens: list[str]) -> tuple[str, frozenset[str]]:
+    return tokens[0], frozenset(t.split("=", 1)[0] for t in tokens if t.startswith("--"))
+
+
+def test_readme_commands_are_found():
+    found = {combination(t) for t in readme_commands(README.read_text(encoding="utf-8"))}
+    assert ("export", frozenset({"--run", "--dtype"})) in found and ("sql", frozenset({"--views"})) in found
+    assert readme_commands("```bash\n.venv/bin/alol sql --views > v.sql  # x\n```\nsee `alol up\n--port 0`.") == [
+        ["sql", "--views"], ["up", "--port", "0"],
+    ]
+
+
+def test_every_readme_command_parses():
+    parser = build_parser()
+    for tokens in readme_commands(README.read_text(encoding="utf-8"), inline=False):
+        try:
+            parser.parse_args(tokens)
+        except SystemExit:
+            pytest.fail(f"README command `alol {' '.join(tokens)}` does not parse")
+
+
+def _test_source(reference: str) -> str:
+    """The source of the test function `file::name` and of the module's functions it calls by name."""
+    path, name = reference.split("::")
+    tree = ast.parse((REPO / path).read_text(encoding="utf-8"))
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert name in functions, f"{reference}: no such test function"
+    called = {n.id for n in ast.walk(functions[name]) if isinstance(n, ast.Name) and n.id in functions}
+    return "\n".join(ast.unparse(functions[f]) for f in {name, *called})
+
+
+def test_every_readme_command_is_exercised_by_a_test():
+    found = {combination(t) for t in readme_commands(README.read_text(encoding="utf-8"))}
+    untested = sorted(f"alol {c} {' '.join(sorted(flags))}".strip() for c, flags in found - set(TESTED_BY))
+    assert not untested, f"README commands no test runs (add one, and an entry to TESTED_BY): {untested}"
+    assert not set(TESTED_BY) - found, f"TESTED_BY entries the README no longer shows: {set(TESTED_BY) - found}"
+    for (command, flags), reference in TESTED_BY.items():
+        source = _test_source(reference)
+        for literal in (command, *flags):
+            assert f"'{literal}'" in source, f"{reference} does not run `alol {command}` with {literal}"
