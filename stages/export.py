@@ -7,7 +7,6 @@ into place, so a failed export leaves nothing under the target name.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import uuid
@@ -22,8 +21,6 @@ from stages.io import StageReader
 from stages.model_card import model_card
 from stages.models.export import DTYPES, ExportDtype, write_portable_folder
 from stages.models.store import readable_by_all
-
-log = logging.getLogger("alol.export")
 
 CARD_FILE = "README.md"
 NEEDED_STAGES = ("ingest", "score", "reference", "advantage", "train")
@@ -63,8 +60,6 @@ def export_run(cfg: AlolConfig, readers: dict[str, StageReader], target: Path, d
     )
     is_reference = policy_is_reference(readers["train"])
     source = policy_model_path(run_cfg, readers["train"], readers["reference"])
-    if is_reference:
-        log.warning("no checkpoint of run %s beat pi_ref on validation: exporting pi_ref (%s)", run, source)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.export-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
