@@ -214,7 +214,8 @@ def model_card(readers: Mapping[str, StageReader], *, run: str, dtype: str, poli
         _settings_table(train_config).rstrip(),
         *_evaluation_section(readers),
         "## Lineage",
-        "The stage outputs this model was made from (`alol status --run " + run + "` shows the same hashes):",
+        "The stage outputs this model was made from (`alol status --run " + run + "` shows the first 12 characters "
+        "of each content hash; each output's `manifest.json` holds the rest):",
         markdown_table(lineage_rows(readers)).rstrip(),
         "## Use",
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
