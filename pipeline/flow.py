@@ -12,6 +12,7 @@ record (Prefect persists the exception of a failed task; the flow removes it) an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -185,8 +186,22 @@ def _result_storage(cfg: AlolConfig) -> Path | RemoteFileSystem:
     results = _results(cfg)
     if isinstance(results, Path):
         return results
-    # Not a saved block: the options (credentials) stay in this process, never in Prefect's database.
-    return RemoteFileSystem(basepath=results, settings=dict(cfg.run.storage_options))
+    return _remote_result_storage(results, dict(cfg.run.storage_options))
+
+
+def result_block_name(results: str) -> str:
+    """The name of the saved result storage block of an object store results prefix."""
+    return f"alol-results-{hashlib.sha256(results.encode()).hexdigest()[:16]}"
+
+
+def _remote_result_storage(results: str, storage_options: dict[str, Any]) -> RemoteFileSystem:
+    """Prefect's fsspec block for `results`. Prefect wants result storage saved server-side; the saved
+    block holds the base path only (`alol-results-<hash of it>`), and the options (credentials) are set
+    on this process's copy after saving, so that they never reach Prefect's database."""
+    block = RemoteFileSystem(basepath=results)
+    block.save(result_block_name(results), overwrite=True)
+    block.settings = storage_options
+    return block
 
 
 def _stage_task(cfg: AlolConfig, refresh: bool):

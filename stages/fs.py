@@ -39,7 +39,12 @@ def configure(storage_options: Mapping[str, Any] | None) -> None:
     options = dict(storage_options or {})
     if options != _storage_options:
         _storage_options = options
-        _filesystem.cache_clear()
+        reset()
+
+
+def reset() -> None:
+    """Forget the opened filesystems, e.g. after the AWS_* environment variables changed."""
+    _filesystem.cache_clear()
 
 
 def is_remote(where: Location) -> bool:
@@ -82,7 +87,8 @@ def _filesystem(protocol: str, options: tuple[tuple[str, Any], ...]) -> Any:
     import fsspec
 
     try:
-        return fsspec.filesystem(protocol, **{k: unhashable(v) for k, v in options})
+        # fsspec's own instance cache is skipped: this cache is the one, and `reset` empties it.
+        return fsspec.filesystem(protocol, skip_instance_cache=True, **{k: unhashable(v) for k, v in options})
     except ImportError as exc:
         raise ImportError(f"{protocol}:// locations need the fsspec backend for {protocol}: pip install 'alol[s3]' ({exc})") from None
 
