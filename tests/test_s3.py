@@ -25,7 +25,7 @@ from schemas.config import load_config
 from schemas.stages import STAGE_NAMES
 from stages import fs
 from stages.io import IntegrityError, StageReader
-from tests.support.s3 import s3, s3_server  # noqa: F401 (fixtures)
+from tests.support.s3 import CREDENTIALS, moto_server, read_only_user, s3, s3_server  # noqa: F401 (fixtures)
 from tests.support.train import WHOLE_PIPELINE, overrides, run_stages, tiny_setup
 
 REPO = Path(__file__).resolve().parent.parent
@@ -180,6 +180,23 @@ def test_a_bad_setup_is_one_line_and_writes_nothing(s3, local_run, monkeypatch, 
     fs.reset()
     assert s3.keys() == [], "nothing written"
     assert not (s3.local_cache / "s3").exists()
+
+
+def test_no_write_permission_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    with moto_server(tmp_path / "moto.log", unauthenticated_actions=5) as endpoint:
+        reader = read_only_user(endpoint, "alol-read-only")
+        for name, value in {**CREDENTIALS, **reader, "AWS_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(name, value)
+        fs.reset()
+        cfg = load_config("smoke", overrides={"run.root": "s3://alol-read-only/runs", "run.cache_dir": str(tmp_path / "cache")})
+        with pytest.raises(preflight.PreflightError) as raised:
+            preflight.check(cfg)
+        assert raised.value.problems == [
+            f"run.root s3://alol-read-only/runs (endpoint {endpoint}): cannot write there (Access Denied); "
+            "use credentials allowed to write under the prefix, or another prefix"
+        ]
+        assert fs.listing("s3://alol-read-only/runs") == {}
+    fs.reset()
 
 
 def test_alol_run_says_a_missing_bucket_in_one_line(s3, tmp_path):

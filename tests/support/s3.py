@@ -9,6 +9,7 @@ opened filesystems afterwards (stages.fs.reset).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -37,14 +38,20 @@ def free_port() -> int:
 
 
 @contextmanager
-def moto_server(log: Path, startup_seconds: float = 60.0) -> Iterator[str]:
-    """Start moto's S3 server; yields its endpoint URL; stops it (SIGTERM, then SIGKILL) by PID."""
+def moto_server(log: Path, startup_seconds: float = 60.0, unauthenticated_actions: int | None = None) -> Iterator[str]:
+    """Start moto's S3 server; yields its endpoint URL; stops it (SIGTERM, then SIGKILL) by PID.
+
+    `unauthenticated_actions`: moto checks IAM permissions after that many requests (its
+    INITIAL_NO_AUTH_ACTION_COUNT), so that the first requests can set up users and policies."""
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
+    env = dict(os.environ)
+    if unauthenticated_actions is not None:
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(unauthenticated_actions)
     with open(log, "wb") as out:
         server = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env,
         )
     try:
         deadline = time.monotonic() + startup_seconds
@@ -87,6 +94,23 @@ class S3Bucket:
         """Every object key under `prefix` of the bucket (relative to the bucket)."""
         under = prefix.strip("/")
         return sorted(f"{under}/{key}" if under else key for key in fs.listing(f"{self.url}/{under}".rstrip("/")))
+
+
+def read_only_user(endpoint: str, bucket: str) -> dict[str, str]:
+    """On a server started with unauthenticated_actions=5 (moto_server's readiness request, then these
+    four): create `bucket` and a user that may only read; returns that user's AWS_ACCESS_KEY_ID and
+    AWS_SECRET_ACCESS_KEY."""
+    import boto3
+
+    settings = {"endpoint_url": endpoint, "region_name": CREDENTIALS["AWS_DEFAULT_REGION"],
+                "aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
+    boto3.client("s3", **settings).create_bucket(Bucket=bucket)
+    iam = boto3.client("iam", **settings)
+    iam.create_user(UserName="reader")
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}]}
+    iam.put_user_policy(UserName="reader", PolicyName="read-only", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
 
 
 @pytest.fixture(scope="module")
