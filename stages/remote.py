@@ -14,12 +14,14 @@ sha256 checked against the marker; a file that differs raises IntegrityError nam
 mirror records the ETag and size the store listed for each object (`.alol-objects.json`); a later read
 whose listing shows the same ETags and sizes (one LIST request) uses the mirror without downloading,
 so an object replaced or damaged in the store since (another ETag) is downloaded and checked again.
-Materialised folders beyond the local cache bound (stages.fs.local_cache_bytes) are evicted, least
-recently used first.
+Processes of one host materialising the same folder take turns (a `flock` on `.<name>.lock` beside
+the mirror). Materialised folders beyond the local cache bound (stages.fs.local_cache_bytes) are
+evicted, least recently used first.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -97,10 +99,27 @@ def materialise(remote: str, files: list[FileEntry], marker: str, marker_bytes: 
         if found.size != entry.bytes:
             raise RemoteIntegrityError(f"{fs.join(remote, entry.path)}: content differs from the sha256 in {fs.join(remote, marker)}")
     mirror = fs.local_mirror(remote)
+    mirror.parent.mkdir(parents=True, exist_ok=True)
+    # Processes of this host (torchrun ranks, two runs) materialising the same folder take turns.
+    with open(mirror.with_name(f".{mirror.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            downloaded = _materialise_locked(remote, mirror, files, marker, marker_bytes, objects)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    if downloaded:
+        evict(keep=mirror)
+    return mirror, downloaded
+
+
+def _materialise_locked(
+    remote: str, mirror: Path, files: list[FileEntry], marker: str, marker_bytes: bytes, objects: dict[str, fs.ObjectInfo]
+) -> int:
     if _mirror_matches(mirror, files, marker_bytes, objects):
         os.utime(mirror / MIRROR_RECORD)
-        return mirror, 0
-    mirror.parent.mkdir(parents=True, exist_ok=True)
+        return 0
+    for stale in mirror.parent.glob(f".{mirror.name}.download-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed download (the lock is ours)
     tmp = mirror.with_name(f".{mirror.name}.download-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     downloaded = 0
     try:
@@ -116,8 +135,7 @@ def materialise(remote: str, files: list[FileEntry], marker: str, marker_bytes: 
         install_mirror(tmp, mirror)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    evict(keep=mirror)
-    return mirror, downloaded
+    return downloaded
 
 
 def _marker_info(objects: dict[str, fs.ObjectInfo], marker: str) -> dict[str, fs.ObjectInfo]:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pipeline import preflight, sql
-from pipeline.runner import STAGES, execute_stage, reusable_output
+from pipeline.runner import STAGES, cache_key, execute_stage, reusable_output
 from pipeline.storage import RunStore
 from schemas.config import load_config
 from schemas.stages import STAGE_NAMES
@@ -82,7 +82,9 @@ def test_the_pipeline_on_s3_gives_the_content_hashes_of_a_local_run(s3, local_ru
         sql.query(store, f"SELECT * FROM read_csv('{s3.url}/elsewhere/x.csv')").fetchall()
 
 
-def test_a_writer_killed_during_its_commit_leaves_nothing_visible_and_the_rerun_recomputes(s3, local_run, tmp_path):
+@pytest.mark.parametrize("failpoint", ["io.write@1:kill", "io.upload@2:kill"])
+def test_a_writer_killed_during_its_commit_leaves_nothing_visible_and_the_rerun_recomputes(s3, local_run, failpoint):
+    """Killed while writing a table (nothing reaches the bucket) or after uploading one file (no manifest)."""
     cfg = bucket_config(s3, local_run)
     store = RunStore.of(cfg)
     script = textwrap.dedent(f"""
@@ -90,18 +92,17 @@ def test_a_writer_killed_during_its_commit_leaves_nothing_visible_and_the_rerun_
         from schemas.config import AlolConfig
         execute_stage(AlolConfig.model_validate_json({cfg.model_dump_json()!r}), "ingest", {{}})
     """)
-    env = {**s3.environment(), "ALOL_FAILPOINT": "io.upload@2:kill", "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    env = {**s3.environment(), "ALOL_FAILPOINT": failpoint, "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
     child = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert child.returncode == -9, child.stderr[-3000:]
+    key_folder = store.stage_dir("ingest", cache_key(cfg, "ingest", {}))
     uploaded = s3.keys("runs/tiny/ingest")
-    assert uploaded and not any(k.endswith("manifest.json") for k in uploaded), "killed after one file, before the manifest"
-    key_folder = fs.parent(f"{s3.url}/{uploaded[0]}")
-    while fs.name(fs.parent(key_folder)) != "ingest":
-        key_folder = fs.parent(key_folder)
+    if failpoint.startswith("io.upload"):
+        assert len(uploaded) == 1 and fs.parent(f"{s3.url}/{uploaded[0]}").startswith(key_folder), "one file, no manifest"
+    else:
+        assert uploaded == [], "killed before the commit: nothing in the bucket"
     with pytest.raises(IntegrityError, match="no manifest.json"):
         StageReader(key_folder)
-    from pipeline.runner import cache_key
-
     assert reusable_output(store, "ingest", cache_key(cfg, "ingest", {})) is None
     output, reused = execute_stage(cfg, "ingest", {})
     assert not reused and output.content_hash == local_run[3]["ingest"]
