@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from pipeline import preflight, sql
+from pipeline.compare import REFERENCE_ROW, method_row, write_comparison
 from pipeline.runner import STAGES, cache_key, execute_stage, reusable_output
 from pipeline.storage import RunStore
 from schemas.config import load_config
@@ -49,7 +50,7 @@ def bucket_config(bucket, local_run, **extra):
     return load_config("smoke", overrides=settings)
 
 
-def test_the_pipeline_on_s3_gives_the_content_hashes_of_a_local_run(s3, local_run):
+def test_the_pipeline_on_s3_gives_the_content_hashes_of_a_local_run(s3, local_run, tmp_path):
     cfg = bucket_config(s3, local_run)
     outputs = run_stages(cfg, STAGE_NAMES)
     assert {stage: o.content_hash for stage, o in outputs.items()} == local_run[3]
@@ -80,6 +81,26 @@ def test_the_pipeline_on_s3_gives_the_content_hashes_of_a_local_run(s3, local_ru
     fs.write_bytes(f"{s3.url}/elsewhere/x.csv", b"a\n1\n")
     with pytest.raises(sql.SqlError, match="disabled by configuration|Permission"):
         sql.query(store, f"SELECT * FROM read_csv('{s3.url}/elsewhere/x.csv')").fetchall()
+
+    # The CLI on the bucket run, from a machine that has nothing of it locally.
+    sets = ["--profile", "smoke", "--set", f"run.root={s3.url}/runs", "--set", f"run.cache_dir={s3.url}/cache"]
+    script = textwrap.dedent(f"""
+        from pipeline.cli import main
+        for argv in (["status", "--verify"], ["report"], ["sql", "SELECT count(*) AS n FROM score", "--format", "csv"]):
+            assert main(argv + {sets!r}) == 0, argv
+    """)
+    env = {**s3.environment(), fs.LOCAL_CACHE_VARIABLE: str(tmp_path / "other-machine"), "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{s3.url}/runs/tiny/evaluate/" in done.stdout, "status shows where each output lives"
+    assert "reward difference pi_theta - pi_ref" in done.stdout, "report reads the evaluation from the bucket"
+    assert f"n\n{outputs['score'].rows['score']}\n" in done.stdout
+
+    # The comparison table of `alol compare` goes into the run on the bucket.
+    metrics = StageReader(outputs["evaluate"].path).metrics
+    rows = [method_row(REFERENCE_ROW, metrics, "reference"), method_row("a_lol", metrics, "policy", 1.0)]
+    comparison = write_comparison(fs.join(store.dir, "compare"), rows, metrics.components, "t")
+    assert comparison.markdown_path == f"{s3.url}/runs/tiny/compare/comparison.md" and "pi_ref" in comparison.markdown()
 
 
 @pytest.mark.parametrize("failpoint", ["io.write@1:kill", "io.upload@2:kill"])
