@@ -12,8 +12,9 @@ the files of the other differ in sha256 and readers refuse the output.
 Read (`materialise`): the files are downloaded into `stages.fs.local_mirror(prefix)` and each one's
 sha256 checked against the marker; a file that differs raises IntegrityError naming the object. The
 mirror records the ETag and size the store listed for each object (`.alol-objects.json`); a later read
-whose listing shows the same ETags and sizes (one LIST request) uses the mirror without downloading,
-so an object replaced or damaged in the store since (another ETag) is downloaded and checked again.
+whose listing shows the same ETags and sizes (one LIST request) re-hashes the local files, as a
+local read does, and downloads nothing unless one of them changed; an object replaced or damaged in
+the store since (another ETag) is downloaded and checked again.
 Processes of one host materialising the same folder take turns (a `flock` on `.<name>.lock` beside
 the mirror). Materialised folders beyond the local cache bound (stages.fs.local_cache_bytes) are
 evicted, least recently used first.
@@ -115,7 +116,7 @@ def materialise(remote: str, files: list[FileEntry], marker: str, marker_bytes: 
 def _materialise_locked(
     remote: str, mirror: Path, files: list[FileEntry], marker: str, marker_bytes: bytes, objects: dict[str, fs.ObjectInfo]
 ) -> int:
-    if _mirror_matches(mirror, files, marker_bytes, objects):
+    if _mirror_matches(mirror, files, marker_bytes, objects) and all(_sha256(mirror / e.path) == e.sha256 for e in files):
         os.utime(mirror / MIRROR_RECORD)
         return 0
     for stale in mirror.parent.glob(f".{mirror.name}.download-*"):

@@ -131,6 +131,26 @@ def test_a_writer_killed_during_its_commit_leaves_nothing_visible_and_the_rerun_
     assert set(fs.listing(output.path)) == listed, "the killed writer's objects are replaced, none left over"
 
 
+def test_two_hosts_writing_the_same_key_at_once_end_with_one_intact_output(s3, local_run, tmp_path):
+    """Two processes with local caches of their own (two hosts: no shared lock) compute ingest at once."""
+    cfg = bucket_config(s3, local_run)
+    script = textwrap.dedent(f"""
+        from pipeline.runner import execute_stage
+        from schemas.config import AlolConfig
+        execute_stage(AlolConfig.model_validate_json({cfg.model_dump_json()!r}), "ingest", {{}}, refresh=True)
+    """)
+    children = [
+        subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True, env={
+            **s3.environment(), fs.LOCAL_CACHE_VARIABLE: str(tmp_path / f"host-{i}"), "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
+        })
+        for i in range(2)
+    ]
+    for child in children:
+        assert child.wait(timeout=120) == 0, child.stderr.read()[-3000:]
+    reader = StageReader(RunStore.of(cfg).stage_dir("ingest", cache_key(cfg, "ingest", {})))
+    assert reader.content_hash == local_run[3]["ingest"]
+
+
 def test_a_damaged_object_is_detected_and_recomputed(s3, local_run):
     cfg = bucket_config(s3, local_run)
     outputs = run_stages(cfg, ("ingest", "score"))
