@@ -67,11 +67,15 @@ def _looks_like_a_path(name: str) -> bool:
 def _store_problems(cfg: AlolConfig) -> list[str]:
     """One line for each object store setting (run.root, run.cache_dir) that cannot be written."""
     problems = []
+    failed_buckets = set()
     for setting, url in (("run.root", cfg.run.root), ("run.cache_dir", cfg.run.cache_dir)):
-        if fs.is_remote(url):
-            problem = fs.probe_writable(fs.location(url))
-            if problem is not None:
-                problems.append(f"{setting} {problem}")
+        bucket = url.partition("://")[2].split("/")[0]
+        if not fs.is_remote(url) or bucket in failed_buckets:  # one line for one bucket that cannot be used
+            continue
+        problem = fs.probe_writable(fs.location(url))
+        if problem is not None:
+            problems.append(f"{setting} {problem}")
+            failed_buckets.add(bucket)
     return problems
 
 
