@@ -66,10 +66,6 @@ def join(where: Location, *parts: str) -> Location:
     return "/".join([where.rstrip("/"), *(p.strip("/") for p in parts if p)])
 
 
-def name(where: Location) -> str:
-    return where.name if isinstance(where, Path) else where.rstrip("/").rsplit("/", 1)[-1]
-
-
 def parent(where: Location) -> Location:
     return where.parent if isinstance(where, Path) else where.rstrip("/").rsplit("/", 1)[0]
 
@@ -88,7 +84,7 @@ def _filesystem(protocol: str, options: tuple[tuple[str, Any], ...]) -> Any:
 
     try:
         # fsspec's own instance cache is skipped: this cache is the one, and `reset` empties it.
-        return fsspec.filesystem(protocol, skip_instance_cache=True, **{k: unhashable(v) for k, v in options})
+        return fsspec.filesystem(protocol, skip_instance_cache=True, **{k: _unhashable(v) for k, v in options})
     except ImportError as exc:
         raise ImportError(f"{protocol}:// locations need the fsspec backend for {protocol}: pip install 'alol[s3]' ({exc})") from None
 
@@ -107,32 +103,32 @@ def _hashable(value: Any) -> Any:
     return value
 
 
-def unhashable(value: Any) -> Any:
-    """The inverse of the option freezing above, for fsspec constructors that want dicts."""
+def _unhashable(value: Any) -> Any:
+    """The inverse of `_hashable`, for fsspec constructors that want dicts."""
     if isinstance(value, tuple) and value and all(isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str) for v in value):
-        return {k: unhashable(v) for k, v in value}
+        return {k: _unhashable(v) for k, v in value}
     return value
 
 
 def exists(where: Location) -> bool:
     if isinstance(where, Path):
         return where.exists()
-    fs, path = filesystem(where)
-    return fs.exists(path)
+    store, path = filesystem(where)
+    return store.exists(path)
 
 
 def is_file(where: Location) -> bool:
     if isinstance(where, Path):
         return where.is_file()
-    fs, path = filesystem(where)
-    return fs.isfile(path)
+    store, path = filesystem(where)
+    return store.isfile(path)
 
 
 def read_bytes(where: Location) -> bytes:
     if isinstance(where, Path):
         return where.read_bytes()
-    fs, path = filesystem(where)
-    return fs.cat_file(path)
+    store, path = filesystem(where)
+    return store.cat_file(path)
 
 
 def read_text(where: Location) -> str:
@@ -141,25 +137,25 @@ def read_text(where: Location) -> str:
 
 def write_bytes(where: str, data: bytes) -> None:
     """One PUT: an object store makes a single object visible whole or not at all."""
-    fs, path = filesystem(where)
-    fs.pipe_file(path, data)
+    store, path = filesystem(where)
+    store.pipe_file(path, data)
 
 
 def put_file(local: Path, where: str) -> None:
-    fs, path = filesystem(where)
-    fs.put_file(str(local), path)
+    store, path = filesystem(where)
+    store.put_file(str(local), path)
 
 
 def get_file(where: str, local: Path) -> None:
-    fs, path = filesystem(where)
-    fs.get_file(path, str(local))
+    store, path = filesystem(where)
+    store.get_file(path, str(local))
 
 
 def remove(where: str, recursive: bool = False) -> None:
     """Remove an object (or every object under a prefix); missing is fine."""
-    fs, path = filesystem(where)
+    store, path = filesystem(where)
     try:
-        fs.rm(path, recursive=recursive)
+        store.rm(path, recursive=recursive)
     except FileNotFoundError:
         pass
 
@@ -174,10 +170,10 @@ class ObjectInfo:
 
 def listing(where: str) -> dict[str, ObjectInfo]:
     """Every object under the prefix `where`: path relative to it -> size and ETag (one LIST per 1000 objects)."""
-    fs, path = filesystem(where)
-    fs.invalidate_cache(path)
+    store, path = filesystem(where)
+    store.invalidate_cache(path)
     try:
-        found = fs.find(path, detail=True)
+        found = store.find(path, detail=True)
     except FileNotFoundError:
         return {}
     prefix = path.rstrip("/") + "/"
@@ -187,12 +183,6 @@ def listing(where: str) -> dict[str, ObjectInfo]:
             continue
         out[key[len(prefix):]] = ObjectInfo(size=int(info.get("size", 0)), etag=str(info.get("ETag") or info.get("etag") or ""))
     return out
-
-
-def invalidate(where: str) -> None:
-    """Forget fsspec's cached listings of `where` (another process may have written there)."""
-    fs, path = filesystem(where)
-    fs.invalidate_cache(path)
 
 
 def local_cache_root() -> Path:
