@@ -170,6 +170,7 @@ def test_a_damaged_object_is_detected_and_recomputed(s3, local_run):
 def test_the_flow_keeps_its_prefect_records_in_the_bucket_and_reruns_cached(s3, local_run, prefect_backend, monkeypatch, caplog):
     """Credentials in run.storage_options only (none in the environment): they reach every client, and
     no object, record or log line."""
+    from prefect import get_client
     from prefect.filesystems import RemoteFileSystem
 
     from pipeline.flow import result_block_name, run_alol
@@ -189,6 +190,9 @@ def test_the_flow_keeps_its_prefect_records_in_the_bucket_and_reruns_cached(s3, 
     stored = b" ".join(fs.read_bytes(f"{s3.url}/{k}") for k in s3.keys("runs") if not k.endswith(".parquet"))
     assert b"prefect-results" in b" ".join(k.encode() for k in s3.keys("runs")) and SECRET.encode() not in stored
     assert SECRET not in caplog.text and SECRET not in cfg.model_dump_json() and SECRET not in repr(cfg)
+    with get_client(sync_client=True) as client:
+        parameters = json.dumps([run.parameters for run in client.read_flow_runs()], default=str)
+    assert '"config"' in parameters and SECRET not in parameters, "the flow run's parameters hold no options"
     saved = RemoteFileSystem.load(result_block_name(f"{s3.url}/runs/.prefect-results"))
     assert saved.basepath == f"{s3.url}/runs/.prefect-results" and saved.settings == {}, "Prefect's database holds no options"
 
