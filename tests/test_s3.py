@@ -50,7 +50,7 @@ def bucket_config(bucket, local_run, **extra):
     return load_config("smoke", overrides=settings)
 
 
-def test_the_pipeline_on_s3_gives_the_content_hashes_of_a_local_run(s3, local_run, tmp_path):
+def test_the_pipeline_on_s3_gives_the_content_hashes_of_a_local_run(s3, local_run, tmp_path, monkeypatch):
     cfg = bucket_config(s3, local_run)
     outputs = run_stages(cfg, STAGE_NAMES)
     assert {stage: o.content_hash for stage, o in outputs.items()} == local_run[3]
@@ -62,9 +62,11 @@ def test_the_pipeline_on_s3_gives_the_content_hashes_of_a_local_run(s3, local_ru
     assert any(k.startswith("cache/scores/") for k in s3.keys()), "the score cache is in the bucket"
 
     # A second machine: nothing local, everything from the bucket, every stage reused.
+    monkeypatch.setenv(fs.LOCAL_CACHE_VARIABLE, str(tmp_path / "second-machine"))
     fs.reset()
-    again = run_stages(cfg.model_copy(), STAGE_NAMES)
-    assert {stage: o.content_hash for stage, o in again.items()} == local_run[3]
+    again = {stage: execute_stage(cfg, stage, {n: outputs[n] for n in STAGES[stage].upstream}) for stage in STAGE_NAMES}
+    assert {stage: (o.content_hash, reused) for stage, (o, reused) in again.items()} == {s: (h, True) for s, h in local_run[3].items()}
+    assert (tmp_path / "second-machine" / "s3" / s3.name / "runs" / "tiny" / "train").is_dir(), "materialised there"
 
     # A single-stage refresh recomputes advantage alone, to the same bytes; the others stay as they were.
     before = {stage: StageReader(o.path, verify=False).manifest.finished for stage, o in outputs.items()}
