@@ -28,7 +28,11 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _config(args: argparse.Namespace) -> AlolConfig:
-    return load_config(args.profile, args.config, _overrides(args))
+    from stages import fs
+
+    cfg = load_config(args.profile, args.config, _overrides(args))
+    fs.configure(cfg.run.storage_options)  # an object store run.root or cache_dir opens with them
+    return cfg
 
 
 def _store(args: argparse.Namespace, cfg: AlolConfig | None = None):
@@ -70,7 +74,8 @@ def _status_table(root: str, name: str, only: list[str] | None = None) -> str:
         rows = ", ".join(f"{t} {n:,}" for t, n in entry["rows"].items())
         waited = entry.get("waiting_seconds", 0.0)
         state = ("cached" if entry["cached"] else "fresh") + (f" (waited {waited:.0f} s)" if waited >= 5 else "")
-        folder = os.path.relpath(store.folder(entry["path"]))
+        found = store.folder(entry["path"])
+        folder = found if isinstance(found, str) else os.path.relpath(found)
         lines.append((stage, rows, entry["content_hash"][:12], state, f"{entry['seconds']:.1f}", _producer(entry), folder))
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
     fmt = lambda row: "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip()  # noqa: E731

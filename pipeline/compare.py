@@ -18,7 +18,6 @@ import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -32,6 +31,7 @@ from schemas.config import Profile, load_config
 from schemas.evaluate import PI_REF, PI_THETA, EvaluateMetrics, Interval
 from schemas.stages import STAGE_NAMES
 from schemas.train import Algorithm
+from stages import fs
 from stages.io import StageReader, atomic_write_text
 from stages.report import interval_text, markdown_table
 
@@ -47,11 +47,11 @@ class Comparison:
 
     rows: list[dict[str, Any]]
     components: list[str]
-    markdown_path: Path
-    csv_path: Path
+    markdown_path: fs.Location
+    csv_path: fs.Location
 
     def markdown(self) -> str:
-        return self.markdown_path.read_text(encoding="utf-8")
+        return fs.read_text(self.markdown_path)
 
 
 def algorithm_overrides(base: dict[str, Any], algorithm: str) -> dict[str, Any]:
@@ -127,10 +127,10 @@ def csv_text(rows: Sequence[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def write_comparison(folder: Path, rows: list[dict[str, Any]], components: list[str], title: str) -> Comparison:
-    """comparison.md and comparison.csv in `folder`."""
+def write_comparison(folder: fs.Location, rows: list[dict[str, Any]], components: list[str], title: str) -> Comparison:
+    """comparison.md and comparison.csv in `folder` (a local folder or an object store prefix)."""
     markdown = f"# {title}\n\n" + markdown_table(markdown_rows(rows, components))
-    markdown_path, csv_path = folder / "comparison.md", folder / "comparison.csv"
+    markdown_path, csv_path = fs.join(folder, "comparison.md"), fs.join(folder, "comparison.csv")
     atomic_write_text(markdown_path, markdown)
     atomic_write_text(csv_path, csv_text(rows))
     return Comparison(rows, components, markdown_path, csv_path)
@@ -160,7 +160,7 @@ def compare(
         components = metrics.components
         reference = reference or method_row(REFERENCE_ROW, metrics, PI_REF)
         rows.append(method_row(algorithm, metrics, PI_THETA, train_seconds))
-    folder = Path(cfg.run.root).resolve() / cfg.run.name / "compare"
+    folder = fs.join(fs.location(cfg.run.root), cfg.run.name, "compare")
     title = f"alol compare: run {cfg.run.name}, {metrics.prompts} test prompts"
     return write_comparison(folder, [reference, *rows], components, title)
 

@@ -66,7 +66,7 @@ def setup(debug: bool) -> None:
         handler.addFilter(_FILTER)
         root.addHandler(handler)
     root.setLevel(logging.INFO)
-    for noisy in ("httpx", "httpcore"):  # one line per API request otherwise
+    for noisy in ("httpx", "httpcore", "botocore", "aiobotocore", "s3fs"):  # one line per API request (or client) otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     signal.signal(signal.SIGINT, _on_interrupt)
     if not debug:

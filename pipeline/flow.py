@@ -1,7 +1,9 @@
 """The Prefect flow `alol`: every stage is a cached task over `pipeline.runner.execute_stage`.
 
 Cache: the task's cache key is the stage's own key (config fingerprints of the sections it reads,
-upstream content hashes, code version), results are JSON records under `<run.root>/.prefect-results`.
+upstream content hashes, code version), results are JSON records under `<run.root>/.prefect-results`
+(on an object store run root: there too, through Prefect's fsspec RemoteFileSystem; the stage locks
+then stay on each host, in the local mirror of the run root, see stages.fs).
 Prefect never looks at the files a record points to, so the flow re-verifies every cached output
 against its manifest and recomputes when a file is missing or changed. A failed stage leaves no
 record (Prefect persists the exception of a failed task; the flow removes it) and no output folder
@@ -10,6 +12,7 @@ record (Prefect persists the exception of a failed task; the flow removes it) an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,6 +26,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import CachePolicy
+from prefect.filesystems import RemoteFileSystem
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.runtime import flow_run as prefect_flow_run
 
@@ -32,6 +36,7 @@ from pipeline.routing import accelerator_deployment, run_stage_deployment
 from pipeline.runner import RESULTS_FOLDER, STAGES, cache_key, execute_stage, upstream_from_run
 from pipeline.temporary_server import ensure_temporary_server
 from pipeline.storage import RunStore
+from stages import fs
 from stages.io import IntegrityError, StageReader
 from schemas.config import AlolConfig, Profile, load_config
 from schemas.manifest import StageOutput, StageRun
@@ -127,7 +132,7 @@ def _manifest_markdown(reader: StageReader) -> str:
         f"| content hash | `{m.content_hash()[:16]}` |",
         f"| cache key | `{m.cache_key[:16]}` |",
         f"| seconds | {m.seconds:.1f} |",
-        f"| folder | `{reader.dir}` |",
+        f"| folder | `{reader.location}` |",
     ]
     scalar_metrics = {k: v for k, v in m.metrics.items() if isinstance(v, (int, float, str, bool))}
     if scalar_metrics:
@@ -172,11 +177,37 @@ def run_stage(
     return StageRun(output=store.portable(output), reused=reused)
 
 
+def _results(cfg: AlolConfig) -> fs.Location:
+    """Where Prefect's result records of this run root go: `<run.root>/.prefect-results`."""
+    return fs.join(fs.location(cfg.run.root), RESULTS_FOLDER)
+
+
+def _result_storage(cfg: AlolConfig) -> Path | RemoteFileSystem:
+    results = _results(cfg)
+    if isinstance(results, Path):
+        return results
+    return _remote_result_storage(results, dict(cfg.run.storage_options))
+
+
+def result_block_name(results: str) -> str:
+    """The name of the saved result storage block of an object store results prefix."""
+    return f"alol-results-{hashlib.sha256(results.encode()).hexdigest()[:16]}"
+
+
+def _remote_result_storage(results: str, storage_options: dict[str, Any]) -> RemoteFileSystem:
+    """Prefect's fsspec block for `results`. Prefect wants result storage saved server-side; the saved
+    block holds the base path only (`alol-results-<hash of it>`), and the options (credentials) are set
+    on this process's copy after saving, so that they never reach Prefect's database."""
+    block = RemoteFileSystem(basepath=results)
+    block.save(result_block_name(results), overwrite=True)
+    block.settings = storage_options
+    return block
+
+
 def _stage_task(cfg: AlolConfig, refresh: bool):
-    root = Path(cfg.run.root).resolve()
-    lock_manager = StageLockManager(lock_files_directory=root / RESULTS_FOLDER / "locks")
+    lock_manager = StageLockManager(lock_files_directory=fs.local_mirror(_results(cfg)) / "locks")
     return run_stage.with_options(
-        result_storage=root / RESULTS_FOLDER,
+        result_storage=_result_storage(cfg),
         cache_policy=StageCacheKey().configure(isolation_level="SERIALIZABLE", lock_manager=lock_manager),
         refresh_cache=True if refresh else None,
     )
@@ -194,16 +225,21 @@ def _stage_run(cfg: AlolConfig, stage: str, key: str, inputs: dict[str, StageOut
         return run.model_copy(update={"output": store.resolve(run.output)}), state.name == "Cached"
     finally:
         if state.is_failed():
-            _remove_failure_record(state, Path(cfg.run.root).resolve() / RESULTS_FOLDER)
+            _remove_failure_record(state, _results(cfg))
 
 
-def _remove_failure_record(state, results: Path) -> None:
+def _remove_failure_record(state, results: fs.Location) -> None:
     storage_key = getattr(getattr(state.data, "metadata", None), "storage_key", None)
     if not storage_key:
         return
-    record = Path(storage_key) if Path(storage_key).is_absolute() else results / storage_key
-    if record.parent == results:
-        record.unlink(missing_ok=True)
+    if isinstance(results, Path):
+        record = Path(storage_key) if Path(storage_key).is_absolute() else results / storage_key
+        if record.parent == results:
+            record.unlink(missing_ok=True)
+        return
+    record = storage_key if fs.is_remote(storage_key) else fs.join(results, storage_key)
+    if fs.parent(record) == results:
+        fs.remove(record)
 
 
 def _verified(output: StageOutput) -> bool:

@@ -8,7 +8,8 @@ writes nothing (no folder, no record) and starts no server.
 - reference.model can be loaded when a selected stage loads it: the built-in name needs its package
   (or its converted folder in run.cache_dir), a local folder needs config.json, a hub name needs the
   local hub cache only when HF_HUB_OFFLINE is set (else it is downloaded, as before).
-- run.root and the run's folders can be written.
+- run.root and the run's folders can be written; on an object store (run.root or run.cache_dir a URL),
+  that the credentials, endpoint, bucket and write permission work (one probe object, removed again).
 - A run name is not silently reused for other data: when ingest runs and the run already records
   an ingest output of another data source (data.source, data.path, data.dataset_config), the run
   would replace that record (and `alol report`, `status`, `sql` would show the new data under the
@@ -30,6 +31,7 @@ from schemas.base import UserInputError
 from schemas.config import AlolConfig
 from schemas.reference import SMOLLM2_NAME
 from schemas.stages import STAGE_NAMES
+from stages import fs
 from stages.io import IntegrityError, StageReader
 
 
@@ -46,6 +48,9 @@ def check(cfg: AlolConfig, stages: list[str] | None = None, refresh: list[str] |
     `force`: a run name that holds another data source may be reused."""
     selected = [s for s in STAGE_NAMES if s in set(stages or STAGE_NAMES)]
     store = RunStore.of(cfg)
+    problems = _store_problems(cfg)
+    if problems:  # nothing else can be checked on a store that does not answer
+        raise PreflightError(problems)
     problems = _unwritable(store, selected)
     upstream, upstream_problems = _recorded_upstream(store, selected)
     problems += upstream_problems
@@ -102,7 +107,24 @@ def _looks_like_a_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
 
 
+def _store_problems(cfg: AlolConfig) -> list[str]:
+    """One line for each object store setting (run.root, run.cache_dir) that cannot be written."""
+    problems = []
+    failed_buckets = set()
+    for setting, url in (("run.root", cfg.run.root), ("run.cache_dir", cfg.run.cache_dir)):
+        bucket = url.partition("://")[2].split("/")[0]
+        if not fs.is_remote(url) or bucket in failed_buckets:  # one line for one bucket that cannot be used
+            continue
+        problem = fs.probe_writable(fs.location(url))
+        if problem is not None:
+            problems.append(f"{setting} {problem}")
+            failed_buckets.add(bucket)
+    return problems
+
+
 def _unwritable(store: RunStore, selected: list[str]) -> list[str]:
+    if fs.is_remote(store.root):
+        return []  # probed by _store_problems
     problems: list[str] = []
     seen: set[Path] = set()
     for folder in (store.dir, *(store.dir / s for s in selected), store.root / RESULTS_FOLDER):
@@ -209,7 +231,7 @@ def _unavailable_model(cfg: AlolConfig) -> list[str]:
         from stages.models import store
 
         # resolve_model's converted folder: present, it needs the package no more.
-        if (Path(cfg.run.cache_dir).resolve() / "models" / store.SMOLLM2).is_dir():
+        if store.shared_model_committed(cfg.run.cache_dir):
             return []
         try:
             store.smollm2_gguf_path()
@@ -223,7 +245,9 @@ def _unavailable_model(cfg: AlolConfig) -> list[str]:
         return []
     if folder.exists() or _looks_like_a_path(name):
         return [f"reference.model {folder}: no such folder; give a transformers model folder, a hub name or {SMOLLM2_NAME!r}"]
-    return _not_in_offline_hub_cache(name, Path(cfg.run.cache_dir) / "hub")
+    from stages.models.store import hub_folder
+
+    return _not_in_offline_hub_cache(name, hub_folder(cfg.run.cache_dir))
 
 
 def _not_in_offline_hub_cache(name: str, hub_dir: Path) -> list[str]:

@@ -22,6 +22,7 @@ from schemas.base import UserInputError, canonical_json, sha256_text
 from schemas.config import AlolConfig
 from schemas.manifest import Producer, StageOutput
 from schemas.stages import STAGE_NAMES
+from stages import fs
 from stages.io import IntegrityError, StageReader, StageWriter
 
 log = logging.getLogger("alol.runner")
@@ -185,7 +186,7 @@ def load_stage_function(stage: str):
 def reusable_output(store: RunStore, stage: str, key: str) -> StageOutput | None:
     """The committed output for this exact key, if it is present and intact."""
     folder = store.stage_dir(stage, key)
-    if not folder.exists():
+    if not fs.exists(folder):
         return None
     try:
         reader = StageReader(folder)

@@ -5,6 +5,10 @@ a SELECT; never EXPLAIN ANALYZE, which executes what it explains); DuckDB reads 
 run's stage folders, external access is off and the settings are locked; `--out` never writes inside
 a run root or the cache. A stage output that fails its hash check is left out (with a warning naming
 it), so the intact tables of a partly damaged run can still be queried.
+
+On an object store run root (stages.fs) the views read the store's objects through the run's fsspec
+filesystem registered in DuckDB (no DuckDB extension is downloaded), and the allowed directories are
+the run's stage prefixes there.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import pyarrow.parquet as pq
 from pipeline.storage import RunStore
 from schemas.base import UserInputError, column_description
 from schemas.tables import JOINED_COLUMNS, JOINED_ROW, JOINED_SOURCES, JOINED_VIEW, PROMPT_TEXT, SCORE_COLUMNS, TABLES, joined_schema
+from stages import fs
 from stages.io import IntegrityError, StageReader, atomic_path
 
 log = logging.getLogger("alol.sql")
@@ -66,7 +71,9 @@ def run_views(store: RunStore) -> RunViews:
                         stage, ", ".join(tables) or "none", exc)
             continue
         for table in reader.tables():
-            views.tables[table] = reader.table_glob(table)
+            views.tables[table] = (
+                fs.join(reader.location, table, "*.parquet") if fs.is_remote(reader.location) else reader.table_glob(table)
+            )
     return views
 
 
@@ -188,6 +195,9 @@ def check_out_path(path: str | Path, protected: list[str | Path]) -> Path:
 def connect(views: dict[str, str]) -> duckdb.DuckDBPyConnection:
     """In-memory DuckDB with the views, no file access beyond the run's outputs, settings locked."""
     con = duckdb.connect(":memory:")
+    remote = sorted({glob.partition("://")[0] for glob in views.values() if fs.is_remote(glob)})
+    for protocol in remote:
+        con.register_filesystem(fs.filesystem(f"{protocol}://")[0])
     for statement in create_view_statements(views):
         con.execute(statement)
     joined = joined_view_statement(views)
@@ -196,7 +206,9 @@ def connect(views: dict[str, str]) -> duckdb.DuckDBPyConnection:
             con.execute(joined)
         except duckdb.BinderException as exc:  # tables written by an older alol (no prompt_tokens, ...)
             log.warning("view %s left out: %s; `alol run` rewrites the tables", JOINED_VIEW, str(exc).splitlines()[0])
-    folders = sorted({str(Path(glob).parent.parent) for glob in views.values()})
+    folders = sorted({
+        fs.parent(fs.parent(glob)) + "/" if fs.is_remote(glob) else str(Path(glob).parent.parent) for glob in views.values()
+    })
     con.execute("SET allowed_directories = ?", [folders])
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")

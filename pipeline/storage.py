@@ -5,6 +5,10 @@ and <run.root>/<run.name>/run.json, which records the output folder each stage l
 and what happened: computed by which process and flow run, seconds spent computing and waiting.
 Stored paths are relative to the run root (`portable`), so a run root can be moved or copied; in
 memory they are absolute (`resolve`). How one output folder is written and read is stages.io's business.
+
+The run root may be an object store URL (`s3://bucket/prefix`, stages.fs): folders are then URL
+strings, run.json and LATEST single objects (one PUT each, so a reader sees a whole record).
+`RunStore.of(cfg)` hands `run.storage_options` to stages.fs.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 from schemas.config import AlolConfig
 from schemas.manifest import StageOutput
+from stages import fs
 from stages.io import IntegrityError, StageReader, atomic_write_text
 
 
@@ -23,33 +28,41 @@ class RunStore:
     """The folders of one run and its `run.json` record of which output each stage uses."""
 
     def __init__(self, root: str | Path, name: str):
-        self.root = Path(root).resolve()
+        self.root: fs.Location = fs.location(root)
         self.name = name
-        self.dir = self.root / name
+        self.dir = fs.join(self.root, name)
 
     @classmethod
     def of(cls, cfg: AlolConfig) -> RunStore:
-        """The run `cfg.run.name` under `cfg.run.root`."""
+        """The run `cfg.run.name` under `cfg.run.root` (with `run.storage_options` for a store URL)."""
+        fs.configure(cfg.run.storage_options)
         return cls(cfg.run.root, cfg.run.name)
 
-    def stage_dir(self, stage: str, cache_key: str) -> Path:
-        return self.dir / stage / cache_key[:16]
+    def stage_dir(self, stage: str, cache_key: str) -> fs.Location:
+        return fs.join(self.dir, stage, cache_key[:16])
 
     @property
-    def state_path(self) -> Path:
-        return self.dir / "run.json"
+    def state_path(self) -> fs.Location:
+        return fs.join(self.dir, "run.json")
 
     def state(self) -> dict[str, Any]:
-        if not self.state_path.is_file():
+        try:
+            text = fs.read_text(self.state_path)
+        except (FileNotFoundError, IsADirectoryError):
             return {"run": self.name, "stages": {}}
-        return json.loads(self.state_path.read_text(encoding="utf-8"))
+        return json.loads(text)
 
-    def folder(self, path: str | Path) -> Path:
+    def folder(self, path: str | Path) -> fs.Location:
         """A stored output path (relative to the run root; an absolute one, as older run.json files hold, as is)."""
-        return self.root / path
+        if fs.is_remote(str(path)):
+            return str(path)
+        return fs.join(self.root, str(path)) if fs.is_remote(self.root) else self.root / path
 
     def portable(self, output: StageOutput) -> StageOutput:
         """`output` with its path relative to the run root, as run.json and Prefect's records store it."""
+        if fs.is_remote(self.root):
+            relative = fs.relative(output.path, self.root) or output.path
+            return output.model_copy(update={"path": relative})
         path = Path(output.path)
         relative = path.relative_to(self.root).as_posix() if path.is_absolute() and path.is_relative_to(self.root) else output.path
         return output.model_copy(update={"path": relative})
@@ -77,7 +90,7 @@ class RunStore:
             "recorded": datetime.now(timezone.utc).isoformat(),
         }
         atomic_write_text(self.state_path, json.dumps(state, indent=2))
-        atomic_write_text(self.root / "LATEST", self.name)
+        atomic_write_text(fs.join(self.root, "LATEST"), self.name)
 
     def current(self, stage: str) -> StageOutput | None:
         """The output run.json records for `stage`, with an absolute path; None when there is none."""
@@ -94,7 +107,7 @@ class RunStore:
                 reader = StageReader(self.folder(entry["path"]))
                 if reader.content_hash != entry["content_hash"]:
                     raise IntegrityError(
-                        f"{reader.dir}: content hash {reader.content_hash[:12]} differs from run.json's {entry['content_hash'][:12]}"
+                        f"{reader.location}: content hash {reader.content_hash[:12]} differs from run.json's {entry['content_hash'][:12]}"
                     )
                 problems[stage] = None
             except IntegrityError as exc:
@@ -103,5 +116,8 @@ class RunStore:
 
     @staticmethod
     def latest_name(root: str | Path) -> str | None:
-        pointer = Path(root) / "LATEST"
-        return pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+        pointer = fs.join(fs.location(root), "LATEST")
+        try:
+            return fs.read_text(pointer).strip()
+        except (FileNotFoundError, IsADirectoryError):
+            return None

@@ -25,10 +25,26 @@ PROFILES: tuple[str, ...] = Profile.__args__  # type: ignore[attr-defined]
 class RunConfig(Section):
     """Where a run's outputs live and the seed every stage derives its randomness from."""
 
-    root: str = Field("data/runs", description="Folder holding all runs (relative paths resolve against the working directory).")
+    root: str = Field(
+        "data/runs",
+        description="Folder holding all runs (relative paths resolve against the working directory), or an object "
+        "store URL such as s3://bucket/prefix (needs the s3 extra; credentials and endpoint from the AWS_* "
+        "environment variables and storage_options).",
+    )
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name: outputs go to <root>/<name>/.")
     seed: int = Field(0, description="Seed for splits of sampling, training and generation.")
-    cache_dir: str = Field("data/cache", description="Shared cache for converted models and per-component scores.")
+    cache_dir: str = Field(
+        "data/cache",
+        description="Shared cache for converted models and per-component scores: a folder or an object store URL (s3://...).",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        exclude=True,
+        repr=False,
+        description="Options for the fsspec filesystem of an object store run.root / cache_dir (e.g. {key: ..., secret: ..., "
+        "client_kwargs: {endpoint_url: ...}} for s3); never written to a manifest, run.json, log or Prefect parameter, "
+        "so each worker gives its own (or uses the AWS_* environment variables).",
+    )
 
 
 class AlolConfig(Section):

@@ -21,6 +21,8 @@ The points:
 - `evaluate.reference_generations`: pi_ref's generations are in the generation cache, the
   policy's not generated yet (stages.evaluate.run).
 - `io.write`: a Parquet part of a table is about to be written (stages.io.TableWriter.write).
+- `io.upload`: a file of an output committed to an object store is about to be uploaded, the manifest
+  last (stages.remote.upload_folder).
 """
 
 from __future__ import annotations

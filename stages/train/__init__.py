@@ -21,8 +21,9 @@ beats pi_ref; else there is no `policy/` and `policy_is_reference` is true.
 
 Resume (stages.train.resume): the state (trainable weights, optimiser, scheduler, sampler, RNG, log,
 timings) is saved every `checkpoint_every` steps under <run.cache_dir>/train-resume/<key of config
-and inputs>/, which outlives the stage's discarded partial output; a rerun after a crash continues
-from it and reaches the same weights. The folder is deleted when the stage finishes.
+and inputs>/ (with an object store cache_dir: in its local mirror on the worker, stages.fs), which
+outlives the stage's discarded partial output; a rerun after a crash continues from it and reaches
+the same weights. The folder is deleted when the stage finishes.
 
 The files (`train_log`, `policy/`) are a function of the inputs, config and code, so computing a key
 again, or resuming it, gives the same content hash; the wall-clock figures (seconds, tokens per
@@ -48,6 +49,7 @@ from tqdm import tqdm
 from schemas.config import AlolConfig
 from schemas.manifest import StageResult
 from schemas.train import TRAIN_LOG_SCHEMA, TrainMetrics
+from stages import fs
 from stages.catalog import POLICY_FOLDER, load_scorer
 from stages.faults import failpoint
 from stages.io import StageReader, StageWriter
@@ -78,7 +80,7 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     )
     validation = load_validation(inputs["reference"], train.validation_prompts)
     scorer = load_scorer(cfg, inputs["score"]) if main_process else None
-    resume = ResumeFolder(Path(cfg.run.cache_dir).resolve() / RESUME_FOLDER / resume_key(cfg, inputs), accelerator)
+    resume = ResumeFolder(fs.local_mirror(fs.location(cfg.run.cache_dir)) / RESUME_FOLDER / resume_key(cfg, inputs), accelerator)
     progress = Progress()
     if resume.load(trainer.model, trainer.optimizer, trainer.scheduler, progress):
         trainer.sampler.load_state_dict(progress.sampler)
