@@ -1,7 +1,7 @@
 """What the Prefect UI shows of an alol run: flow-run names, alol's log lines, the artifacts.
 
-- Names: a flow run of `alol` is named after the stages it runs and the run (`reference · smoke`,
-  `all stages · smoke · a_lol`: the algorithm when train or evaluate runs, so that the runs of
+- Names: a flow run of `alol` is named after the stages it runs and the run (`reference (smoke)`,
+  `all stages (smoke, a_lol)`: the algorithm when train or evaluate runs, so that the runs of
   `alol compare` differ); each stage's task run is the stage's name (pipeline.flow).
 - Logs: alol's loggers (`alol.<stage>`, `alol.flow`, ...) reach the logs of the flow run, and task
   run, they are emitted in, in every process that runs the flow (`alol run`, a worker's flow-run
@@ -47,16 +47,16 @@ METRICS_DESCRIPTION = (
 
 
 def run_label(cfg: AlolConfig | None, stages: Sequence[str] | None) -> str:
-    """The name of a flow run: the stages it runs (`all stages`, or them in pipeline order), the run
-    name, and the algorithm when train or evaluate is among them. Without a configuration (it did
-    not load: the flow then reports why), the stages alone."""
+    """The name of a flow run: the stages it runs (`all stages`, or them in pipeline order), then in
+    brackets the run name and, when train or evaluate is among them, the algorithm. Without a
+    configuration (it did not load: the flow then reports why), the stages alone. ASCII only: the
+    UI's run graph (a canvas with a font of its own) left out a `·`."""
     selected = [s for s in STAGE_NAMES if s in set(stages or STAGE_NAMES)]
-    parts = [ALL_STAGES if selected == list(STAGE_NAMES) else ", ".join(selected)]
-    if cfg is not None:
-        parts.append(cfg.run.name)
-        if {"train", "evaluate"} & set(selected):
-            parts.append(cfg.train.algorithm)
-    return " · ".join(parts)
+    what = ALL_STAGES if selected == list(STAGE_NAMES) else ", ".join(selected)
+    if cfg is None:
+        return what
+    context = [cfg.run.name, *([cfg.train.algorithm] if {"train", "evaluate"} & set(selected) else [])]
+    return f"{what} ({', '.join(context)})"
 
 
 def _in_a_run(record: logging.LogRecord) -> bool:

@@ -7,8 +7,8 @@ their own deployments on the GPU pool), then `alol run` runs it in-process with 
 refreshed. The flow runs, their logs and the artifacts are read from the Prefect API; the flow-run
 pages and the report's artifact page are rendered by chromium (`--dump-dom`).
 
-Without chromium the end-to-end test is skipped (install: `apt-get install -y chromium`), except
-under CI=true, where it fails: .ci/run installs it.
+Without chromium the browser test is skipped (install: `apt-get install -y chromium`), except under
+CI=true, where it fails: .ci/run installs it. The API test runs either way.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pipeline import services as alol_services
 from pipeline.ui import embed_images, run_label, significant
 from schemas.config import load_config
 from schemas.stages import STAGE_NAMES
+from tests.support.outputs import metrics, model_metrics
 from tests.support.services import PREFECT, REPO, alol, ok, prefect_env, run, stop_all
 from tests.support.train import WHOLE_PIPELINE, overrides, tiny_setup
 
@@ -46,10 +47,10 @@ LOG_DELIVERY_S = 30.0
 
 def test_run_label_names_the_stages_the_run_and_the_algorithm_where_it_matters():
     cfg = load_config("smoke", overrides={"run.name": "demo", "train.algorithm": "a_lol_seq"})
-    assert run_label(cfg, None) == run_label(cfg, list(STAGE_NAMES)) == "all stages · demo · a_lol_seq"
-    assert run_label(cfg, ["reference"]) == "reference · demo"
-    assert run_label(cfg, ["advantage", "score"]) == "score, advantage · demo", "pipeline order"
-    assert run_label(cfg, ["evaluate"]) == "evaluate · demo · a_lol_seq"
+    assert run_label(cfg, None) == run_label(cfg, list(STAGE_NAMES)) == "all stages (demo, a_lol_seq)"
+    assert run_label(cfg, ["reference"]) == "reference (demo)"
+    assert run_label(cfg, ["advantage", "score"]) == "score, advantage (demo)", "pipeline order"
+    assert run_label(cfg, ["evaluate"]) == "evaluate (demo, a_lol_seq)"
     assert run_label(None, ["train"]) == "train"
 
 
@@ -70,6 +71,17 @@ def test_embed_images_inlines_files_of_the_folder_and_leaves_everything_else(tmp
     embedded = embed_images(markdown, tmp_path)
     uri = "data:image/png;base64," + base64.b64encode(PNG).decode()
     assert embedded == markdown.replace("![A plot](plots/a.png)", f"![A plot]({uri})")
+
+
+def test_headline_gives_both_rewards_and_the_difference_with_its_interval():
+    policy = model_metrics([], reward={"mean": 0.61234, "low": 0.5, "high": 0.7})
+    evaluation = metrics(
+        "evaluate", policy_is_reference=False, models={"policy": policy, "reference": model_metrics([])},
+        difference={"reward": {"mean": 0.61234, "low": 0.40004, "high": 0.80006}},
+    )
+    assert evaluation.headline() == "test reward: pi_theta 0.6123, pi_ref 0.0000, difference 0.6123 [0.4000, 0.8001]"
+    same = metrics("evaluate", policy_is_reference=True)
+    assert same.headline().endswith("(pi_theta is pi_ref: no checkpoint beat it)")
 
 
 def test_significant_rounds_finite_floats_only():
@@ -154,8 +166,8 @@ def ui_run(tmp_path_factory) -> UiRun:
     model, data = tiny_setup(tmp)
     settings = overrides(tmp, model, data, **WHOLE_PIPELINE)
     cfg = load_config("smoke", overrides=settings)
-    names = {"full": f"all stages · {cfg.run.name} · {cfg.train.algorithm}", "reference": f"reference · {cfg.run.name}"}
-    names.update({s: f"{s} · {cfg.run.name} · {cfg.train.algorithm}" for s in ("train", "evaluate")})
+    names = {"full": f"all stages ({cfg.run.name}, {cfg.train.algorithm})", "reference": f"reference ({cfg.run.name})"}
+    names.update({s: f"{s} ({cfg.run.name}, {cfg.train.algorithm})" for s in ("train", "evaluate")})
     home = tmp / "prefect-home"
     env = prefect_env(home)
     # The python reward (tests.support.train:cats_reward) is imported by the workers' flow-run processes.
