@@ -86,7 +86,7 @@ def log_result(cfg: AlolConfig, outputs: Mapping[str, StageOutput]) -> None:
     last line of the flow run's logs, also when evaluate itself came from the cache."""
     if "evaluate" in outputs:
         metrics = StageReader(outputs["evaluate"].path, verify=False).metrics
-        log.info("result of run %s (%s): %s", cfg.run.name, cfg.train.algorithm, metrics.headline())
+        log.info("result of run %s (%s): %s", cfg.run.name, metrics.algorithm, metrics.headline())
 
 
 def significant(value: Any, digits: int = SIGNIFICANT_DIGITS) -> Any:
