@@ -26,6 +26,7 @@ from prefect.artifacts import create_markdown_artifact
 from pipeline.flow import run_alol
 from pipeline.preflight import check
 from pipeline.routing import FLOW_NAME
+from pipeline.ui import send_alol_logs_to_prefect
 from schemas.algorithms import ALGORITHM_REGISTRY, ALGORITHMS, OPTIONAL_HYPERPARAMETERS
 from schemas.config import Profile, load_config
 from schemas.evaluate import PI_REF, PI_THETA, EvaluateMetrics, Interval
@@ -179,6 +180,7 @@ def compare_flow(
     A flow of its own (named `alol`, so the deployment is `alol/compare`) because it loops over
     algorithms and writes a table, which a selection of stages of the `alol` flow cannot express.
     """
+    send_alol_logs_to_prefect()
     result = compare(algorithms, profile, config_file, overrides or {})
     create_markdown_artifact(key="alol-compare", markdown=result.markdown(), description="alol compare: one row per method plus pi_ref")
     return str(result.markdown_path)

@@ -24,24 +24,24 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import CachePolicy
 from prefect.filesystems import RemoteFileSystem
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.runtime import flow_run as prefect_flow_run
 
 import psutil
+from pydantic import ValidationError
 
 from pipeline.routing import accelerator_deployment, run_stage_deployment
 from pipeline.runner import RESULTS_FOLDER, STAGES, cache_key, execute_stage, upstream_from_run
 from pipeline.temporary_server import ensure_temporary_server
 from pipeline.storage import RunStore
+from pipeline.ui import log_result, publish_artifacts, run_label, send_alol_logs_to_prefect
 from stages import fs
 from stages.io import IntegrityError, StageReader
-from schemas.config import AlolConfig, Profile, load_config
+from schemas.config import AlolConfig, ConfigError, Profile, load_config
 from schemas.manifest import StageOutput, StageRun
 from schemas.stages import STAGE_NAMES, StageName
-from stages.catalog import METRICS_TABLE_FILE, REPORT_FILE
 
 log = logging.getLogger("alol.flow")
 
@@ -115,44 +115,6 @@ class StageLockManager(FileSystemLockManager):
         self._owner_path(key).unlink(missing_ok=True)
 
 
-def _artifact_key(stage: str) -> str:
-    return f"alol-{stage}"
-
-
-def _manifest_markdown(reader: StageReader) -> str:
-    m = reader.manifest
-    rows = ", ".join(f"{t}: {n:,}" for t, n in m.table_rows().items()) or "-"
-    lines = [
-        f"### alol stage `{m.stage}`",
-        "",
-        "| field | value |",
-        "|---|---|",
-        f"| rows in / out / rejected | {m.rows_in:,} / {m.rows_out:,} / {m.rows_rejected:,} |",
-        f"| tables | {rows} |",
-        f"| content hash | `{m.content_hash()[:16]}` |",
-        f"| cache key | `{m.cache_key[:16]}` |",
-        f"| seconds | {m.seconds:.1f} |",
-        f"| folder | `{reader.location}` |",
-    ]
-    scalar_metrics = {k: v for k, v in m.metrics.items() if isinstance(v, (int, float, str, bool))}
-    if scalar_metrics:
-        lines += ["", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scalar_metrics.items()]
-    return "\n".join(lines)
-
-
-def _publish_artifacts(reader: StageReader) -> None:
-    """The manifest summary of every stage, and the evaluation report and metrics table when present."""
-    stage = reader.manifest.stage
-    create_markdown_artifact(key=_artifact_key(stage), markdown=_manifest_markdown(reader), description=f"alol {stage} manifest")
-    report = reader.path(REPORT_FILE)
-    if report.is_file():
-        create_markdown_artifact(key="alol-report", markdown=report.read_text(encoding="utf-8"), description="alol evaluation report")
-    metrics_table = reader.path(METRICS_TABLE_FILE)
-    if metrics_table.is_file():
-        create_table_artifact(key="alol-metrics", table=json.loads(metrics_table.read_text(encoding="utf-8")))
-
-
 @task(
     task_run_name="{stage}",
     cache_policy=StageCacheKey(),
@@ -172,7 +134,7 @@ def run_stage(
     )
     if output.cache_key != key:
         raise RuntimeError(f"stage {stage}: cache key changed while running ({key[:16]} -> {output.cache_key[:16]})")
-    _publish_artifacts(StageReader(output.path, verify=False))
+    publish_artifacts(StageReader(output.path, verify=False))
     log.info("%s: %s rows, folder %s%s", stage, output.rows, output.path, " (reused)" if reused else "")
     return StageRun(output=store.portable(output), reused=reused)
 
@@ -251,7 +213,29 @@ def _verified(output: StageOutput) -> bool:
     return True
 
 
-@flow(name="alol", log_prints=False)
+def run_config(
+    config: AlolConfig | dict[str, Any] | None, profile: str | None, config_file: str | None, overrides: dict[str, Any] | None
+) -> AlolConfig:
+    """The flow's configuration: `config` when given (an AlolConfig, or its JSON form in a deployment
+    run's parameters), else the profile, `config_file` and `overrides`."""
+    if config is not None:
+        return config if isinstance(config, AlolConfig) else AlolConfig.model_validate(config)
+    return load_config(profile, config_file, overrides or {})
+
+
+def _flow_run_name() -> str:
+    """The flow run's name in the UI (pipeline.ui.run_label); Prefect calls this before the run starts."""
+    parameters = prefect_flow_run.parameters
+    try:
+        cfg = run_config(
+            parameters.get("config"), parameters.get("profile", "default"), parameters.get("config_file"), parameters.get("overrides")
+        )
+    except (ConfigError, ValidationError):
+        cfg = None  # the flow reports the configuration error when it starts
+    return run_label(cfg, parameters.get("stages"))
+
+
+@flow(name="alol", flow_run_name=_flow_run_name, log_prints=False)
 def alol(
     stages: list[StageName] | None = None,
     refresh: list[StageName] | None = None,
@@ -265,8 +249,10 @@ def alol(
 
     The configuration is `config` when given (the resolved configuration `alol run` and `alol compare`
     pass, so it is read once per run), else the profile, `config_file` and `overrides` (deployment runs).
+    alol's log lines go to the flow run's logs; a run that includes evaluate ends with its result line.
     """
-    cfg = config if config is not None else load_config(profile, config_file, overrides or {})
+    send_alol_logs_to_prefect()
+    cfg = run_config(config, profile, config_file, overrides)
     selected = [s for s in STAGE_NAMES if s in set(stages or STAGE_NAMES)]
     forced = set(refresh or [])
     store = RunStore.of(cfg)
@@ -281,7 +267,9 @@ def alol(
             # A worker run on another pool: the stage runs on its accelerator pool (pipeline.routing),
             # with exactly this run's configuration.
             params = {"config": cfg.model_dump(mode="json")}
-            outputs[stage] = run_stage_deployment(deployment, store, stage, key, refresh=stage in forced, parameters=params)
+            outputs[stage] = run_stage_deployment(
+                deployment, store, stage, key, refresh=stage in forced, parameters=params, flow_run_name=run_label(cfg, [stage])
+            )
             continue
         started = time.time()
         run, cached = _stage_run(cfg, stage, key, inputs, stage in forced, store)
@@ -290,6 +278,7 @@ def alol(
         # A cache hit of Prefect's record, or an intact output folder with the same key that the task reused.
         store.record(run.output, cached=cached or run.reused, seconds=time.time() - started)
         outputs[stage] = run.output
+    log_result(cfg, outputs)
     return outputs
 
 

@@ -69,10 +69,10 @@ def accelerator_deployment(stage: str) -> str | None:
 
 
 def run_stage_deployment(
-    name: str, store: RunStore, stage: str, key: str, *, refresh: bool, parameters: dict[str, Any]
+    name: str, store: RunStore, stage: str, key: str, *, refresh: bool, parameters: dict[str, Any], flow_run_name: str
 ) -> StageOutput:
-    """Run one stage as a run of deployment `name` (with the flow's `parameters`), wait for it, and
-    return the output it recorded in run.json.
+    """Run one stage as a run of deployment `name` (with the flow's `parameters`, named `flow_run_name`
+    from the moment it is scheduled), wait for it, and return the output it recorded in run.json.
 
     An intact output for `key` is reused without submitting anything (on a Kubernetes pool a
     submission starts a pod just to find the cache hit). The child's output must carry `key`, else
@@ -89,6 +89,7 @@ def run_stage_deployment(
     child = run_deployment(
         name,
         parameters={**parameters, "stages": [stage], "refresh": [stage] if refresh else []},
+        flow_run_name=flow_run_name,
         timeout=None,
         poll_interval=CHILD_POLL_S,
     )

@@ -135,3 +135,11 @@ class EvaluateMetrics(StageMetrics):
         None, description="pi_ref's generation sets that came from the cache (manifest only, not in metrics.json)."
     )
 
+    def headline(self) -> str:
+        """The one-line result: mean test reward of pi_theta and pi_ref and their paired difference with its 95% interval."""
+        d = self.difference["reward"]
+        same = " (pi_theta is pi_ref: no checkpoint beat it)" if self.policy_is_reference else ""
+        return (
+            f"test reward: pi_theta {self.models[PI_THETA].reward.mean:.4f}, pi_ref {self.models[PI_REF].reward.mean:.4f}, "
+            f"difference {d.mean:.4f} [{d.low:.4f}, {d.high:.4f}]{same}"
+        )

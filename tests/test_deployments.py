@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import signal
 import socket
@@ -28,9 +27,8 @@ from pipeline.runner import STAGES, load_stage_function
 from pipeline.storage import RunStore
 from schemas.stages import STAGE_NAMES
 from stages.io import StageReader
+from tests.support.services import PREFECT, REPO, alol, ok, prefect_env, run, stop_all
 
-REPO = Path(__file__).resolve().parent.parent
-PREFECT = str(Path(sys.executable).parent / "prefect")
 RUN_TIMEOUT_S = 1200
 
 log = logging.getLogger("alol.tests.deployments")
@@ -183,30 +181,10 @@ def test_every_stage_function_imports():
         assert callable(load_stage_function(stage)), stage
 
 
-def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT__")}
-    env.update(PREFECT_HOME=str(home), COLUMNS="200", PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    env.pop("PREFECT_API_URL", None)
-    return env
-
-
-def _run(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _ok(done: subprocess.CompletedProcess) -> str:
-    assert done.returncode == 0, f"`{' '.join(done.args)}` exited {done.returncode}:\n{(done.stdout + done.stderr)[-4000:]}"
-    return done.stdout
-
-
-def _alol(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return _run([sys.executable, "-m", "pipeline.cli", *args], env, timeout)
-
-
 def _run_full(env: dict[str, str], params: dict) -> str:
     args = [PREFECT, "deployment", "run", "alol/full", "--params", json.dumps(params), "--watch", "--watch-interval", "1"]
     started = time.monotonic()
-    out = _ok(_run(args, env, RUN_TIMEOUT_S))
+    out = ok(run(args, env, RUN_TIMEOUT_S))
     log.info("alol/full %s: %.1f s", json.dumps(params), time.monotonic() - started)
     return out
 
@@ -252,17 +230,6 @@ def _refresh_target(stages: list[str]) -> str:
     return candidates[-1] if candidates else stages[-1]
 
 
-def _stop_all(home: Path, env: dict[str, str]) -> list[int]:
-    """`alol down`; then SIGKILL, by PID, anything it left. Returns the PIDs that were still alive."""
-    services = alol_services.Services.load(home)
-    pids = services.pids() if services else []
-    _alol(["down", "--home", str(home)], env, timeout=180)
-    left = [pid for pid in pids if alol_services._alive(pid)]
-    for pid in left:
-        os.killpg(pid, signal.SIGKILL)
-    return left
-
-
 @pytest.mark.e2e
 def test_up_stops_what_it_started_when_a_step_fails(tmp_path):
     """A prefect.yaml whose entrypoint does not exist: deploy fails after the server started."""
@@ -270,7 +237,7 @@ def test_up_stops_what_it_started_when_a_step_fails(tmp_path):
     spec["deployments"] = [{**spec["deployments"][0], "entrypoint": "missing.py:alol"}]
     (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
     home = tmp_path / "home"
-    done = _run([sys.executable, "-c", f"from pipeline import services; services.up({str(home)!r}, 0, {str(tmp_path)!r})"], _env(home))
+    done = run([sys.executable, "-c", f"from pipeline import services; services.up({str(home)!r}, 0, {str(tmp_path)!r})"], prefect_env(home))
     assert done.returncode != 0 and "prefect --no-prompt deploy --all` failed" in done.stderr, done.stderr[-3000:]
     server_log = (home / "server.log").read_text()
     assert "Check out the dashboard at http://127.0.0.1:" in server_log, "the server never started"
@@ -291,12 +258,12 @@ def test_full_deployment_runs_caches_and_refreshes_one_stage(tmp_path):
         load_stage_function(stage)  # a stage that does not import fails the test before any server starts
     cpu, gpu = _pools()
     home, root = tmp_path / "prefect-home", tmp_path / "runs"
-    env = _env(home)
+    env = prefect_env(home)
     params = {"profile": "smoke", "overrides": {"run.root": str(root)}}
     accelerated = [s for s in stages if STAGES[s].accelerator]
     try:
         started = time.monotonic()
-        _ok(_alol(["up", "--port", "0", "--home", str(home)], env))
+        ok(alol(["up", "--port", "0", "--home", str(home)], env))
         log.info("alol up: %.1f s", time.monotonic() - started)
         services = alol_services.Services.load(home)
         assert set(services.workers) == {cpu, gpu} and services.api_url.startswith("http://127.0.0.1:")
@@ -309,11 +276,11 @@ def test_full_deployment_runs_caches_and_refreshes_one_stage(tmp_path):
         first_finished = {s: _finished(e) for s, e in first.items()}
         runs = _flow_runs(services.api_url)
         assert sorted(runs) == sorted([("full", cpu, False, "Completed")] + [(s, gpu, True, "Completed") for s in accelerated])
-        artifacts = _ok(_run([PREFECT, "artifact", "ls"], env))
+        artifacts = ok(run([PREFECT, "artifact", "ls"], env))
         assert all(f"alol-{s}" in artifacts for s in stages), artifacts
-        status = _ok(_alol(["status", "--profile", "smoke", "--set", f"run.root={root}"], env))
+        status = ok(alol(["status", "--profile", "smoke", "--set", f"run.root={root}"], env))
         assert all(any(line.split()[:1] == [s] and "fresh" in line for line in status.splitlines()) for s in stages), status
-        count = _ok(_alol(["sql", "SELECT count(*) AS n FROM ingest", "--profile", "smoke", "--set", f"run.root={root}", "--format", "csv"], env))
+        count = ok(alol(["sql", "SELECT count(*) AS n FROM ingest", "--profile", "smoke", "--set", f"run.root={root}", "--format", "csv"], env))
         assert count.split() == ["n", str(first["ingest"]["rows"]["ingest"])]
 
         # 2. Again: every stage cached, nothing submitted to the GPU pool, no output rewritten.
@@ -326,7 +293,7 @@ def test_full_deployment_runs_caches_and_refreshes_one_stage(tmp_path):
         assert len(_flow_runs(services.api_url)) == len(runs) + 1
 
         # A bad parameter is refused when the run is created: no flow run.
-        bad = _run([PREFECT, "deployment", "run", "alol/full", "-p", 'stages=["bogus"]'], env)
+        bad = run([PREFECT, "deployment", "run", "alol/full", "-p", 'stages=["bogus"]'], env)
         assert bad.returncode != 0 and "'bogus' is not one of" in bad.stdout + bad.stderr, bad.stdout + bad.stderr
         assert len(_flow_runs(services.api_url)) == len(runs) + 1
 
@@ -343,6 +310,6 @@ def test_full_deployment_runs_caches_and_refreshes_one_stage(tmp_path):
         assert len(_flow_runs(services.api_url)) == len(runs) + 2 + len(rerun_on_gpu)
     finally:
         started = time.monotonic()
-        leftovers = _stop_all(home, env)
+        leftovers = stop_all(home, env)
         log.info("alol down: %.1f s", time.monotonic() - started)
     assert leftovers == [], f"alol down left processes running: {leftovers}"

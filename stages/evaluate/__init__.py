@@ -91,10 +91,5 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     metrics = EvaluateMetrics.model_validate(fields)
     rewards = {m: scores[m]["reward"] for m in MODELS}
     write_report(out, inputs, metrics, _config(cfg, inputs), rewards, advantage_values)
-    difference = metrics.difference["reward"]
-    log.info(
-        "test reward: pi_theta %.4f, pi_ref %.4f, difference %.4f [%.4f, %.4f]",
-        metrics.models[PI_THETA].reward.mean, metrics.models[PI_REF].reward.mean,
-        difference.mean, difference.low, difference.high,
-    )
+    log.info("%s", metrics.headline())
     return StageResult(rows_in=rows_in, rows_out=rows_out, metrics=metrics)
