@@ -82,7 +82,7 @@ def _another_source(cfg: AlolConfig, store: RunStore) -> list[str]:
     """One line when the run already records an ingest output of other data than cfg.data."""
     try:
         recorded = store.current("ingest")
-    except ValueError:  # run.json unreadable: said by _recorded_upstream when it matters
+    except (ValueError, OSError):  # run.json unreadable or run.root not a folder: said by the other checks
         return []
     if recorded is None:
         return []
