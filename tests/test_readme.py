@@ -42,6 +42,10 @@ TESTED_BY: dict[tuple[str, frozenset[str]], str] = {
     ("up", frozenset()): "tests/test_deployments.py::test_full_deployment_runs_caches_and_refreshes_one_stage",
     ("up", frozenset({"--port"})): "tests/test_deployments.py::test_full_deployment_runs_caches_and_refreshes_one_stage",
     ("down", frozenset()): "tests/test_deployments.py::test_full_deployment_runs_caches_and_refreshes_one_stage",
+    ("run", frozenset({"--profile", "--set"})): WALKTHROUGH,
+    ("status", frozenset({"--profile", "--set"})): "tests/test_s3.py::test_the_pipeline_on_s3_gives_the_content_hashes_of_a_local_run",
+    ("sql", frozenset({"--profile", "--set"})): "tests/test_s3.py::test_the_pipeline_on_s3_gives_the_content_hashes_of_a_local_run",
+    ("report", frozenset({"--profile", "--set"})): "tests/test_s3.py::test_the_pipeline_on_s3_gives_the_content_hashes_of_a_local_run",
 }
 """(subcommand, flags) of a README command -> the test that runs it (on the smoke profile or tiny inputs)."""
 
@@ -84,12 +88,21 @@ def test_every_readme_command_parses():
             pytest.fail(f"README command `alol {' '.join(tokens)}` does not parse")
 
 
+def _functions(path: Path) -> tuple[dict[str, ast.FunctionDef], ast.Module]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}, tree
+
+
 def _test_source(reference: str) -> str:
-    """The source of the test function `file::name` and of the module's functions it calls by name."""
+    """The source of the test function `file::name` and of the functions it calls by name: the module's
+    own and those it imports from tests/support."""
     path, name = reference.split("::")
-    tree = ast.parse((REPO / path).read_text(encoding="utf-8"))
-    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    functions, tree = _functions(REPO / path)
     assert name in functions, f"{reference}: no such test function"
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tests.support."):
+            support, _ = _functions(REPO / (node.module.replace(".", "/") + ".py"))
+            functions.update({a.name: support[a.name] for a in node.names if a.name in support})
     called = {n.id for n in ast.walk(functions[name]) if isinstance(n, ast.Name) and n.id in functions}
     return "\n".join(ast.unparse(functions[f]) for f in {name, *called})
 
@@ -102,4 +115,5 @@ def test_every_readme_command_is_exercised_by_a_test():
     for (command, flags), reference in TESTED_BY.items():
         source = _test_source(reference)
         for literal in (command, *flags):
-            assert f"'{literal}'" in source, f"{reference} does not run `alol {command}` with {literal}"
+            # single quotes: a literal of the test's code (ast.unparse); double: one inside a script it runs
+            assert f"'{literal}'" in source or f'"{literal}"' in source, f"{reference} does not run `alol {command}` with {literal}"
