@@ -2,7 +2,8 @@
 
 Every algorithm is a run of the flow with only `train.algorithm` (and the hyper-parameters the
 algorithm registry gives compare defaults, e.g. `train.kl_beta` for a_lol_kl) changed. Ingest, score, reference and advantage do not read `train.*`, so their cache keys, and
-their outputs, are shared; pi_ref's test generations are cached by the evaluate stage. Adding an
+their outputs, are shared (DPO and PRO too: their pairs come from the reference stage, reference.pairs);
+pi_ref's test generations are cached by the evaluate stage. Adding an
 algorithm to the list trains and evaluates only that one.
 
 The table follows the paper's: one row per method plus pi_ref, the reward (total with its 95%
@@ -142,7 +143,7 @@ def compare(
     config_file: str | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Comparison:
-    """Run the flow once per algorithm (default: all eight) and write the comparison table under the run folder."""
+    """Run the flow once per algorithm (default: every algorithm of the registry, DPO and PRO included) and write the comparison table under the run folder."""
     algorithms = list(algorithms or ALGORITHMS)
     base = dict(overrides or {})
     # Every configuration is read before any work: an unknown name or a bad setting fails at once.

@@ -61,9 +61,11 @@ class TrainConfig(Section):
             raise ValueError(f"train.warmup_steps ({self.warmup_steps}) must be below train.steps ({self.steps})")
         if self.lora_rank is None and self.lora_alpha is not None:
             raise ValueError("train.lora_alpha is set but train.lora_rank is not; set lora_rank to train with LoRA")
-        if ALGORITHM_REGISTRY[self.algorithm].takes_ratio and self.mixed_precision != "no":
+        spec = ALGORITHM_REGISTRY[self.algorithm]
+        if spec.takes_ratio and self.mixed_precision != "no":
             raise ValueError(
-                f"train.algorithm {self.algorithm} reads a ratio to pi_ref's log-probs, which are cached "
+                f"train.algorithm {self.algorithm} {'weights rows' if spec.clipped else 'scores pairs'} by a ratio to "
+                "pi_ref's log-probs, which are cached "
                 f"in fp32: set train.mixed_precision: no (got {self.mixed_precision})"
             )
         return self
