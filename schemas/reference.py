@@ -14,7 +14,7 @@ from schemas.manifest import StageMetrics, Summary
 from schemas.ingest import MESSAGE_TYPE
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
-PairsSetting = Literal["auto", "data", "built", "off"]
+PairsSetting = Literal["auto", "data", "built", "none"]
 PAIR_SOURCES = ("data", "built", "none")
 """What `reference.pairs` resolved to for a run (ReferenceMetrics.pairs): the data's pairs, built ones, or none."""
 KNOWN_HIDDEN_SIZES = {SMOLLM2_NAME: 576}
@@ -43,7 +43,7 @@ class ReferenceConfig(Section):
         description="Preference pairs for the pair algorithms (DPO, PRO). `data`: the data's chosen/rejected pairs "
         "(`pair_id`, `preference`); `built`: each training response trained on paired with pi_ref's greedy response "
         "to the same prompt (table `pi_ref_responses`, generate_max_new_tokens tokens), the higher reward chosen, "
-        "ties dropped; `auto`: `data` when the training split has pairs, else `built`; `off`: no pairs and no "
+        "ties dropped; `auto`: `data` when the training split has pairs, else `built`; `none`: no pairs and no "
         "decoding (the pair algorithms are refused). `built` and `auto` on pair-less data decode every distinct "
         "training prompt once, whatever train.algorithm is (this stage does not read train.*).",
     )

@@ -33,7 +33,7 @@ from stages.reference.rows import EncodedRows
 def pairs_mode(setting: str, rows: EncodedRows) -> str:
     """`data`, `built` or `none` (schemas.reference.PAIR_SOURCES) for reference.pairs on these rows."""
     has_pairs = any(p is not None for p, s in zip(rows.preferences, rows.splits) if s == "train")
-    if setting == "off":
+    if setting == "none":
         return "none"
     if setting == "built":
         return "built"
