@@ -171,3 +171,20 @@ def test_ratio_reads_the_dropout_free_log_probs_and_the_gradient_the_training_on
     scale = R if algorithm == "r_lol" else A
     expected = [-scale[0] / 2] * 3 + [-scale[1] / 2] * 2  # d/dl_t of mean_i s_i * (-L_i), weights 1
     assert theta.grad[0].tolist() + theta.grad[1, :2].tolist() == pytest.approx(expected)
+
+
+def test_pro_is_list_wise_over_a_ranking_of_three():
+    """Rows y_1 > y_2 > y_3 of one prompt: -log softmax(s)_1 - log softmax(s_2, s_3)_2 - w s_1, s = L / T."""
+    theta = torch.tensor([[-1.0, -2.0], [-0.5, -0.5], [-3.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    zeros = torch.zeros(3, dtype=torch.float64)
+    batch = LossBatch(token_logprobs=theta * mask, ref_token_logprobs=theta.detach() * 0, mask=mask,
+                      ref_logprob=zeros, reward=zeros, advantage=zeros, group_size=3)
+    s = [-1.5, -0.5, -2.0]
+    expected = (log(sum(exp(v) for v in s)) - s[0]) + (log(exp(s[1]) + exp(s[2])) - s[1]) - 0.05 * s[0]
+    out = loss_function(TrainConfig(algorithm="pro"))(batch)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="groups of 2"):
+        loss_function(TrainConfig(algorithm="pro"))(replace(batch, group_size=2))
+    with pytest.raises(ValueError, match="dpo trains on pairs"):
+        loss_function(TrainConfig(algorithm="dpo"))(batch)
