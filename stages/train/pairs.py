@@ -109,6 +109,7 @@ def load_pairs(algorithm: str, inputs: dict[str, StageReader]) -> TrainRows:
                 f"{reference.table_glob(PI_REF_RESPONSES_TABLE)}: training row id {row} has no pi_ref response "
                 "(or more than one); rerun the reference stage"
             )
+        _check_complete(table, inputs)  # before the tie filter: a missing reward must not pass for a tie
         tied = (table.num_rows - pc.sum(table["ranked"]).as_py()) // 2
         table = table.filter(table["ranked"])
     _check_complete(table, inputs)
