@@ -62,6 +62,11 @@ class TrainConfig(Section):
         if self.lora_rank is None and self.lora_alpha is not None:
             raise ValueError("train.lora_alpha is set but train.lora_rank is not; set lora_rank to train with LoRA")
         spec = ALGORITHM_REGISTRY[self.algorithm]
+        if spec.reference_margin and self.lora_rank is not None and self.lora_dropout > 0:
+            raise ValueError(
+                f"train.algorithm {self.algorithm} compares log pi_theta with pi_ref's dropout-free cached log-probs: "
+                f"set train.lora_dropout: 0 (got {self.lora_dropout})"
+            )
         if spec.takes_ratio and self.mixed_precision != "no":
             raise ValueError(
                 f"train.algorithm {self.algorithm} {'weights rows' if spec.clipped else 'scores pairs'} by a ratio to "

@@ -111,3 +111,14 @@ def test_dpo_on_data_without_pairs_and_building_off_stops_before_training(tmp_pa
     cfg = config(tmp_path, model, data, **{"train.algorithm": "dpo", "reference.pairs": "data"})  # format auto
     with pytest.raises(TrainError, match=r"found none .* set reference\.pairs: built or auto"):
         run_stages(cfg, (*UPSTREAM, "train"))
+
+
+def test_dpo_refuses_dropout_in_pi_theta(tmp_path):
+    from tests.support.train import with_attention_dropout
+
+    with pytest.raises(ConfigError, match=r"set train\.lora_dropout: 0"):
+        load_config("smoke", overrides=["train.algorithm=dpo", "train.lora_rank=4"])
+    model, data = tiny_setup(tmp_path)
+    cfg = config(tmp_path, with_attention_dropout(model, 0.1), data, **{"train.algorithm": "dpo"})
+    with pytest.raises(TrainError, match="has active dropout"):
+        run_stages(cfg, (*UPSTREAM, "train"))

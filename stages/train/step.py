@@ -251,6 +251,12 @@ class Trainer:
         self.policy = PolicyForward(self.prepared, accelerator.unwrap_model(self.prepared))
         self.loss_fn = loss_function(train)
         self.weight_forward = spec.clipped and has_active_dropout(self.model)
+        if spec.reference_margin and has_active_dropout(self.model):
+            raise TrainError(
+                f"train.algorithm {train.algorithm} differentiates log pi_theta - log pi_ref, and pi_ref's log-probs were "
+                f"cached without dropout, but pi_theta ({path}) has active dropout: the margin would not start at 0. "
+                "Use a model whose config sets no dropout (or train.lora_dropout: 0 with LoRA)"
+            )
 
     def step(self, step: int) -> dict[str, Any]:
         """One optimiser step on batch_size x grad_accumulation drawn rows; its train_log row.
