@@ -33,7 +33,7 @@ from stages.models.tokenize import encode_pair, token_digest
 from stages.sampler import PrioritySampler
 from stages.train.errors import TrainError
 from stages.train.pairs import load_pairs
-from stages.train.policy import build_policy, learning_rate_factor, trainable_parameters
+from stages.train.policy import build_optimizer, build_policy, learning_rate_factor, trainable_parameters
 from stages.train.rows import load_train_rows, step_budget
 from stages.train.validation import Validation, validation_reward
 
@@ -240,9 +240,7 @@ class Trainer:
         path = reference_model_path(cfg, inputs["reference"])
         self.tokenizer = load_tokenizer(path)
         self.model = build_policy(path, train, cfg.run.seed)
-        optimizer = torch.optim.AdamW(
-            trainable_parameters(self.model).values(), lr=train.learning_rate, weight_decay=train.weight_decay
-        )
+        optimizer = build_optimizer(self.model, train)
         # Stepped here once per optimiser step (accelerate's prepared scheduler would step once per process).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: learning_rate_factor(s, train, self.total_steps)
