@@ -10,7 +10,8 @@ under --root and reused by the stage cache. Each side runs in its own subprocess
 - trl:  TRL's DPOTrainer (sigmoid loss, the same beta) on the same pairs as conversations, with
         precompute_ref_log_probs (its memory-light mode: pi_ref's log-probs computed once before training,
         no second model in memory), the same pairs per micro-batch, accumulation, learning rate and
-        optimiser steps; no evaluation or checkpoints.
+        optimiser steps; no evaluation or checkpoints. TRL's DPOConfig turns gradient checkpointing on by
+        default (kept here: it is what a TRL user gets): less activation memory, a recomputed forward.
 
 tokens/s counts prompt and response tokens of both responses per second of optimiser-step wall time (TRL:
 its `num_tokens` count of attended tokens), the first step excluded. pi_theta is SmolLM2-135M-Instruct as
