@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", help="train and evaluate several algorithms over one cached upstream")
     _config_options(compare)
-    compare.add_argument("--algorithms", nargs="+", help="algorithms to compare (default: all eight)")
+    compare.add_argument("--algorithms", nargs="+", help="algorithms to compare (default: every algorithm of the registry)")
     compare.set_defaults(func=cmd_compare)
 
     up = sub.add_parser("up", help="start a local Prefect server, work pools, deployments (prefect.yaml) and workers")

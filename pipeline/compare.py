@@ -2,7 +2,8 @@
 
 Every algorithm is a run of the flow with only `train.algorithm` (and the hyper-parameters the
 algorithm registry gives compare defaults, e.g. `train.kl_beta` for a_lol_kl) changed. Ingest, score, reference and advantage do not read `train.*`, so their cache keys, and
-their outputs, are shared; pi_ref's test generations are cached by the evaluate stage. Adding an
+their outputs, are shared (DPO and PRO too: their pairs come from the reference stage, reference.pairs);
+pi_ref's test generations are cached by the evaluate stage. Adding an
 algorithm to the list trains and evaluates only that one.
 
 The table follows the paper's: one row per method plus pi_ref, the reward (total with its 95%
@@ -66,6 +67,19 @@ def algorithm_overrides(base: dict[str, Any], algorithm: str) -> dict[str, Any]:
         given = base.get(f"train.{name}")
         overrides[f"train.{name}"] = (given or spec.compare_defaults[name]) if name in spec.hyperparameters else None
     return overrides
+
+
+def pair_overrides(base: dict[str, Any], algorithms: Sequence[str], profile: str | None, config_file: str | None) -> dict[str, Any]:
+    """The comparison's overrides with reference.pairs `built` when it runs a pair algorithm (DPO, PRO) and the
+    configuration would give it no pairs (the default `data` on pair-less data). Every algorithm shares the
+    upstream, so all of them get it; a reference.pairs the user set is kept (and refused if pair-less)."""
+    if "reference.pairs" in base or not any(ALGORITHM_REGISTRY[a].needs_pairs for a in algorithms if a in ALGORITHMS):
+        return base
+    pairless = next(a for a in ALGORITHMS if not ALGORITHM_REGISTRY[a].needs_pairs)
+    if not load_config(profile, config_file, algorithm_overrides(base, pairless)).pairs_missing():
+        return base
+    log.info("compare: reference.pairs built for every algorithm (DPO and PRO need pairs; the data has none)")
+    return {**base, "reference.pairs": "built"}
 
 
 def method_row(method: str, metrics: EvaluateMetrics, model: str, train_seconds: float | None = None) -> dict[str, Any]:
@@ -143,9 +157,9 @@ def compare(
     config_file: str | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Comparison:
-    """Run the flow once per algorithm (default: all eight) and write the comparison table under the run folder."""
+    """Run the flow once per algorithm (default: every algorithm of the registry, DPO and PRO included) and write the comparison table under the run folder."""
     algorithms = list(algorithms or ALGORITHMS)
-    base = dict(overrides or {})
+    base = pair_overrides(dict(overrides or {}), algorithms, profile, config_file)
     # Every configuration is read before any work: an unknown name or a bad setting fails at once.
     configs = [load_config(profile, config_file, algorithm_overrides(base, a)) for a in algorithms]
     cfg = configs[0]

@@ -18,7 +18,10 @@ class AlgorithmSpec:
     priority sampling). `shrinks_steps`: the step budget is int(steps x #(A > 0) / N) (the A-LoL family).
     `hyperparameters`: the `train.*` fields the loss function takes as keyword arguments.
     `compare_defaults`: values `alol compare` gives those of them that have no default of their own.
-    `needs_pairs`: the algorithm reads preference pairs (`pair_id`, `preference`).
+    `needs_pairs`: the algorithm trains on preference pairs (the data's `pair_id` / `preference`, or pairs built
+    with pi_ref's responses: reference.pairs); a drawn row is a pair, drawn uniformly, and `weight_column` is unused.
+    `reference_margin`: the loss differentiates through L_theta - L_ref (DPO), comparing pi_theta with pi_ref's
+    cached fp32 log-probs like the clipped weights do.
     """
 
     name: str
@@ -28,11 +31,18 @@ class AlgorithmSpec:
     hyperparameters: tuple[str, ...] = ()
     compare_defaults: dict[str, float] = field(default_factory=dict)
     needs_pairs: bool = False
+    reference_margin: bool = False
 
     @property
     def clipped(self) -> bool:
         """Whether its importance weight is clipped to [1 - clip_epsilon, 1 + clip_epsilon]."""
         return "clip_epsilon" in self.hyperparameters
+
+    @property
+    def takes_ratio(self) -> bool:
+        """Whether the loss reads a ratio of pi_theta to pi_ref's cached fp32 log-probs (a clipped weight or DPO's
+        margin): such losses refuse mixed precision."""
+        return self.clipped or self.reference_margin
 
 
 ALGORITHM_REGISTRY: dict[str, AlgorithmSpec] = {
@@ -51,6 +61,10 @@ ALGORITHM_REGISTRY: dict[str, AlgorithmSpec] = {
                       "weight_advantage", shrinks_steps=True, hyperparameters=("clip_epsilon",)),
         AlgorithmSpec("a_lol_kl", "A-LoL KL: positive advantage plus a KL penalty to pi_ref", "weight_advantage",
                       shrinks_steps=True, hyperparameters=("kl_beta",), compare_defaults={"kl_beta": 0.1}),
+        AlgorithmSpec("dpo", "DPO: -log sigmoid(beta x pi_theta's log-ratio to pi_ref, chosen minus rejected)",
+                      "weight_uniform", hyperparameters=("dpo_beta",), needs_pairs=True, reference_margin=True),
+        AlgorithmSpec("pro", "PRO: list-wise softmax ranking of length-normalised log-probs plus SFT on the best response",
+                      "weight_uniform", hyperparameters=("pro_sft_weight",), needs_pairs=True),
     )
 }
 

@@ -12,7 +12,8 @@ from pydantic import Field, ValidationError, model_validator
 from schemas.advantage import AdvantageConfig
 from schemas.base import Section, UserInputError
 from schemas.evaluate import EvaluateConfig
-from schemas.ingest import DataConfig
+from schemas.algorithms import ALGORITHM_REGISTRY
+from schemas.ingest import PAIRLESS_FORMATS, DataConfig
 from schemas.reference import ReferenceConfig, ValueConfig, check_value_heads
 from schemas.score import ScoreConfig
 from schemas.train import TrainConfig
@@ -62,6 +63,25 @@ class AlolConfig(Section):
     @model_validator(mode="after")
     def _value_heads_divide_hidden_size(self) -> AlolConfig:
         check_value_heads(self.reference, self.value)
+        return self
+
+    def pairs_missing(self) -> bool:
+        """True when the reference stage will give the pair algorithms no pairs: reference.pairs none, or
+        `data` on data known to have none (chatterbot, a pair-less data.format)."""
+        pairless = self.data.source == "chatterbot" or self.data.format in PAIRLESS_FORMATS
+        return self.reference.pairs == "none" or (self.reference.pairs == "data" and pairless)
+
+    @model_validator(mode="after")
+    def _pair_algorithms_have_pairs(self) -> AlolConfig:
+        """DPO and PRO need pairs: refused when pairs_missing (the train stage checks the cases only the data
+        can tell)."""
+        if ALGORITHM_REGISTRY[self.train.algorithm].needs_pairs and self.pairs_missing():
+            raise ValueError(
+                f"train.algorithm {self.train.algorithm} trains on preference pairs, but reference.pairs is "
+                f"{self.reference.pairs}" + (" and the data has none" if self.reference.pairs == "data" else "")
+                + ": set reference.pairs: built (pi_ref's own responses, ranked by reward) or auto (built only "
+                "when the data has no pairs)"
+            )
         return self
 
 

@@ -11,6 +11,8 @@ from schemas.base import Section, column
 from schemas.manifest import StageMetrics
 
 SPLITS = ("train", "validation", "test")
+PAIRLESS_FORMATS = ("prompt_response", "messages")
+"""Row formats without preference pairs (the chatterbot source is one of them)."""
 
 
 class ColumnMapping(Section):

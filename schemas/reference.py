@@ -15,6 +15,9 @@ from schemas.score import component_columns
 from schemas.ingest import MESSAGE_TYPE
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
+PairsSetting = Literal["auto", "data", "built", "none"]
+PAIR_SOURCES = ("data", "built", "none")
+"""What `reference.pairs` resolved to for a run (ReferenceMetrics.pairs): the data's pairs, built ones, or none."""
 KNOWN_HIDDEN_SIZES = {SMOLLM2_NAME: 576}
 
 
@@ -36,6 +39,16 @@ class ReferenceConfig(Section):
     sft_batch_size: int = Field(8, gt=0, description="Rows per SFT step.")
     generate_max_new_tokens: int = Field(48, gt=0, description="Greedy decoding length for value targets.")
     generate_batch_size: int = Field(16, gt=0, description="Prompts per greedy decoding batch.")
+    pairs: PairsSetting = Field(
+        "data",
+        description="Preference pairs for the pair algorithms (DPO, PRO). `data` (default): the data's "
+        "chosen/rejected pairs (`pair_id`, `preference`), none on pair-less data; `built`: each training response "
+        "trained on paired with pi_ref's greedy response to the same prompt (table `pi_ref_responses`, "
+        "generate_max_new_tokens tokens), the higher reward chosen, ties dropped; `auto`: `data` when the "
+        "training split has pairs, else `built`; `none`: no pairs. `built` and `auto` on pair-less data decode "
+        "every distinct training prompt once, whatever train.algorithm is (this stage does not read train.*); "
+        "`alol compare` sets `built` for all its algorithms when it runs DPO or PRO on pair-less data.",
+    )
 
     @model_validator(mode="after")
     def _budget_fits_a_row(self) -> ReferenceConfig:
@@ -121,6 +134,27 @@ def value_targets_schema(component_names: list[str]) -> pa.Schema:
     )
 
 
+def pi_ref_responses_schema(component_names: list[str]) -> pa.Schema:
+    """One row per training row trained on when reference.pairs resolves to `built` (empty otherwise): pi_ref's
+    greedy response to that row's prompt (decoded once per distinct prompt), its reward columns, and its
+    reference log-probs and token hash as in the `reference` table. `row_id` is the ingest row it is paired with."""
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("row_id", pa.string()),
+            ("prompt_id", pa.string()),
+            ("response", pa.string()),
+            *[(name, pa.float64()) for name in component_names],
+            ("reward", pa.float64()),
+            ("ref_logprob", pa.float64()),
+            ("ref_token_logprobs", pa.list_(pa.float32())),
+            ("response_tokens", pa.int32()),
+            ("response_truncated", pa.bool_()),
+            ("token_hash", pa.string()),
+        ]
+    )
+
+
 class ReferenceMetrics(StageMetrics):
     """pi_ref, its value head fit and its log-prob pass. `*_seconds` are wall-clock timings."""
 
@@ -154,6 +188,14 @@ class ReferenceMetrics(StageMetrics):
     sft_first_loss: float | None = None
     sft_last_loss: float | None = None
     sft_epoch_losses: list[float] | None = Field(None, description="Mean summed-token NLL of each SFT epoch.")
+    pairs: Literal[PAIR_SOURCES] = Field(  # type: ignore[valid-type]
+        "none", description="What reference.pairs resolved to: `data` (the data's pairs), `built` (pairs with "
+        "pi_ref's responses, table `pi_ref_responses`) or `none` (the pair algorithms are refused)."
+    )
+    pi_ref_responses: int = Field(0, description="Rows of `pi_ref_responses` (training rows paired with pi_ref's response).")
+    pi_ref_response_prompts: int = Field(0, description="Distinct training prompts pi_ref decoded for them.")
+    pi_ref_response_reward: Summary | None = Field(None, description="Reward of pi_ref's responses (None when not built).")
+    pi_ref_responses_seconds: float | None = Field(None, description="Decoding, scoring and log-probs of pi_ref's responses.")
     load_seconds: float
     sft_seconds: float | None = None
     value_targets_seconds: float

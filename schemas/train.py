@@ -20,8 +20,12 @@ class TrainConfig(Section):
     algorithm: Algorithm = Field("a_lol", description="Loss and sampler (method.md, Losses).")
     clip_epsilon: float = Field(0.9, gt=0, le=1, description="Two-sided clip of the detached importance weight (paper HHA: 0.9).")
     kl_beta: float | None = Field(None, gt=0, description="KL weight; required by a_lol_kl only.")
+    dpo_beta: float = Field(0.1, gt=0, description="DPO's beta, the scale of the log-ratio margin (paper: 0.1); dpo only.")
+    pro_sft_weight: float = Field(
+        0.05, ge=0, description="Weight of PRO's SFT term, the per-token NLL of the best response (paper: 0.05); pro only."
+    )
     steps: int = Field(64, gt=0, description="Optimiser steps before the A-LoL positive-fraction shrink.")
-    batch_size: int = Field(4, gt=0, description="Rows per micro-batch.")
+    batch_size: int = Field(4, gt=0, description="Rows per micro-batch (pairs, of two responses each, for dpo and pro).")
     grad_accumulation: int = Field(
         2, gt=0, description="Micro-batches per optimiser step, shared out over the processes (a multiple of their "
         "number); batch_size x grad_accumulation rows per update (paper: 8 x 2).",
@@ -57,9 +61,16 @@ class TrainConfig(Section):
             raise ValueError(f"train.warmup_steps ({self.warmup_steps}) must be below train.steps ({self.steps})")
         if self.lora_rank is None and self.lora_alpha is not None:
             raise ValueError("train.lora_alpha is set but train.lora_rank is not; set lora_rank to train with LoRA")
-        if ALGORITHM_REGISTRY[self.algorithm].clipped and self.mixed_precision != "no":
+        spec = ALGORITHM_REGISTRY[self.algorithm]
+        if spec.reference_margin and self.lora_rank is not None and self.lora_dropout > 0:
             raise ValueError(
-                f"train.algorithm {self.algorithm} weights rows by a ratio to pi_ref's log-probs, which are cached "
+                f"train.algorithm {self.algorithm} compares log pi_theta with pi_ref's dropout-free cached log-probs: "
+                f"set train.lora_dropout: 0 (got {self.lora_dropout})"
+            )
+        if spec.takes_ratio and self.mixed_precision != "no":
+            raise ValueError(
+                f"train.algorithm {self.algorithm} {'weights rows' if spec.clipped else 'scores pairs'} by a ratio to "
+                "pi_ref's log-probs, which are cached "
                 f"in fp32: set train.mixed_precision: no (got {self.mixed_precision})"
             )
         return self
@@ -86,6 +97,20 @@ losses; `tokens` counts prompt and response tokens of the step; `validation_rewa
 reward of greedy decodes of the validation prompts, null when not measured at that step.
 No wall-clock column: the table is part of the content hash, so it must be the same whenever the
 same cache key is computed (again, or resumed after a crash); timings are in TrainMetrics."""
+
+
+PAIRS_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("chosen_id", pa.string()),
+        ("rejected_id", pa.string()),
+        ("chosen_reward", pa.float64()),
+        ("rejected_reward", pa.float64()),
+    ]
+)
+"""The pair algorithms' training pairs (dpo, pro), one row per pair drawable: the chosen and rejected response
+ids (an ingest row id, or a `pi_ref_responses` id of the reference stage for built pairs) and their rewards.
+Only written by the pair algorithms."""
 
 
 class TrainMetrics(StageMetrics):
@@ -118,3 +143,9 @@ class TrainMetrics(StageMetrics):
     tokens_per_s_median: float | None = Field(..., description="Median of step_tokens_per_s (None without steps).")
     final_loss: float | None
     resumed_from_step: int = Field(..., description="Step the run resumed from (0: a fresh start).")
+    pair_source: Literal["data", "built"] | None = Field(
+        None, description="Where the pair algorithms' pairs came from (reference.pairs as resolved); None for the others."
+    )
+    tied_pairs_left_out: int | None = Field(
+        None, description="Built pairs left out because both responses had the same reward (None for the others)."
+    )

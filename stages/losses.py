@@ -2,7 +2,9 @@
 
 Notation: l_t = log pi(y_t | x, y_<t) over the response tokens (EOS included), L = sum_t l_t,
 sg[.] = stop-gradient, rho = exp(L_theta - L_ref), rho_t = exp(l_t^theta - l_t^ref),
-clip_e(z) = min(max(z, 1 - e), 1 + e), A+ = max(A, 0). A loss is the batch mean of per-row terms.
+clip_e(z) = min(max(z, 1 - e), 1 + e), A+ = max(A, 0). A loss is the batch mean of per-row terms; the
+pair algorithms' (dpo, pro) is the mean over groups of rows ranked best first (LossBatch.group_size: 2 for
+a pair, rows 2k = chosen y_w and 2k + 1 = rejected y_l).
 
 pi_ref's log-probs are not computed here: they come from the reference stage's table (eval mode,
 fp32). The log-probs in an importance weight (rho, rho_t) must be taken the same way, so the train
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from schemas.algorithms import ALGORITHM_REGISTRY
@@ -37,6 +40,7 @@ class LossBatch:
     reward: Tensor  # R per row
     advantage: Tensor  # A = R - V per row
     weight_token_logprobs: Tensor | None = None  # l_t^theta of a dropout-free forward; None: token_logprobs'
+    group_size: int = 1  # consecutive rows ranked best first per prompt (2 for pairs: chosen, rejected)
 
     @property
     def logprob(self) -> Tensor:
@@ -72,6 +76,13 @@ def positive_part(advantage: Tensor) -> Tensor:
 
 def outside_clip(z: Tensor, epsilon: float) -> Tensor:
     return (z < 1.0 - epsilon) | (z > 1.0 + epsilon)
+
+
+def ranked_groups(per_row: Tensor, group_size: int) -> Tensor:
+    """Per-row values as groups x group_size, each group's rows best first (LossBatch.group_size)."""
+    if group_size < 2 or per_row.shape[0] % group_size:
+        raise ValueError(f"{per_row.shape[0]} rows do not form groups of {group_size} ranked responses")
+    return per_row.view(-1, group_size)
 
 
 def nll(b: LossBatch) -> LossOutput:
@@ -136,6 +147,24 @@ def a_lol_kl(b: LossBatch, kl_beta: float) -> LossOutput:
     return LossOutput(per_row.mean())
 
 
+def dpo(b: LossBatch, dpo_beta: float) -> LossOutput:
+    """DPO: -log sigmoid(beta * [(L_theta(y_w) - L_ref(y_w)) - (L_theta(y_l) - L_ref(y_l))]) per pair (y_w, y_l)."""
+    if b.group_size != 2:
+        raise ValueError(f"dpo trains on pairs; got groups of {b.group_size} responses")
+    log_ratio = ranked_groups(b.logprob - b.ref_logprob, 2)
+    return LossOutput(-F.logsigmoid(dpo_beta * (log_ratio[:, 0] - log_ratio[:, 1])).mean())
+
+
+def pro(b: LossBatch, pro_sft_weight: float) -> LossOutput:
+    """PRO, for a ranking y_1 > ... > y_n of one prompt's responses (a pair: n = 2):
+    sum_{k<n} -log( exp(s_k) / sum_{j>=k} exp(s_j) ) + w * (-s_1),  s = L_theta / T (length-normalised),
+    so the SFT term is the per-token NLL of the best response (the k = n term is -log 1 = 0). No pi_ref."""
+    s = ranked_groups(b.logprob / b.mask.sum(-1), b.group_size)
+    log_tail = torch.logcumsumexp(s.flip(-1), dim=-1).flip(-1)  # log sum_{j>=k} exp(s_j)
+    ranking = (log_tail - s)[:, :-1].sum(-1)
+    return LossOutput((ranking - pro_sft_weight * s[:, 0]).mean())
+
+
 LOSSES: dict[str, Callable[..., LossOutput]] = {
     "nll": nll,
     "wbc": wbc,
@@ -145,6 +174,8 @@ LOSSES: dict[str, Callable[..., LossOutput]] = {
     "a_lol_ref_free": a_lol_ref_free,
     "a_lol_seq": a_lol_seq,
     "a_lol_kl": a_lol_kl,
+    "dpo": dpo,
+    "pro": pro,
 }
 """Algorithm name -> its loss; the other facts of each algorithm are in schemas.algorithms.ALGORITHM_REGISTRY."""
 

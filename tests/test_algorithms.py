@@ -31,7 +31,8 @@ def test_each_entry_is_complete_and_consistent(algorithm):
     assert spec.weight_column in ADVANTAGE_SCHEMA.names
     assert set(spec.hyperparameters) <= set(TrainConfig.model_fields)
     assert {h for h in spec.hyperparameters if h in OPTIONAL_HYPERPARAMETERS} <= set(spec.compare_defaults)
-    cfg = load_config("smoke", overrides=algorithm_overrides({}, algorithm))
+    pairs = {"reference.pairs": "built"} if spec.needs_pairs else {}
+    cfg = load_config("smoke", overrides=algorithm_overrides(pairs, algorithm))
     assert cfg.train.algorithm == algorithm
     bound = loss_function(cfg.train)
     assert bound.func is LOSSES[algorithm]

@@ -12,7 +12,8 @@ from pipeline import compare as compare_module
 from pipeline.compare import algorithm_overrides, compare, method_row, write_comparison
 from pipeline.report_cli import print_report, text_table
 from pipeline.storage import RunStore
-from schemas.config import load_config
+from schemas.algorithms import ALGORITHMS
+from schemas.config import PROFILES, ConfigError, load_config
 from schemas.evaluate import PI_REF, PI_THETA, EvaluateMetrics
 from stages.metrics import compare_models
 from tests.support.outputs import commit_output, metrics
@@ -46,6 +47,31 @@ def test_algorithm_overrides_set_kl_beta_only_for_a_lol_kl():
         assert cfg.train.algorithm == algorithm
     with pytest.raises(ValueError, match="unknown algorithm"):
         algorithm_overrides({}, "ppo")
+
+
+def test_every_algorithm_of_the_registry_loads_on_the_shared_upstream_of_each_profile():
+    """`alol compare` runs them all, DPO and PRO included: each configuration loads (chatterbot has no pairs,
+    so the comparison builds them for every algorithm) and differs from the others in train.* only."""
+    for profile in PROFILES:
+        base = compare_module.pair_overrides({}, ALGORITHMS, profile, None)
+        assert base == {"reference.pairs": "built"}, profile  # every profile reads chatterbot
+        configs = {a: load_config(profile, overrides=algorithm_overrides(base, a)) for a in ALGORITHMS}
+        assert {"dpo", "pro"} <= set(configs)
+        upstream = {a: c.model_dump(exclude={"train"}) for a, c in configs.items()}
+        assert all(u == upstream["a_lol"] for u in upstream.values()), profile
+    assert configs["dpo"].train.dpo_beta == 0.1 and configs["pro"].train.pro_sft_weight == 0.05
+
+
+def test_pairs_are_built_only_when_a_pair_algorithm_needs_them():
+    """A plain run decodes no pairs (default `data` on chatterbot resolves to none); a comparison without DPO
+    or PRO keeps the user's upstream; a reference.pairs the user set is kept, and a pair-less one is refused."""
+    assert load_config("smoke").reference.pairs == "data"
+    assert compare_module.pair_overrides({}, ["a_lol", "nll"], "smoke", None) == {}
+    assert compare_module.pair_overrides({"reference.pairs": "auto"}, ["dpo"], "smoke", None) == {"reference.pairs": "auto"}
+    with pytest.raises(ConfigError, match="reference.pairs"):
+        load_config("smoke", overrides={"train.algorithm": "dpo"})
+    with pytest.raises(ConfigError, match="reference.pairs"):
+        load_config("smoke", overrides=algorithm_overrides({"reference.pairs": "none"}, "pro"))
 
 
 def test_comparison_table_has_pi_ref_and_one_row_per_method(tmp_path):

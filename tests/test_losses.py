@@ -4,11 +4,13 @@ Row 0 has 3 response tokens, row 1 has 2 (the third position is padding). The gr
 with respect to l_t^theta, the model's per-token log-probs.
 """
 
-from math import exp
+from dataclasses import replace
+from math import exp, log
 
 import pytest
 import torch
 
+from schemas.algorithms import ALGORITHM_REGISTRY
 from schemas.train import ALGORITHMS, TrainConfig
 from stages.losses import LOSSES, LossBatch, a_lol, loss_function, nll, nll_batch, pad_rows
 
@@ -38,6 +40,8 @@ def toy_batch(advantage=A) -> tuple[LossBatch, torch.Tensor]:
 
 def run(algorithm: str, advantage=A):
     batch, theta = toy_batch(advantage)
+    if ALGORITHM_REGISTRY[algorithm].needs_pairs:
+        batch = replace(batch, group_size=2)  # the two rows as one pair: row 0 chosen, row 1 rejected
     cfg = TrainConfig(algorithm=algorithm, clip_epsilon=EPS, kl_beta=BETA if algorithm == "a_lol_kl" else None)
     out = loss_function(cfg)(batch)
     out.loss.backward()
@@ -57,6 +61,11 @@ RHO = [exp(0.6), exp(-0.4)]
 RHO_T = [[exp(0.2), exp(-0.1), exp(0.5)], [exp(0.2), exp(-0.6)]]
 # R-GOLD weights max(exp(l_t), 0.1): row 1's exp(-3) = 0.0498 -> 0.1.
 GOLD = [[exp(-0.5), exp(-1.0), exp(-2.0)], [exp(-0.1), 0.1]]
+
+DPO_BETA = 0.1
+SIG_NEG = 1 / (1 + exp(DPO_BETA))  # sigmoid(-beta x margin): the weight of DPO's gradient
+S_W, S_L = -3.5 / 3, -3.1 / 2  # PRO's length-normalised log-probs of the chosen and rejected rows
+P_L = exp(S_L) / (exp(S_W) + exp(S_L))
 
 EXPECTED = {
     "nll": ((3.5 + 3.1) / 2, [[-0.5] * 3, [-0.5] * 2]),
@@ -85,6 +94,13 @@ EXPECTED = {
     "a_lol_kl": (
         (0.5 * 3.5 + BETA * (-3.5 + 4.1) + 0.25 * 3.1 + BETA * (-3.1 + 2.7)) / 2,
         [[(-0.5 + BETA) / 2] * 3, [(-0.25 + BETA) / 2] * 2],
+    ),
+    # One pair; margin (L_theta - L_ref)(y_w) - (L_theta - L_ref)(y_l) = 0.6 - (-0.4) = 1, beta 0.1 (the default).
+    "dpo": (log(1 + exp(-DPO_BETA)), [[-DPO_BETA * SIG_NEG] * 3, [DPO_BETA * SIG_NEG] * 2]),
+    # s = (-3.5 / 3, -3.1 / 2); ranking term log(e^s_w + e^s_l) - s_w, SFT term -0.05 s_w.
+    "pro": (
+        log(exp(S_W) + exp(S_L)) - S_W - 0.05 * S_W,
+        [[(-P_L - 0.05) / 3] * 3, [P_L / 2] * 2],
     ),
 }
 
@@ -146,8 +162,6 @@ def test_nll_batch_gives_the_summed_token_nll_of_unpadded_rows():
 @pytest.mark.parametrize("algorithm", ["r_lol", "a_lol", "a_lol_seq"])
 def test_ratio_reads_the_dropout_free_log_probs_and_the_gradient_the_training_ones(algorithm):
     """With weight_token_logprobs = L_REF every weight is 1; the gradient is that of the unweighted loss."""
-    from dataclasses import replace
-
     batch, theta = toy_batch()
     batch = replace(batch, weight_token_logprobs=batch.ref_token_logprobs.clone())
     cfg = TrainConfig(algorithm=algorithm, clip_epsilon=EPS)
@@ -157,3 +171,20 @@ def test_ratio_reads_the_dropout_free_log_probs_and_the_gradient_the_training_on
     scale = R if algorithm == "r_lol" else A
     expected = [-scale[0] / 2] * 3 + [-scale[1] / 2] * 2  # d/dl_t of mean_i s_i * (-L_i), weights 1
     assert theta.grad[0].tolist() + theta.grad[1, :2].tolist() == pytest.approx(expected)
+
+
+def test_pro_is_list_wise_over_a_ranking_of_three():
+    """Rows y_1 > y_2 > y_3 of one prompt: -log softmax(s)_1 - log softmax(s_2, s_3)_2 - w s_1, s = L / T."""
+    theta = torch.tensor([[-1.0, -2.0], [-0.5, -0.5], [-3.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    zeros = torch.zeros(3, dtype=torch.float64)
+    batch = LossBatch(token_logprobs=theta * mask, ref_token_logprobs=theta.detach() * 0, mask=mask,
+                      ref_logprob=zeros, reward=zeros, advantage=zeros, group_size=3)
+    s = [-1.5, -0.5, -2.0]
+    expected = (log(sum(exp(v) for v in s)) - s[0]) + (log(exp(s[1]) + exp(s[2])) - s[1]) - 0.05 * s[0]
+    out = loss_function(TrainConfig(algorithm="pro"))(batch)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="groups of 2"):
+        loss_function(TrainConfig(algorithm="pro"))(replace(batch, group_size=2))
+    with pytest.raises(ValueError, match="dpo trains on pairs"):
+        loss_function(TrainConfig(algorithm="dpo"))(batch)

@@ -10,6 +10,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from pipeline.runner import STAGES, execute_stage
+from schemas.algorithms import ALGORITHM_REGISTRY
 from schemas.config import ConfigError, load_config
 from schemas.train import ALGORITHMS, TRAIN_LOG_SCHEMA, TrainConfig
 from stages import train
@@ -112,7 +113,7 @@ def test_one_batch_of_8_equals_8_batches_of_1_with_accumulation(tiny, algorithm)
     model, tokenizer = load_causal_lm(tiny[1]), load_tokenizer(tiny[1])
     model.train()
     cfg = load_config("smoke", overrides={"reference.max_prompt_tokens": 24, "reference.max_response_tokens": 8,
-                                          "train.algorithm": algorithm, "train.clip_epsilon": 0.2,
+                                          "train.algorithm": algorithm, "train.clip_epsilon": 0.2, "reference.pairs": "built",
                                           "train.kl_beta": 0.3 if algorithm == "a_lol_kl" else None})
     rows = _rows(tokenizer, model)
     loss_fn = loss_function(cfg.train)
@@ -124,8 +125,11 @@ def test_one_batch_of_8_equals_8_batches_of_1_with_accumulation(tiny, algorithm)
         sums = backward_micro_batches(accelerator, model, policy, batches, loss_fn)
         return {n: p.grad.clone() for n, p in model.named_parameters()}, sums
 
-    whole, whole_sums = gradient([encode_micro_batch(rows, tokenizer, cfg)])
-    split, split_sums = gradient([encode_micro_batch([row], tokenizer, cfg) for row in rows])
+    group = 2 if ALGORITHM_REGISTRY[algorithm].needs_pairs else 1  # dpo, pro: 4 pairs as 1 batch or 4 batches
+    whole, whole_sums = gradient([encode_micro_batch(rows, tokenizer, cfg, group)])
+    split, split_sums = gradient(
+        [encode_micro_batch(rows[k : k + group], tokenizer, cfg, group) for k in range(0, len(rows), group)]
+    )
     assert any(g.abs().sum() > 0 for g in whole.values())
     for name in whole:  # float32 round-off only: differences below 1e-5 of each gradient's largest entry
         scale = whole[name].abs().max().item()

@@ -1,4 +1,4 @@
-"""Train stage: pi_theta, initialised from pi_ref, trained on the offline rows with one of the eight
+"""Train stage: pi_theta, initialised from pi_ref, trained on the offline rows with one of the ten
 losses of ../shared/method.md (stages.losses).
 
 One optimiser step (stages.train.step): draw batch_size x grad_accumulation rows with replacement
@@ -11,7 +11,9 @@ dropout-free no-grad forward, like pi_ref's cached log-probs, and those losses r
 precision), backward of loss / (micro-batches of this process); the gradients are averaged over
 the processes, so the step's gradient is the mean over all micro-batches whatever the number of
 processes; then gradient-norm clip, AdamW, schedule (stages.train.policy).
-The A-LoL family's step budget is int(steps x #(A > 0) / N) (stages.train.rows).
+The A-LoL family's step budget is int(steps x #(A > 0) / N) (stages.train.rows). DPO and PRO draw
+preference pairs uniformly (stages.train.pairs: the data's, or built with pi_ref's responses) and write
+them as the table `pairs`.
 
 Validation (stages.train.validation) every `eval_every` steps and at the last: greedy decoding of
 the validation prompts, scored by the score stage's components. pi_ref's validation reward is the
@@ -48,7 +50,7 @@ from tqdm import tqdm
 
 from schemas.config import AlolConfig
 from schemas.manifest import StageResult
-from schemas.train import TRAIN_LOG_SCHEMA, TrainMetrics
+from schemas.train import PAIRS_SCHEMA, TRAIN_LOG_SCHEMA, TrainMetrics
 from stages import fs
 from stages.catalog import POLICY_FOLDER, load_scorer
 from stages.faults import failpoint
@@ -56,6 +58,7 @@ from stages.io import StageReader, StageWriter
 from stages.models.store import save_model_folder
 from stages.train.policy import resolve_mixed_precision
 from stages.train.resume import RESUME_FOLDER, Progress, ResumeFolder, load_trainable, resume_key
+from stages.train.pairs import pair_table
 from stages.train.step import Trainer
 from stages.train.validation import Validation, load_validation, should_validate
 
@@ -126,6 +129,8 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
             log.warning("no checkpoint beat pi_ref on validation (best %.4f vs pi_ref %.4f): keeping pi_ref",
                         progress.best_reward, validation.reference_reward)
         out.write_table("train_log", pa.Table.from_pylist(progress.log, schema=TRAIN_LOG_SCHEMA))
+        if trainer.rows.pair_source is not None:
+            out.write_table("pairs", pair_table(trainer.rows.table), PAIRS_SCHEMA)
     accelerator.wait_for_everyone()
     if main_process:
         resume.remove()
@@ -170,4 +175,6 @@ def _metrics(
         tokens_per_s_median=float(np.median(speeds)) if speeds else None,
         final_loss=progress.log[-1]["loss"] if progress.log else None,
         resumed_from_step=resumed_from,
+        pair_source=rows.pair_source,
+        tied_pairs_left_out=rows.tied_pairs_left_out if rows.pair_source else None,
     )

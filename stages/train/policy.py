@@ -36,6 +36,15 @@ def build_policy(path: Path, train: TrainConfig, seed: int) -> Any:
     return model
 
 
+def build_optimizer(model: Any, train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters with torch's fused kernel: one pass per tensor instead of the default
+    foreach implementation's model-sized temporaries (SmolLM2-135M on CPU: a step about 3x faster, peak
+    memory about 200 MB lower; bench/dpo.py)."""
+    return torch.optim.AdamW(
+        trainable_parameters(model).values(), lr=train.learning_rate, weight_decay=train.weight_decay, fused=True
+    )
+
+
 def trainable_parameters(model: Any) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 

@@ -41,15 +41,23 @@ FROM {advantage} WHERE split = 'train'
 
 @dataclass
 class TrainRows:
-    """The rows the sampler can draw (sampling weight > 0), ordered by id, and the counts of the step budget."""
+    """The rows the sampler can draw (sampling weight > 0), ordered by id, and the counts of the step budget.
+
+    For the pair algorithms (stages.train.pairs) the sampler draws groups: `weight` has one entry per pair and
+    `table` holds `group_size` (2) consecutive rows per pair, chosen first."""
 
     table: pa.Table
     weight: np.ndarray
     train_rows: int
     positive_rows: int
+    group_size: int = 1
+    pair_source: str | None = None  # reference.pairs as resolved: `data` or `built` (pair algorithms only)
+    tied_pairs_left_out: int = 0
 
     def take(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        return self.table.take(pa.array(indices, type=pa.int64())).to_pylist()
+        """The rows of the drawn indices (of their groups, in order, for the pair algorithms)."""
+        rows = [i * self.group_size + k for i in indices for k in range(self.group_size)]
+        return self.table.take(pa.array(rows, type=pa.int64())).to_pylist()
 
 
 def load_train_rows(algorithm: str, inputs: dict[str, StageReader]) -> TrainRows:

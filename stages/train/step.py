@@ -6,7 +6,9 @@ response tokens; l_t^ref and L_ref come from the reference table, so pi_ref is n
 losses with an importance weight (rho, rho_t: registry entries with a clip) compare pi_theta with
 pi_ref's cached log-probs, which were taken in eval mode and fp32: when pi_theta has active dropout,
 a second, no-grad eval-mode forward of the micro-batch gives the weight's log-probs (without
-dropout there is no second forward), and they refuse mixed precision at stage start. Each
+dropout there is no second forward), and they (and DPO, whose margin is a log-ratio to pi_ref) refuse
+mixed precision at stage start. For the pair algorithms a drawn "row" is a pair (stages.train.pairs): its
+two responses go into the micro-batch side by side, chosen first (LossBatch.group_size 2). Each
 process backpropagates loss / (its micro-batches); the gradients are averaged over the processes at
 the last micro-batch, so the step's gradient is the mean over all micro-batches whatever the number
 of processes. Then gradient-norm clip, AdamW and the schedule (stages.train.policy).
@@ -30,7 +32,8 @@ from stages.models.store import load_tokenizer
 from stages.models.tokenize import encode_pair, token_digest
 from stages.sampler import PrioritySampler
 from stages.train.errors import TrainError
-from stages.train.policy import build_policy, learning_rate_factor, trainable_parameters
+from stages.train.pairs import load_pairs
+from stages.train.policy import build_optimizer, build_policy, learning_rate_factor, trainable_parameters
 from stages.train.rows import load_train_rows, step_budget
 from stages.train.validation import Validation, validation_reward
 
@@ -45,13 +48,14 @@ class MicroBatch:
     ref_logprob: torch.Tensor
     reward: torch.Tensor
     advantage: torch.Tensor
+    group_size: int = 1  # rows per ranked group (2 for pairs: chosen, rejected); LossBatch.group_size
 
     @property
     def tokens(self) -> int:
         return sum(len(p) + len(r) for p, r in zip(self.prompt_ids, self.response_ids))
 
 
-def encode_micro_batch(rows: list[dict[str, Any]], tokenizer: Any, cfg: AlolConfig) -> MicroBatch:
+def encode_micro_batch(rows: list[dict[str, Any]], tokenizer: Any, cfg: AlolConfig, group_size: int = 1) -> MicroBatch:
     """Tokenise as the reference stage did (stages.models.tokenize.encode_pair): the prompt and response ids
     must hash to the reference table's `token_hash`, else pi_ref's cached log-probs are of other tokens."""
     prompt_ids, response_ids = [], []
@@ -75,6 +79,7 @@ def encode_micro_batch(rows: list[dict[str, Any]], tokenizer: Any, cfg: AlolConf
         ref_logprob=torch.tensor([row["ref_logprob"] for row in rows], dtype=torch.float32),
         reward=torch.tensor([row["reward"] for row in rows], dtype=torch.float32),
         advantage=torch.tensor([row["advantage"] for row in rows], dtype=torch.float32),
+        group_size=group_size,
     )
 
 
@@ -133,6 +138,7 @@ def micro_batch_loss(policy: Any, batch: MicroBatch, loss_fn: Any, weight_forwar
             reward=batch.reward.to(device),
             advantage=batch.advantage.to(device),
             weight_token_logprobs=weight_token_logprobs,
+            group_size=batch.group_size,
         )
     )
 
@@ -218,24 +224,23 @@ class Trainer:
                 f"processes ({accelerator.num_processes}): each process runs an equal share of the micro-batches"
             )
         self.micro_batches = train.grad_accumulation // accelerator.num_processes
-        takes_ratio = ALGORITHM_REGISTRY[train.algorithm].clipped
-        if takes_ratio and accelerator.mixed_precision != "no":
-            without = ", ".join(s.name for s in ALGORITHM_REGISTRY.values() if not s.clipped)
+        spec = ALGORITHM_REGISTRY[train.algorithm]
+        if spec.takes_ratio and accelerator.mixed_precision != "no":
+            without = ", ".join(s.name for s in ALGORITHM_REGISTRY.values() if not s.takes_ratio)
             raise TrainError(
-                f"train.algorithm {train.algorithm} weights rows by a ratio of pi_theta to pi_ref, whose log-probs "
+                f"train.algorithm {train.algorithm} {'weights rows' if spec.clipped else 'scores pairs'} by a ratio of "
+                "pi_theta to pi_ref, whose log-probs "
                 f"the reference stage cached in fp32; under train.mixed_precision {accelerator.mixed_precision} the "
                 "ratio would compare two precisions. Set train.mixed_precision: no for this algorithm "
                 f"({without} take no ratio and may use mixed precision)"
             )
-        self.rows = load_train_rows(train.algorithm, inputs)
+        self.rows = (load_pairs if spec.needs_pairs else load_train_rows)(train.algorithm, inputs)
         self.sampler = PrioritySampler(self.rows.weight, seed=cfg.run.seed)
         self.total_steps = step_budget(train, self.rows.positive_rows, self.rows.train_rows)
         path = reference_model_path(cfg, inputs["reference"])
         self.tokenizer = load_tokenizer(path)
         self.model = build_policy(path, train, cfg.run.seed)
-        optimizer = torch.optim.AdamW(
-            trainable_parameters(self.model).values(), lr=train.learning_rate, weight_decay=train.weight_decay
-        )
+        optimizer = build_optimizer(self.model, train)
         # Stepped here once per optimiser step (accelerate's prepared scheduler would step once per process).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: learning_rate_factor(s, train, self.total_steps)
@@ -243,7 +248,13 @@ class Trainer:
         self.prepared, self.optimizer = accelerator.prepare(self.model, optimizer)
         self.policy = PolicyForward(self.prepared, accelerator.unwrap_model(self.prepared))
         self.loss_fn = loss_function(train)
-        self.weight_forward = takes_ratio and has_active_dropout(self.model)
+        self.weight_forward = spec.clipped and has_active_dropout(self.model)
+        if spec.reference_margin and has_active_dropout(self.model):
+            raise TrainError(
+                f"train.algorithm {train.algorithm} differentiates log pi_theta - log pi_ref, and pi_ref's log-probs were "
+                f"cached without dropout, but pi_theta ({path}) has active dropout: the margin would not start at 0. "
+                "Use a model whose config sets no dropout (or train.lora_dropout: 0 with LoRA)"
+            )
 
     def step(self, step: int) -> dict[str, Any]:
         """One optimiser step on batch_size x grad_accumulation drawn rows; its train_log row.
@@ -255,7 +266,7 @@ class Trainer:
         mine = range(acc.process_index * self.micro_batches, (acc.process_index + 1) * self.micro_batches)
         batches = [
             encode_micro_batch(self.rows.take(drawn[k * train.batch_size : (k + 1) * train.batch_size]),
-                               self.tokenizer, self.cfg)
+                               self.tokenizer, self.cfg, self.rows.group_size)
             for k in mine
         ]
         sums = backward_micro_batches(
