@@ -46,10 +46,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)  # read once; a config error stops here, before Prefect starts
     preflight.check(cfg, stages=args.stages, refresh=args.refresh)  # so do missing inputs, models, folders
 
-    from pipeline.flow import run_alol
+    from pipeline.cached_run import all_cached
 
-    console.filter_terminal_handlers()  # Prefect's own, added when it is imported
-    outputs = run_alol(cfg, stages=args.stages, refresh=args.refresh)
+    outputs = all_cached(cfg, stages=args.stages, refresh=args.refresh)  # a warm rerun needs no Prefect
+    if outputs is None:
+        from pipeline.flow import run_alol
+
+        console.filter_terminal_handlers()  # Prefect's own, added when it is imported
+        outputs = run_alol(cfg, stages=args.stages, refresh=args.refresh)
     print(_status_table(cfg.run.root, cfg.run.name, only=list(outputs)))
     return 0
 
