@@ -43,13 +43,13 @@ def _store(args: argparse.Namespace, cfg: AlolConfig | None = None):
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline import preflight
 
-    cfg = _config(args)  # read once; a config error stops here, before Prefect starts
-    preflight.check(cfg, stages=args.stages, refresh=args.refresh)  # so do missing inputs, models, folders
-
     from pipeline.cached_run import all_cached
 
-    outputs = all_cached(cfg, stages=args.stages, refresh=args.refresh)  # a warm rerun needs no Prefect
+    cfg = _config(args)  # read once; a config error stops here, before Prefect starts
+    # A warm rerun (every stage cached) needs no Prefect, and no data source or model: only writable folders.
+    outputs = all_cached(cfg, stages=args.stages, refresh=args.refresh, before_recording=preflight.check_writable)
     if outputs is None:
+        preflight.check(cfg, stages=args.stages, refresh=args.refresh)  # so do missing inputs, models, folders
         from pipeline.flow import run_alol
 
         console.filter_terminal_handlers()  # Prefect's own, added when it is imported

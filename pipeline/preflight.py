@@ -54,6 +54,14 @@ def check(cfg: AlolConfig, stages: list[str] | None = None, refresh: list[str] |
         raise PreflightError(problems)
 
 
+def check_writable(cfg: AlolConfig, stages: list[str] | None = None) -> None:
+    """Raise PreflightError when the run's folders cannot be written (all a fully cached rerun needs)."""
+    selected = [s for s in STAGE_NAMES if s in set(stages or STAGE_NAMES)]
+    problems = _unwritable(RunStore.of(cfg), selected)
+    if problems:
+        raise PreflightError(problems)
+
+
 def _looks_like_a_path(name: str) -> bool:
     """A name that can only mean a local path: hub ids are `name` or `owner/name`."""
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name

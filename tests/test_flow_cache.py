@@ -242,6 +242,11 @@ def test_a_warm_rerun_is_recorded_without_prefect_only_when_every_stage_is_cache
     assert _states(tmp_path) == {"ingest": True, "score": True}
     assert all_cached(cfg, stages=["score"]) is not None  # a single stage on run.json's ingest
 
+    refused = []
+    all_cached(cfg, stages=["score"], before_recording=lambda c, s: refused.append(s))
+    assert refused == [["score"]], "the CLI's writability check runs before run.json is written"
+
     part = next(Path(score.path, "score").glob("*.parquet"))
     part.write_bytes(b"damaged")
     assert all_cached(cfg, stages=["ingest", "score"]) is None
+    assert all_cached(cfg, stages=["evaluate"]) is None  # no recorded upstream: the flow's error, not ours
