@@ -2,10 +2,12 @@
 
 Each measurement runs in a fresh subprocess so its peak RSS is its own. The baseline, measured in
 the same run, is the obvious in-memory version: read both tables into Arrow, `Table.join`, compute
-the columns with pyarrow.compute and write one Parquet file.
+the columns with pyarrow.compute and write one Parquet file. `--rounds` repeats every run, the kinds
+interleaved (baseline, stage, baseline, stage, ...), and prints medians, so a burst of other load
+hits both sides alike. Target: the stage at 10M rows within 5 s wall on 2 idle cores.
 
-    .venv/bin/python bench/advantage.py            # 1M and 10M rows
-    .venv/bin/python bench/advantage.py --rows 1000000
+    .venv/bin/python bench/advantage.py            # 1M and 10M rows, 3 rounds
+    .venv/bin/python bench/advantage.py --rows 1000000 --rounds 5
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -113,6 +116,7 @@ def measure(kind: str, folder: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every run (medians printed)")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -121,19 +125,24 @@ def main() -> None:
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (wall seconds suffer from other load; CPU seconds less)")
     print(f"{'rows':>11} {'run':>22} {'wall s':>7} {'CPU s':>6} {'peak RSS MB':>12} {'wall / pyarrow':>15} {'RSS / pyarrow':>14}")
     for rows in args.rows:
+        kinds = {"pyarrow in memory": "pyarrow", "stage (limit 2GB)": "stage-2GB"}
+        if rows >= 10_000_000:
+            kinds["stage (limit 512MB)"] = "stage-512MB"
+        samples: dict[str, list[dict[str, float]]] = {name: [] for name in kinds}
         with tempfile.TemporaryDirectory(prefix="alol-bench-advantage-") as tmp:
             generate(Path(tmp), rows)
-            baseline = measure("pyarrow", Path(tmp))
-            runs = {"pyarrow in memory": baseline, "stage (limit 2GB)": measure("stage-2GB", Path(tmp))}
-            if rows >= 10_000_000:
-                runs["stage (limit 512MB)"] = measure("stage-512MB", Path(tmp))
+            for _ in range(args.rounds):
+                for name, kind in kinds.items():
+                    samples[name].append(measure(kind, Path(tmp)))
+        runs = {name: {key: statistics.median(m[key] for m in ms) for key in ms[0]} for name, ms in samples.items()}
+        baseline = runs["pyarrow in memory"]
         for name, m in runs.items():
             print(
                 f"{rows:>11,} {name:>22} {m['seconds']:>7.2f} {m['cpu_seconds']:>6.2f} {m['peak_rss_mb']:>12.0f} "
                 f"{m['seconds'] / baseline['seconds']:>15.2f} {m['peak_rss_mb'] / baseline['peak_rss_mb']:>14.2f}",
                 flush=True,
             )
-
+    print(f"load average at end: {os.getloadavg()[0]:.2f} (medians of {args.rounds} interleaved rounds)")
 
 if __name__ == "__main__":
     main()

@@ -66,6 +66,20 @@ def check(cfg: AlolConfig, stages: list[str] | None = None, refresh: list[str] |
         raise PreflightError(problems)
 
 
+def check_writable(cfg: AlolConfig, stages: list[str] | None = None, force: bool = False) -> None:
+    """What a fully cached rerun needs (it reads no data source and loads no model): the store answers, the
+    run's folders can be written, and (unless `force`) the run's record is not replaced by other data."""
+    selected = [s for s in STAGE_NAMES if s in set(stages or STAGE_NAMES)]
+    store = RunStore.of(cfg)
+    problems = _store_problems(cfg)
+    if not problems:
+        problems = _unwritable(store, selected)
+        if "ingest" in selected and not force:
+            problems += _another_source(cfg, store)
+    if problems:
+        raise PreflightError(problems)
+
+
 SOURCE_FIELDS = ("source", "path", "dataset_config")
 """The data.* settings that say which data a run is of (others, e.g. max_rows_per_split, only select from it)."""
 

@@ -2,6 +2,7 @@
 
 import math
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -164,3 +165,28 @@ def test_recomputed_output_has_the_same_bytes(tmp_path):
 
     written = pq.read_table(tmp_path / "a0.parquet").column("id").to_pylist()
     assert written == sorted(ids)
+
+
+def test_narrow_sort_writes_the_bytes_of_the_one_step_query(tmp_path):
+    """ADVANTAGE_SQL sorts only the input columns and derives the rest afterwards: the file must be byte for
+    byte the one the plain formulation (derive every column, then ORDER BY id) writes, NaN and nulls included."""
+    rng = np.random.default_rng(3)
+    n = 5000
+    ids = [f"{i:032x}" for i in rng.permutation(10 * n)[:n]]
+    reward = list(rng.uniform(-0.5, 2.0, n))
+    reward[7] = math.nan
+    reference = reference_table(ids, ["train" if i % 5 else "validation" for i in range(n)], list(rng.uniform(0, 1.5, n)))
+    score = score_table(ids[: n - 3], reward[: n - 3])  # three training rows without a score row: null reward
+    plain = """
+        SELECT r.id::VARCHAR AS id, r.split::VARCHAR AS split, s.reward::DOUBLE AS reward, r.value::DOUBLE AS value,
+               (s.reward - r.value)::DOUBLE AS advantage, (s.reward - r.value > 0) AS positive,
+               greatest(s.reward - r.value, 0)::DOUBLE AS weight_advantage, greatest(s.reward, 0)::DOUBLE AS weight_reward,
+               1.0::DOUBLE AS weight_uniform
+        FROM reference AS r LEFT JOIN score AS s USING (id)
+        WHERE r.split = 'train' AND r.preference IS DISTINCT FROM 'rejected' ORDER BY id"""
+    con = duckdb.connect(config={"threads": 2})
+    con.register("reference", reference)
+    con.register("score", score)
+    advantage.write_advantage(con, "score", "reference", tmp_path / "narrow.parquet")
+    con.execute(f"COPY ({plain}) TO '{tmp_path / 'plain.parquet'}' (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1)")
+    assert (tmp_path / "narrow.parquet").read_bytes() == (tmp_path / "plain.parquet").read_bytes()

@@ -214,3 +214,39 @@ def test_record_splits_computing_from_waiting(tmp_path):
     entry = store.state()["stages"]["score"]
     assert entry["computing_seconds"] == pytest.approx(manifest.seconds, abs=1e-3)
     assert entry["waiting_seconds"] == pytest.approx(2.0, abs=1e-3)
+
+
+def test_a_warm_rerun_is_recorded_without_prefect_only_when_every_stage_is_cached(tmp_path, fake_stages):
+    """pipeline.cached_run: every selected stage intact under its key -> recorded as cached, nothing computed;
+    a stage that would compute, a damaged output or a refresh -> None and run.json untouched (the flow runs)."""
+    from pipeline.cached_run import all_cached
+
+    cfg = load_config("smoke", overrides={"run.root": str(tmp_path / "runs"), "run.name": "t"})
+    store = RunStore.of(cfg)
+    assert all_cached(cfg, stages=["ingest", "score"]) is None  # nothing computed yet
+    ingest, _ = runner.execute_stage(cfg, "ingest", {})
+    score, _ = runner.execute_stage(cfg, "score", {"ingest": ingest})
+    for output in (ingest, score):
+        store.record(output, cached=False, seconds=1.0)
+    before = store.state_path.read_text()
+
+    changed = load_config("smoke", overrides={"run.root": str(tmp_path / "runs"), "run.name": "t",
+                                              "score.components": [{"name": "safety", "kind": "toxicity", "weight": 2.0}]})
+    assert all_cached(changed, stages=["ingest", "score"]) is None
+    assert all_cached(cfg, stages=["ingest", "score"], refresh=["score"]) is None
+    assert store.state_path.read_text() == before
+
+    outputs = all_cached(cfg, stages=["ingest", "score"])
+    assert fake_stages == ["ingest", "score"], "the warm rerun computed something"
+    assert {s: o.content_hash for s, o in outputs.items()} == {"ingest": ingest.content_hash, "score": score.content_hash}
+    assert _states(tmp_path) == {"ingest": True, "score": True}
+    assert all_cached(cfg, stages=["score"]) is not None  # a single stage on run.json's ingest
+
+    refused = []
+    all_cached(cfg, stages=["score"], before_recording=lambda c, s: refused.append(s))
+    assert refused == [["score"]], "the CLI's writability check runs before run.json is written"
+
+    part = next(Path(score.path, "score").glob("*.parquet"))
+    part.write_bytes(b"damaged")
+    assert all_cached(cfg, stages=["ingest", "score"]) is None
+    assert all_cached(cfg, stages=["evaluate"]) is None  # no recorded upstream: the flow's error, not ours

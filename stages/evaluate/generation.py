@@ -111,7 +111,7 @@ def generate_responses(model_path: Path, prompts: Sequence[Prompt], settings: di
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path).to(_device())
     log.info("generating %d responses with %s", len(prompts), model_path)
-    return generate(model, tokenizer, list(prompts), **settings)
+    return generate(model, tokenizer, list(prompts), **settings, progress=log)
 
 
 class Generations:

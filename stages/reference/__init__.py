@@ -75,6 +75,7 @@ def _value_targets(
     responses = generate(
         model, tokenizer, prompts, max_prompt_tokens=ref.max_prompt_tokens,
         max_new_tokens=ref.generate_max_new_tokens, batch_size=ref.generate_batch_size, seed=cfg.run.seed,
+        progress=log,
     )
     scores = scorer.score(prompts, responses, ids=keys)
     return keys, prompts, responses, scores, scorer.component_names, scorer.r_max

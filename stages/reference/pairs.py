@@ -11,6 +11,7 @@ the train stage ranks each dataset response against it by reward.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from stages.models.tokenize import encode_response, response_truncated, token_di
 from stages.reference.logprobs import reference_logprobs
 from stages.reference.rows import EncodedRows
 
+log = logging.getLogger("alol.reference")
 
 
 def pairs_mode(setting: str, rows: EncodedRows) -> str:
@@ -73,6 +75,7 @@ def write_pi_ref_responses(
     texts = generate(
         model, tokenizer, prompts, max_prompt_tokens=ref.max_prompt_tokens,
         max_new_tokens=ref.generate_max_new_tokens, batch_size=ref.generate_batch_size, seed=cfg.run.seed,
+        progress=log,
     )
     scores = scorer.score(prompts, texts, ids=keys)
     first_row = {}
