@@ -11,7 +11,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from schemas.advantage import AdvantageConfig
 from schemas.base import Section, UserInputError
-from schemas.evaluate import EvaluateConfig
+from schemas.evaluate import EvaluateConfig, check_judges
 from schemas.ingest import DataConfig
 from schemas.reference import ReferenceConfig, ValueConfig, check_value_heads
 from schemas.score import ScoreConfig
@@ -46,6 +46,7 @@ class AlolConfig(Section):
     @model_validator(mode="after")
     def _value_heads_divide_hidden_size(self) -> AlolConfig:
         check_value_heads(self.reference, self.value)
+        check_judges(self.evaluate.judges, self.score)
         return self
 
 

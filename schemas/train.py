@@ -42,6 +42,15 @@ class TrainConfig(Section):
         None, gt=0, description="Save the resume state (model, optimiser, scheduler, sampler, RNG) every this many steps; at every validation when unset."
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="accelerate mixed precision, where the device supports it.")
+    seed: int | None = Field(
+        None, description="Seed of the train stage (row sampling, LoRA init, dropout, validation decoding); run.seed "
+        "when unset. Only train and evaluate change with it, so `alol compare --seeds K` (train.seed = run.seed + "
+        "0..K-1) trains K seeds over one cached upstream.",
+    )
+
+    def seed_or(self, run_seed: int) -> int:
+        """The train stage's seed: train.seed, else `run_seed` (run.seed)."""
+        return run_seed if self.seed is None else self.seed
 
     @model_validator(mode="after")
     def _combinations(self) -> TrainConfig:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from schemas.evaluate import EvaluateMetrics
-from stages.metrics import compare_models
+from stages.metrics import compare_models, length_controlled_difference
 from stages.report import (
     advantage_statistics,
     markdown_table,
@@ -26,11 +26,15 @@ def metrics() -> EvaluateMetrics:
     policy = {"safety": np.clip(reference["safety"] + 0.05, 0, 1), "tfidf": reference["tfidf"] + 0.1}
     for scores in (reference, policy):
         scores["reward"] = scores["safety"] + scores["tfidf"]
+    reference["fluency"], policy["fluency"] = rng.uniform(-4, -2, 30), rng.uniform(-5, -3, 30)
+    controlled, slope = length_controlled_difference(policy["reward"], [3] * 30, reference["reward"], [2] * 30, 200, 0)
     return EvaluateMetrics(
         **compare_models(["a b c"] * 30, policy, ["a a"] * 30, reference, samples=200, seed=0),
+        length_controlled={"difference": controlled.as_dict(), "slope_per_word": slope},
         algorithm="a_lol",
         prompts=30,
         components=["safety", "tfidf"],
+        judges=["fluency"],
         bootstrap_samples=200,
         policy_is_reference=False,
         generation={"do_sample": False, "max_new_tokens": 16},

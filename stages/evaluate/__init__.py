@@ -5,6 +5,7 @@
   (`<run.cache_dir>/generations`), so that a second algorithm over the same upstream generates only
   with its own policy; the policy's generations are pi_ref's when the train stage kept no checkpoint.
 - `table`: the `eval` table, both models' responses scored by the score stage's components.
+- `judges`: the scores no training reward uses (evaluate.judges), columns of `eval` beside `reward`.
 - `harmlessness`: optionally, both models on Do-Not-Answer prompts scored by the safety component.
 - `outputs`: the report, its plots and the metrics files.
 
@@ -22,17 +23,18 @@ import logging
 from typing import Any
 
 from schemas.config import AlolConfig
-from schemas.evaluate import EvaluateMetrics, TrainSummary, eval_schema
+from schemas.evaluate import POLICY, REFERENCE, EvaluateMetrics, TrainSummary, eval_schema
 from schemas.manifest import StageResult
 from stages.catalog import load_scorer
 from stages.evaluate.generation import Generations, generation_settings
 from stages.evaluate.harmlessness import harmlessness
+from stages.evaluate.judges import Judges
 from stages.evaluate.outputs import write_report
 from stages.evaluate.prompts import test_prompts
 from stages.evaluate.table import eval_table, score_both
 from stages.faults import failpoint
 from stages.io import StageReader, StageWriter
-from stages.metrics import compare_models
+from stages.metrics import compare_models, length_controlled_difference, words
 from stages.report import advantage_statistics
 
 log = logging.getLogger("alol.evaluate")
@@ -63,33 +65,43 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     generations = Generations(cfg, inputs)
     reference = generations.reference(ids, prompts)
     failpoint("evaluate.reference_generations")
-    responses = {"reference": reference, "policy": generations.policy(prompts, reference)}
+    responses = {REFERENCE: reference, POLICY: generations.policy(prompts, reference)}
     scores = score_both(scorer, ids, prompts, responses, generations.policy_is_reference)
-    schema = eval_schema(scorer.component_names)
+    judges = Judges(cfg)
+    scores[REFERENCE].update(judges.score(ids, prompts, responses[REFERENCE]))  # the policy's too when it is pi_ref
+    if not generations.policy_is_reference:
+        scores[POLICY].update(judges.score(ids, prompts, responses[POLICY]))
+    schema = eval_schema(scorer.component_names, judges.names)
     table = eval_table(ids, prompts, responses, scores, schema)
     out.write_table("eval", table, schema)
 
     samples, seed = cfg.evaluate.bootstrap_samples, cfg.run.seed
+    lengths = {m: [len(words(r)) for r in responses[m]] for m in (POLICY, REFERENCE)}
+    controlled, slope = length_controlled_difference(
+        scores[POLICY]["reward"], lengths[POLICY], scores[REFERENCE]["reward"], lengths[REFERENCE], samples, seed
+    )
     fields: dict[str, Any] = {
         "algorithm": inputs["train"].metrics.algorithm,
         "prompts": len(ids),
         "components": list(scorer.component_names),
+        "judges": judges.names,
         "bootstrap_samples": samples,
         "policy_is_reference": generations.policy_is_reference,
-        **compare_models(responses["policy"], scores["policy"], responses["reference"], scores["reference"], samples, seed),
+        **compare_models(responses[POLICY], scores[POLICY], responses[REFERENCE], scores[REFERENCE], samples, seed),
+        "length_controlled": {"difference": controlled.as_dict(), "slope_per_word": slope},
         "train": _train_summary(inputs["train"]).model_dump(),
         "generation": generation_settings(cfg),
     }
     rows_in, rows_out = len(ids), table.num_rows
     if cfg.evaluate.harmlessness_prompts > 0:
-        fields["harmlessness"] = harmlessness(cfg, generations, scorer, out, schema)
+        fields["harmlessness"] = harmlessness(cfg, generations, scorer, out, eval_schema(scorer.component_names))
         rows_in += fields["harmlessness"]["prompts"]
         rows_out += 2 * fields["harmlessness"]["prompts"]
     advantage_values = inputs["advantage"].read("advantage", columns=["advantage"])["advantage"].to_numpy()
     fields["advantage"] = advantage_statistics(advantage_values)
     fields["reference_generations_cached"] = generations.reference_cache_hits
     metrics = EvaluateMetrics.model_validate(fields)
-    rewards = {m: scores[m]["reward"] for m in ("policy", "reference")}
+    rewards = {m: scores[m]["reward"] for m in (POLICY, REFERENCE)}
     write_report(out, inputs, metrics, _config(cfg, inputs), rewards, advantage_values)
     difference = metrics.difference["reward"]
     log.info(

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from schemas.evaluate import MODELS, POLICY, REFERENCE
+
 from stages.evaluate.prompts import Prompt
 from stages.metrics import words
 from stages.rewards.scorer import Scorer
@@ -17,9 +19,9 @@ def score_both(
     scorer: Scorer, ids: Sequence[str], prompts: Sequence[Prompt], responses: dict[str, list[str]], same: bool
 ) -> dict[str, dict[str, np.ndarray]]:
     """Score pi_ref's responses, and the policy's unless they are the same responses."""
-    reference = scorer.score(list(prompts), responses["reference"], ids=list(ids))
-    policy = reference if same else scorer.score(list(prompts), responses["policy"], ids=list(ids))
-    return {"reference": reference, "policy": policy}
+    reference = scorer.score(list(prompts), responses[REFERENCE], ids=list(ids))
+    policy = reference if same else scorer.score(list(prompts), responses[POLICY], ids=list(ids))
+    return {REFERENCE: reference, POLICY: policy}
 
 
 def eval_table(
@@ -28,7 +30,7 @@ def eval_table(
 ) -> pa.Table:
     """Rows of every (model, prompt): response, its reward columns and its length in words."""
     columns: dict[str, list[Any]] = {name: [] for name in schema.names}
-    for model in ("policy", "reference"):
+    for model in MODELS:
         columns["id"] += list(ids)
         columns["prompt"] += list(prompts)
         columns["model"] += [model] * len(ids)

@@ -228,11 +228,11 @@ class Trainer:
                 f"({without} take no ratio and may use mixed precision)"
             )
         self.rows = load_train_rows(train.algorithm, inputs)
-        self.sampler = PrioritySampler(self.rows.weight, seed=cfg.run.seed)
+        self.sampler = PrioritySampler(self.rows.weight, seed=train.seed_or(cfg.run.seed))
         self.total_steps = step_budget(train, self.rows.positive_rows, self.rows.train_rows)
         path = reference_model_path(cfg, inputs["reference"])
         self.tokenizer = load_tokenizer(path)
-        self.model = build_policy(path, train, cfg.run.seed)
+        self.model = build_policy(path, train, train.seed_or(cfg.run.seed))
         optimizer = torch.optim.AdamW(
             trainable_parameters(self.model).values(), lr=train.learning_rate, weight_decay=train.weight_decay
         )
