@@ -134,7 +134,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from pipeline.report_cli import compare_main
 
     console.filter_terminal_handlers()  # Prefect's own, added when it is imported
-    return compare_main(args.profile, args.config, _overrides(args), args.algorithms)
+    return compare_main(args.profile, args.config, _overrides(args), args.algorithms, args.seeds, args.value_ablation)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -184,7 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", help="train and evaluate several algorithms over one cached upstream")
     _config_options(compare)
-    compare.add_argument("--algorithms", nargs="+", help="algorithms to compare (default: all eight)")
+    compare.add_argument("--algorithms", nargs="+", help="algorithms to compare (default: the whole registry)")
+    compare.add_argument(
+        "--seeds", type=int, default=1, metavar="K",
+        help="train and evaluate each algorithm with K seeds (train.seed = seed + 0..K-1) over one cached upstream",
+    )
+    compare.add_argument(
+        "--value-ablation", action="store_true",
+        help="also run each A-LoL variant with advantage.value=constant (V = mean reward: the value head's ablation)",
+    )
     compare.set_defaults(func=cmd_compare)
 
     up = sub.add_parser("up", help="start a local Prefect server, work pools, deployments (prefect.yaml) and workers")
