@@ -214,8 +214,7 @@ def compare(
     rows = [reference_row(reference, metrics, samples, seed)]
     rows += [method_row(runs, reference, samples, seed) for runs in methods.values()]
     folder = Path(cfg.run.root).resolve() / cfg.run.name / "compare"
-    split = getattr(metrics, "split", "test")
-    title = f"alol compare: run {cfg.run.name}, {metrics.prompts} {split} prompts, {seeds} seed{'s' if seeds > 1 else ''}"
+    title = f"alol compare: run {cfg.run.name}, {metrics.prompts} {metrics.split} prompts, {seeds} seed{'s' if seeds > 1 else ''}"
     note = (
         f"Means over seeds and prompts; 95% intervals from a bootstrap over prompts and seeds ({samples} resamples). "
         "Length-controlled Δ: the intercept of the per-prompt reward difference regressed on the length difference "

@@ -42,7 +42,7 @@ def print_report(run_name: str | None, cfg: AlolConfig) -> str:
     name = run_name or RunStore.latest_name(cfg.run.root) or cfg.run.name
     metrics, reader = load_metrics(RunStore(cfg.run.root, name))
     lines = [
-        f"run {name}: algorithm {metrics.algorithm}, {metrics.prompts} test prompts",
+        f"run {name}: algorithm {metrics.algorithm}, {metrics.prompts} {metrics.split} prompts",
         "",
         text_table(summary_rows(metrics)),
         "",

@@ -47,6 +47,8 @@ class AlolConfig(Section):
     def _value_heads_divide_hidden_size(self) -> AlolConfig:
         check_value_heads(self.reference, self.value)
         check_judges(self.evaluate.judges, self.score)
+        if self.evaluate.split == "final" and self.data.final_fraction == 0:
+            raise ValueError("evaluate.split: final needs a final split: set data.final_fraction > 0 (the default and quality profiles do)")
         return self
 
 

@@ -86,6 +86,12 @@ def check_judges(judges: Sequence[JudgeConfig], score: ScoreConfig) -> None:
 class EvaluateConfig(Section):
     """Generate on the test prompts with pi_theta and pi_ref, score both, compare."""
 
+    split: Literal["test", "final"] = Field(
+        "test",
+        description="Which ingest split to evaluate on: `test` (looked at while profiles are tuned), or the locked "
+        "`final` split (data.final_fraction > 0), read only when asked (`alol run --final`); every read of it "
+        "is counted in <run.root>/final_split_reads.json.",
+    )
     max_new_tokens: int = Field(48, gt=0, description="New tokens per generation (paper: 128).")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding (paper: greedy).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature when do_sample.")
@@ -200,7 +206,8 @@ class EvaluateMetrics(StageMetrics):
     """The evaluation of pi_theta against pi_ref on the distinct test prompts (also `metrics.json`)."""
 
     algorithm: str
-    prompts: int = Field(..., description="Distinct test prompts.")
+    split: Literal["test", "final"] = Field("test", description="The ingest split evaluated on (evaluate.split).")
+    prompts: int = Field(..., description="Distinct prompts of that split.")
     components: list[str] = Field(..., description="Reward component names, in the score stage's order.")
     judges: list[str] = Field([], description="Judge names (evaluate.judges): in `models` and `difference` beside the components.")
     bootstrap_samples: int

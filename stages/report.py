@@ -200,7 +200,7 @@ def render_report(
     generation = metrics.generation
     decoding = "sampled" if generation["do_sample"] else "greedy"
     intro = (
-        f"Algorithm `{metrics.algorithm}`, {metrics.prompts} test prompts, {decoding} decoding of at "
+        f"Algorithm `{metrics.algorithm}`, {metrics.prompts} prompts of the {metrics.split} split, {decoding} decoding of at "
         f"most {generation['max_new_tokens']} new tokens."
     )
     if metrics.policy_is_reference:

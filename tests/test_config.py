@@ -61,6 +61,13 @@ def test_nonsense_combinations_refused():
         load_config("smoke", overrides={"data.source": "file"})
 
 
+def test_the_final_split_is_read_only_when_there_is_one_and_it_is_asked_for():
+    assert load_config("default").evaluate.split == "test" and load_config("default").data.final_fraction == 0.5
+    with pytest.raises(ConfigError, match="data.final_fraction > 0"):
+        load_config("smoke", overrides={"evaluate.split": "final"})
+    assert load_config("smoke", overrides={"evaluate.split": "final", "data.final_fraction": 0.5}).evaluate.split == "final"
+
+
 def test_judges_must_be_independent_of_the_training_reward():
     cfg = load_config("default")
     assert [(j.name, j.kind) for j in cfg.evaluate.judges] == [("fluency", "fluency"), ("inoffensive", "profanity")]

@@ -60,7 +60,7 @@ def _config(cfg: AlolConfig, inputs: dict[str, StageReader]) -> dict[str, Any]:
 
 def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> StageResult:
     """Generate, score, write the `eval` table, metrics and report."""
-    ids, prompts = test_prompts(inputs["ingest"])
+    ids, prompts = test_prompts(inputs["ingest"], cfg.evaluate.split)
     scorer = load_scorer(cfg, inputs["score"])
     generations = Generations(cfg, inputs)
     reference = generations.reference(ids, prompts)
@@ -82,6 +82,7 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     )
     fields: dict[str, Any] = {
         "algorithm": inputs["train"].metrics.algorithm,
+        "split": cfg.evaluate.split,
         "prompts": len(ids),
         "components": list(scorer.component_names),
         "judges": judges.names,
