@@ -8,6 +8,8 @@ writes nothing (no folder, no record) and starts no server.
 - reference.model can be loaded when a selected stage loads it: the built-in name needs its package
   (or its converted folder in run.cache_dir), a local folder needs config.json, a hub name needs the
   local hub cache only when HF_HUB_OFFLINE is set (else it is downloaded, as before).
+- the language model of a fluency judge (evaluate.judges) can be loaded when evaluate runs: the built-in
+  Gemma-3-270M needs its packages (or its converted folder in run.cache_dir), a local folder needs config.json.
 - run.root and the run's folders can be written.
 
 Each problem is one line naming the setting or file and what to do (`PreflightError.problems`).
@@ -50,6 +52,8 @@ def check(cfg: AlolConfig, stages: list[str] | None = None, refresh: list[str] |
             problems += data_problems
     if _loads_reference_model(selected, upstream):
         problems += _unavailable_model(cfg)
+    if "evaluate" in selected:
+        problems += _unavailable_judge_models(cfg)
     if problems:
         raise PreflightError(problems)
 
@@ -181,6 +185,26 @@ def _unavailable_model(cfg: AlolConfig) -> list[str]:
     if folder.exists() or _looks_like_a_path(name):
         return [f"reference.model {folder}: no such folder; give a transformers model folder, a hub name or {SMOLLM2_NAME!r}"]
     return _not_in_offline_hub_cache(name, Path(cfg.run.cache_dir) / "hub")
+
+
+def _unavailable_judge_models(cfg: AlolConfig) -> list[str]:
+    from stages.models import store
+
+    problems = []
+    for judge in cfg.evaluate.judges:
+        if judge.kind != "fluency":
+            continue
+        name = judge.options.model
+        if name == store.GEMMA3:
+            if (Path(cfg.run.cache_dir).resolve() / "models" / store.GEMMA3).is_dir():
+                continue
+            try:
+                store.gemma3_gguf_module()
+            except store.ModelNotFoundError as exc:
+                problems.append(f"evaluate.judges {judge.name!r}: {exc} (or remove the judge: --set evaluate.judges=[])")
+        elif not (Path(name).expanduser() / "config.json").is_file():
+            problems.append(f"evaluate.judges {judge.name!r}: {name} is not a model folder with a config.json")
+    return problems
 
 
 def _not_in_offline_hub_cache(name: str, hub_dir: Path) -> list[str]:
