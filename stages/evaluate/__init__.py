@@ -1,17 +1,20 @@
 """Evaluate stage: generate on the test prompts with pi_theta and pi_ref, score both, compare, report.
 
-- `prompts`: the distinct test prompts of ingest, and Do-Not-Answer questions.
+- `prompts`: the distinct prompts of ingest's test split (or, with evaluate.split: final, of the locked
+  final split), and Do-Not-Answer questions.
 - `generation`: the generation settings and pi_ref's generations through a cache shared across runs
   (`<run.cache_dir>/generations`), so that a second algorithm over the same upstream generates only
   with its own policy; the policy's generations are pi_ref's when the train stage kept no checkpoint.
 - `table`: the `eval` table, both models' responses scored by the score stage's components.
 - `judges`: the scores no training reward uses (evaluate.judges), columns of `eval` beside `reward`.
-- `harmlessness`: optionally, both models on Do-Not-Answer prompts scored by the safety component.
+- `harmlessness`: optionally, both models on Do-Not-Answer prompts scored by the safety component
+  (`eval_harmlessness` has no judge columns).
 - `outputs`: the report, its plots and the metrics files.
 
 Outputs: the `eval` table (schemas.evaluate.eval_schema), optionally `eval_harmlessness`,
 `metrics.json` (schemas.evaluate.EvaluateMetrics), `metrics_table.json` (the summary rows, for a
-table artifact), `report.md` and `plots/*.png`. They are a function of the inputs' files, the config
+table artifact), `report.md` and `plots/*.png`. The metrics add to each component's numbers those of
+every judge, and the length-controlled reward difference (stages.metrics.length_controlled_difference). They are a function of the inputs' files, the config
 and the code: no timing (the train stage's are in its own metrics) and nothing about the shared
 cache (whether pi_ref's generations came from it is in the manifest only), so recomputing train
 to the same content hash leaves this stage's cache key, and output, as they were.
