@@ -40,11 +40,17 @@ def training_plot(train: StageReader, path: Path) -> Path | None:
     )
 
 
+VALUE_FIT_KEYS = (
+    "value_chosen_epoch", "value_train_mse", "value_holdout_mse", "value_mean_baseline_train_mse",
+    "value_mean_baseline_holdout_mse", "value_train_rows", "value_holdout_rows", "value_holdout_mse_by_epoch",
+)
+"""The reference stage's metrics of the value head fit that the report shows (no timing: the report is hashed)."""
+
+
 def value_head_fit(inputs: dict[str, StageReader]) -> dict[str, Any]:
     """The value head's fit from the reference stage's metrics, and where the advantage stage took V from."""
     reference = inputs["reference"].metrics.model_dump()
-    fit = {key: value for key, value in reference.items() if key.startswith("value_") and key != "value_targets_seconds"}
-    return {**fit, "advantage_value": inputs["advantage"].metrics.value_source}
+    return {**{key: reference[key] for key in VALUE_FIT_KEYS}, "advantage_value": inputs["advantage"].metrics.value_source}
 
 
 def write_report(
