@@ -205,7 +205,8 @@ def compare(
         outputs = run_alol(run_cfg, stages=COMPARE_STAGES)
         evaluate = StageReader(outputs["evaluate"].path)
         train_seconds = StageReader(outputs["train"].path).metrics.train_seconds
-        ids = add_run(methods.setdefault(method, MethodRuns(method, algorithm)), evaluate, train_seconds, ids)
+        runs = methods.setdefault(method, MethodRuns(method, algorithm, run_cfg.advantage.value))
+        ids = add_run(runs, evaluate, train_seconds, ids)
         first = first or evaluate
     metrics = first.metrics
     samples, seed = cfg.evaluate.bootstrap_samples, cfg.run.seed

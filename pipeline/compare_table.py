@@ -9,7 +9,8 @@ methods. With one seed it is the paired bootstrap over prompts.
 
 Paired differences between methods: each method of the A-LoL family (the registry's algorithms that
 sample by the advantage, `weight_advantage`) minus every method of the comparison outside it (nll,
-wbc, ... and the preference baselines when they are in the registry and the run).
+wbc, ... and the preference baselines when they are in the registry and the run), and each A-LoL
+variant minus its value-head ablation (V constant) when the comparison ran it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class MethodRuns:
 
     method: str
     algorithm: str
+    value: str = "head"
+    """advantage.value of its runs: `constant` for the value-head ablation."""
     columns: dict[str, np.ndarray] = field(default_factory=dict)
     metrics: list[EvaluateMetrics] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
@@ -128,11 +131,14 @@ def method_row(runs: MethodRuns, reference: dict[str, np.ndarray], samples: int,
 
 
 def difference_rows(methods: Sequence[MethodRuns], samples: int, seed: int) -> list[dict[str, Any]]:
-    """Each A-LoL-family method minus each method outside the family, paired by prompt."""
-    rows = []
-    for a in (m for m in methods if m.in_alol_family):
-        for b in (m for m in methods if not m.in_alol_family):
-            judges = a.metrics[0].judges
-            rows.append({"difference": f"{a.method} − {b.method}", "seeds": f"{a.seeds}/{b.seeds}",
-                         **differences(a.columns, b.columns, judges, samples, seed)})
-    return rows
+    """Each A-LoL-family method minus each method outside the family, then each A-LoL variant with the value
+    head minus the same variant with V constant (the ablation), paired by prompt."""
+    pairs = [(a, b) for a in methods if a.in_alol_family for b in methods if not b.in_alol_family]
+    pairs += [
+        (a, b) for a in methods if a.value == "head" for b in methods if b.value == "constant" and b.algorithm == a.algorithm
+    ]
+    return [
+        {"difference": f"{a.method} − {b.method}", "seeds": f"{a.seeds}/{b.seeds}",
+         **differences(a.columns, b.columns, a.metrics[0].judges, samples, seed)}
+        for a, b in pairs
+    ]

@@ -131,6 +131,20 @@ def test_compare_over_seeds_gives_means_intervals_and_paired_differences(tmp_pat
     assert records[0]["win_rate"] == "" and float(records[1]["win_rate"]) == 1.0
 
 
+def test_the_value_ablation_is_compared_with_its_variant(tmp_path, monkeypatch):
+    reference = np.linspace(0.2, 0.8, 20)
+    gains = {("a_lol", "head"): 0.1, ("a_lol", "constant"): 0.04, ("nll", "head"): 0.0}
+    outputs = {key: evaluation_output(tmp_path / f"eval-{key[0]}-{key[1]}", reference, reference + gain, np.full(20, 2), key[0])
+               for key, gain in gains.items()}
+    train = commit_output(tmp_path / "train", "train", metrics_model=metrics("train", train_seconds=1.0))
+    monkeypatch.setattr(compare_module, "run_alol", lambda cfg, stages: {
+        "evaluate": outputs[cfg.train.algorithm, cfg.advantage.value].output(), "train": train.output()})
+    result = compare(["a_lol", "nll"], profile="smoke", overrides={"run.root": str(tmp_path / "runs")}, value_ablation=True)
+    assert [r["method"] for r in result.rows] == ["pi_ref", "a_lol", "nll", "a_lol (V=mean)"]
+    found = {r["difference"]: r["reward_diff"] for r in result.differences}
+    assert found == pytest.approx({"a_lol − nll": 0.1, "a_lol (V=mean) − nll": 0.04, "a_lol − a_lol (V=mean)": 0.06})
+
+
 def test_a_method_that_kept_pi_ref_says_so(tmp_path, monkeypatch):
     reference = np.linspace(0.2, 0.8, 20)
     same = evaluation_output(tmp_path / "eval", reference, reference, np.full(20, 2), "nll", policy_is_reference=True)
