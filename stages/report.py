@@ -46,8 +46,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def interval_text(interval: Interval) -> str:
-    """`mean [low, high]` with 3 decimals."""
-    return f"{interval.mean:.3f} [{interval.low:.3f}, {interval.high:.3f}]"
+    """`mean [low, high]` with 3 decimals (a value that rounds to zero is 0.000, never -0.000)."""
+    mean, low, high = (f"{value:.3f}".replace("-0.000", "0.000") for value in (interval.mean, interval.low, interval.high))
+    return f"{mean} [{low}, {high}]"
 
 
 def summary_rows(metrics: EvaluateMetrics) -> list[dict[str, Any]]:
