@@ -193,3 +193,17 @@ def test_constant_value_ablation_subtracts_the_mean_reward_of_the_value_targets(
     assert cache_key(cfg, "advantage", {n: r.output() for n, r in inputs.items()}) != cache_key(
         AlolConfig(), "advantage", {n: r.output() for n, r in inputs.items()}
     ), "the ablation is its own advantage output"
+
+
+def test_the_train_seed_changes_the_train_key_only():
+    """`alol compare --seeds K` sets train.seed: only train's key changes (evaluate's follows through the train
+    output it reads), so the upstream stays cached."""
+    inputs = {
+        name: StageOutput(stage=name, cache_key="k" * 64, path="/x", content_hash=name * 4)
+        for name in ("ingest", "score", "reference", "advantage", "train")
+    }
+    base, seeded = AlolConfig(), AlolConfig.model_validate({"train": {"seed": 3}})
+    assert seeded.train.seed_or(seeded.run.seed) == 3 and base.train.seed_or(7) == 7
+    for stage in ("ingest", "score", "reference", "advantage", "evaluate"):
+        assert cache_key(base, stage, inputs) == cache_key(seeded, stage, inputs), stage
+    assert cache_key(base, "train", inputs) != cache_key(seeded, "train", inputs)
