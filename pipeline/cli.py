@@ -14,6 +14,12 @@ from schemas.stages import STAGE_NAMES
 
 
 
+FINAL_HELP = (
+    "evaluate on the locked final split (evaluate.split=final; needs data.final_fraction > 0); every read is "
+    "counted in <run.root>/final_split_reads.json"
+)
+
+
 def _config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=PROFILES, default="default", help="shipped profile (default: default)")
     parser.add_argument("--config", metavar="FILE", help="YAML file applied on top of the profile")
@@ -24,7 +30,10 @@ def _config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    return {".".join(path): value for path, value in map(parse_override, args.overrides)}
+    overrides = {".".join(path): value for path, value in map(parse_override, args.overrides)}
+    if getattr(args, "final", False):
+        overrides["evaluate.split"] = "final"
+    return overrides
 
 
 def _config(args: argparse.Namespace) -> AlolConfig:
@@ -70,6 +79,7 @@ def _status_table(root: str, name: str, only: list[str] | None = None) -> str:
     stages = store.state()["stages"]
     if not stages:
         return f"run {name!r} under {store.root}: no stage has run yet"
+    final_reads = len(store.final_split_reads())
     header = ("stage", "rows", "content hash", "state", "seconds", "computed by", "folder")
     lines = []
     for stage in STAGE_NAMES:
@@ -84,7 +94,8 @@ def _status_table(root: str, name: str, only: list[str] | None = None) -> str:
         lines.append((stage, rows, entry["content_hash"][:12], state, f"{entry['seconds']:.1f}", _producer(entry), folder))
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
     fmt = lambda row: "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip()  # noqa: E731
-    return "\n".join([f"run {name} ({store.dir})", fmt(header), *map(fmt, lines)])
+    footer = [f"the final split has been read {final_reads} time(s) under {store.root}"] if final_reads else []
+    return "\n".join([f"run {name} ({store.dir})", fmt(header), *map(fmt, lines), *footer])
 
 
 def _producer(entry: dict) -> str:
@@ -167,7 +178,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from pipeline.report_cli import compare_main
 
     console.filter_terminal_handlers()  # Prefect's own, added when it is imported
-    return compare_main(args.profile, args.config, _overrides(args), args.algorithms)
+    return compare_main(args.profile, args.config, _overrides(args), args.algorithms, args.seeds, args.value_ablation)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -194,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", nargs="+", choices=STAGE_NAMES, help="run only these stages on the existing upstream outputs")
     run.add_argument("--refresh", nargs="+", choices=STAGE_NAMES, default=[], help="recompute these stages even when cached")
     run.add_argument("--force", action="store_true", help="reuse a run name that holds another data source (replaces its record)")
+    run.add_argument("--final", action="store_true", help=FINAL_HELP)
     run.set_defaults(func=cmd_run)
 
     status = sub.add_parser("status", help="per stage of a run: rows, content hash, cached or fresh, seconds")
@@ -230,6 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="train and evaluate several algorithms over one cached upstream")
     _config_options(compare)
     compare.add_argument("--algorithms", nargs="+", help="algorithms to compare (default: every algorithm of the registry)")
+    compare.add_argument(
+        "--seeds", type=int, default=1, metavar="K",
+        help="train and evaluate each algorithm with K seeds (train.seed = seed + 0..K-1) over one cached upstream",
+    )
+    compare.add_argument("--final", action="store_true", help=FINAL_HELP)
+    compare.add_argument(
+        "--value-ablation", action="store_true",
+        help="also run each A-LoL variant with advantage.value=constant (V = mean reward: the value head's ablation)",
+    )
     compare.set_defaults(func=cmd_compare)
 
     up = sub.add_parser("up", help="start a local Prefect server, work pools, deployments (prefect.yaml) and workers")

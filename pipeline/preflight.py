@@ -8,6 +8,8 @@ writes nothing (no folder, no record) and starts no server.
 - reference.model can be loaded when a selected stage loads it: the built-in name needs its package
   (or its converted folder in run.cache_dir), a local folder needs config.json, a hub name needs the
   local hub cache only when HF_HUB_OFFLINE is set (else it is downloaded, as before).
+- the language model of a fluency judge (evaluate.judges) can be loaded when evaluate runs: the built-in
+  Gemma-3-270M needs its packages (or its converted folder in run.cache_dir), a local folder needs config.json.
 - run.root and the run's folders can be written; on an object store (run.root or run.cache_dir a URL),
   that the credentials, endpoint, bucket and write permission work (one probe object, removed again).
 - A run name is not silently reused for other data: when ingest runs and the run already records
@@ -62,6 +64,8 @@ def check(cfg: AlolConfig, stages: list[str] | None = None, refresh: list[str] |
             problems += _another_source(cfg, store)
     if _loads_reference_model(selected, upstream):
         problems += _unavailable_model(cfg)
+    if "evaluate" in selected:
+        problems += _unavailable_judge_models(cfg)
     if problems:
         raise PreflightError(problems)
 
@@ -262,6 +266,26 @@ def _unavailable_model(cfg: AlolConfig) -> list[str]:
     from stages.models.store import hub_folder
 
     return _not_in_offline_hub_cache(name, hub_folder(cfg.run.cache_dir))
+
+
+def _unavailable_judge_models(cfg: AlolConfig) -> list[str]:
+    from stages.models import store
+
+    problems = []
+    for judge in cfg.evaluate.judges:
+        if judge.kind != "fluency":
+            continue
+        name = judge.options.model
+        if name == store.GEMMA3:
+            if (Path(cfg.run.cache_dir).resolve() / "models" / store.GEMMA3).is_dir():
+                continue
+            try:
+                store.gemma3_gguf_module()
+            except store.ModelNotFoundError as exc:
+                problems.append(f"evaluate.judges {judge.name!r}: {exc} (or remove the judge: --set evaluate.judges=[])")
+        elif not (Path(name).expanduser() / "config.json").is_file():
+            problems.append(f"evaluate.judges {judge.name!r}: {name} is not a model folder with a config.json")
+    return problems
 
 
 def _not_in_offline_hub_cache(name: str, hub_dir: Path) -> list[str]:

@@ -42,7 +42,7 @@ def print_report(run_name: str | None, cfg: AlolConfig) -> str:
     name = run_name or RunStore.latest_name(cfg.run.root) or cfg.run.name
     metrics, reader = load_metrics(RunStore(cfg.run.root, name))
     lines = [
-        f"run {name}: algorithm {metrics.algorithm}, {metrics.prompts} test prompts",
+        f"run {name}: algorithm {metrics.algorithm}, {metrics.prompts} {metrics.split} prompts",
         "",
         text_table(summary_rows(metrics)),
         "",
@@ -61,12 +61,16 @@ def print_report(run_name: str | None, cfg: AlolConfig) -> str:
 
 
 def compare_main(
-    profile: str | None, config_file: str | None, overrides: dict[str, Any], algorithms: Sequence[str] | None
+    profile: str | None, config_file: str | None, overrides: dict[str, Any], algorithms: Sequence[str] | None,
+    seeds: int = 1, value_ablation: bool = False,
 ) -> int:
-    """`alol compare`: run the comparison, print its table and where it was written. Returns the exit code."""
-    from pipeline.compare import compare, markdown_rows
+    """`alol compare`: run the comparison, print its tables and where they were written. Returns the exit code."""
+    from pipeline.compare import compare, markdown_difference_rows, markdown_rows
 
-    result = compare(algorithms, profile, config_file, overrides)
-    print(text_table(markdown_rows(result.rows, result.components)))
+    result = compare(algorithms, profile, config_file, overrides, seeds, value_ablation)
+    print(text_table(markdown_rows(result.rows, result.components, result.judges)))
+    if result.differences:
+        print("\npaired differences between methods (95% CI over prompts and seeds)\n")
+        print(text_table(markdown_difference_rows(result.differences, result.judges)))
     print(f"\nwritten: {result.markdown_path}\n         {result.csv_path}")
     return 0

@@ -23,6 +23,9 @@ from schemas.manifest import StageOutput
 from stages import fs
 from stages.io import IntegrityError, StageReader, atomic_write_text
 
+FINAL_READS_FILE = "final_split_reads.json"
+"""Under run.root: every time a run used an evaluation of the locked final split (evaluate.split: final)."""
+
 
 class RunStore:
     """The folders of one run and its `run.json` record of which output each stage uses."""
@@ -91,6 +94,28 @@ class RunStore:
         }
         atomic_write_text(self.state_path, json.dumps(state, indent=2))
         atomic_write_text(fs.join(self.root, "LATEST"), self.name)
+        if output.stage == "evaluate" and manifest.metrics.get("split") == "final":
+            self._count_final_read(output, cached)
+
+    @property
+    def final_reads_path(self) -> fs.Location:
+        return fs.join(self.root, FINAL_READS_FILE)
+
+    def final_split_reads(self) -> list[dict[str, Any]]:
+        """Every recorded use of an evaluation of the final split under this run root, oldest first."""
+        try:
+            text = fs.read_text(self.final_reads_path)
+        except (FileNotFoundError, IsADirectoryError):
+            return []
+        return json.loads(text)["reads"]
+
+    def _count_final_read(self, output: StageOutput, cached: bool) -> None:
+        """The final split is read only when asked; each time it is (computed or cached, by any run under this
+        root) is kept, so that a result on it can say how often it was looked at."""
+        reads = self.final_split_reads()
+        reads.append({"run": self.name, "evaluate": self.portable(output).path, "cached": cached,
+                      "recorded": datetime.now(timezone.utc).isoformat()})
+        atomic_write_text(self.final_reads_path, json.dumps({"reads": reads}, indent=2))
 
     def current(self, stage: str) -> StageOutput | None:
         """The output run.json records for `stage`, with an absolute path; None when there is none."""

@@ -23,6 +23,12 @@ class AdvantageConfig(Section):
         "table, so nothing draws them and the positive fraction (the A-LoL step budget) counts chosen rows only; "
         "`all` keeps every row. Rows without a preference (prompt/response data) are always kept.",
     )
+    value: Literal["head", "constant"] = Field(
+        "head",
+        description="V(x) in A = R - V: `head` the value head's prediction (the reference table's `value`); `constant` "
+        "the ablation V = mean reward of pi_ref's value-target decodes (what a head that learnt nothing from the prompt "
+        "predicts), so A = R - mean. Changes only advantage and what follows it.",
+    )
 
 
 # The stage must not read train.* (its cache key would change with every training setting), so it
@@ -54,6 +60,7 @@ class AdvantageMetrics(StageMetrics):
         0, description="Training rows with preference `rejected` left out of the table (advantage.rows: chosen)."
     )
     positive_fraction: float
+    value_source: Literal["head", "constant"] = Field("head", description="advantage.value: where V came from.")
     reward_mean: float
     value_mean: float
     advantage_mean: float

@@ -11,7 +11,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from schemas.advantage import AdvantageConfig
 from schemas.base import Section, UserInputError
-from schemas.evaluate import EvaluateConfig
+from schemas.evaluate import EvaluateConfig, check_judges
 from schemas.algorithms import ALGORITHM_REGISTRY
 from schemas.ingest import PAIRLESS_FORMATS, DataConfig
 from schemas.reference import ReferenceConfig, ValueConfig, check_value_heads
@@ -63,6 +63,9 @@ class AlolConfig(Section):
     @model_validator(mode="after")
     def _value_heads_divide_hidden_size(self) -> AlolConfig:
         check_value_heads(self.reference, self.value)
+        check_judges(self.evaluate.judges, self.score)
+        if self.evaluate.split == "final" and self.data.final_fraction == 0:
+            raise ValueError("evaluate.split: final needs a final split: set data.final_fraction > 0 (the default and quality profiles do)")
         return self
 
     def pairs_missing(self) -> bool:

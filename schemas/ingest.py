@@ -13,6 +13,8 @@ from schemas.manifest import StageMetrics
 SPLITS = ("train", "validation", "test")
 PAIRLESS_FORMATS = ("prompt_response", "messages")
 """Row formats without preference pairs (the chatterbot source is one of them)."""
+FINAL = "final"
+"""The locked final test split (data.final_fraction > 0): evaluate reads it only when asked (evaluate.split)."""
 
 
 class ColumnMapping(Section):
@@ -68,13 +70,23 @@ class DataConfig(Section):
     )
     columns: ColumnMapping = Field(default_factory=ColumnMapping, description="Source column names.")
     split_fractions: SplitFractions = Field(default_factory=SplitFractions, description="Used when the source has no splits.")
-    max_rows_per_split: PositiveInt | dict[Literal["train", "validation", "test"], PositiveInt] | None = Field(
+    final_fraction: float = Field(
+        0.0, ge=0, lt=1,
+        description="Share of the test prompts locked away as the `final` split, chosen by a hash of the prompt "
+        "independent of the split hash (train and validation rows are unchanged). Evaluate reads it only with "
+        "evaluate.split: final (`alol run --final`); profiles are tuned on validation and test. 0: no final split.",
+    )
+    max_rows_per_split: PositiveInt | dict[Literal["train", "validation", "test", "final"], PositiveInt] | None = Field(
         None,
         description="Keep at most this many rows per split (one number for every split, or per split as "
         "{train: 400, validation: 64}; splits not named are not capped), the first by id order; a preference pair "
         "is ordered by its pair_id and kept or cut whole. For small runs. The rest go to `ingest_rejected` as "
         "`over_max_rows_per_split`.",
     )
+
+    def splits(self) -> tuple[str, ...]:
+        """The splits ingest writes: train, validation, test, and final when data.final_fraction > 0."""
+        return (*SPLITS, FINAL) if self.final_fraction > 0 else SPLITS
 
     def split_cap(self, split: str) -> int | None:
         """The row cap of one split, or None."""

@@ -140,17 +140,17 @@ def pi_ref_responses_schema(component_names: list[str]) -> pa.Schema:
     reference log-probs and token hash as in the `reference` table. `row_id` is the ingest row it is paired with."""
     return pa.schema(
         [
-            ("id", pa.string()),
-            ("row_id", pa.string()),
-            ("prompt_id", pa.string()),
-            ("response", pa.string()),
-            *[(name, pa.float64()) for name in component_names],
-            ("reward", pa.float64()),
-            ("ref_logprob", pa.float64()),
-            ("ref_token_logprobs", pa.list_(pa.float32())),
-            ("response_tokens", pa.int32()),
-            ("response_truncated", pa.bool_()),
-            ("token_hash", pa.string()),
+            column("id", pa.string(), "The response's id: its row_id with the pi_ref suffix (a `rejected_id` of table `pairs`)."),
+            column("row_id", pa.string(), "The ingest training row whose response it is paired with."),
+            column("prompt_id", pa.string(), "stages.catalog.prompt_key of the prompt (one decode per distinct prompt)."),
+            column("response", pa.string(), "pi_ref's greedy response (reference.generate_max_new_tokens)."),
+            *component_columns(component_names, "pi_ref's response"),
+            column("reward", pa.float64(), "R: the components' weighted sum, which ranks it against the row's response."),
+            column("ref_logprob", pa.float64(), "L_ref of the response under pi_ref, EOS included (as in `reference`)."),
+            column("ref_token_logprobs", pa.list_(pa.float32()), "The per-token l_t of pi_ref, in response order."),
+            column("response_tokens", pa.int32(), "T: response tokens, EOS included unless the response was cut."),
+            column("response_truncated", pa.bool_(), "The response was cut to reference.max_response_tokens."),
+            column("token_hash", pa.string(), "Digest of the prompt and response token ids (stages.models.tokenize.token_digest)."),
         ]
     )
 

@@ -17,9 +17,9 @@ from schemas.advantage import ADVANTAGE_SCHEMA
 from schemas.base import column, column_description
 from schemas.evaluate import eval_schema
 from schemas.ingest import INGEST_SCHEMA, REJECTED_SCHEMA
-from schemas.reference import REFERENCE_SCHEMA, value_targets_schema
+from schemas.reference import REFERENCE_SCHEMA, pi_ref_responses_schema, value_targets_schema
 from schemas.score import score_schema
-from schemas.train import TRAIN_LOG_SCHEMA
+from schemas.train import PAIRS_SCHEMA, TRAIN_LOG_SCHEMA
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,13 @@ TABLES: dict[str, TableDoc] = {
         "reference", "one distinct validation prompt: pi_ref's greedy response, its reward, the fitted V(x)",
         lambda c: value_targets_schema(list(c)),
     ),
+    "pi_ref_responses": TableDoc(
+        "reference", "pi_ref's greedy response to one training row's prompt (reference.pairs built; empty otherwise)",
+        lambda c: pi_ref_responses_schema(list(c)),
+    ),
     "advantage": TableDoc("advantage", "one training row trained on: A = R - V and the sampling weights", lambda c: ADVANTAGE_SCHEMA),
     "train_log": TableDoc("train", "one optimiser step", lambda c: TRAIN_LOG_SCHEMA),
+    "pairs": TableDoc("train", "one preference pair a pair algorithm (DPO, PRO) drew from (only their runs)", lambda c: PAIRS_SCHEMA),
     "eval": TableDoc("evaluate", "one (test prompt, model) pair: the generation and its reward", lambda c: eval_schema(c)),
     "eval_harmlessness": TableDoc(
         "evaluate", "one (Do-Not-Answer prompt, model) pair (evaluate.harmlessness_prompts > 0)", lambda c: eval_schema(c)

@@ -46,6 +46,15 @@ class TrainConfig(Section):
         None, gt=0, description="Save the resume state (model, optimiser, scheduler, sampler, RNG) every this many steps; at every validation when unset."
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="accelerate mixed precision, where the device supports it.")
+    seed: int | None = Field(
+        None, description="Seed of the train stage (row sampling, LoRA init, dropout, validation decoding); run.seed "
+        "when unset. Only train and evaluate change with it, so `alol compare --seeds K` (train.seed = run.seed + "
+        "0..K-1) trains K seeds over one cached upstream.",
+    )
+
+    def seed_or(self, run_seed: int) -> int:
+        """The train stage's seed: train.seed, else `run_seed` (run.seed)."""
+        return run_seed if self.seed is None else self.seed
 
     @model_validator(mode="after")
     def _combinations(self) -> TrainConfig:
@@ -101,11 +110,11 @@ same cache key is computed (again, or resumed after a crash); timings are in Tra
 
 PAIRS_SCHEMA = pa.schema(
     [
-        ("pair_id", pa.string()),
-        ("chosen_id", pa.string()),
-        ("rejected_id", pa.string()),
-        ("chosen_reward", pa.float64()),
-        ("rejected_reward", pa.float64()),
+        column("pair_id", pa.string(), "The pair: the data's pair_id, or the training row's id for a built pair."),
+        column("chosen_id", pa.string(), "The preferred response: an ingest row id, or a `pi_ref_responses` id."),
+        column("rejected_id", pa.string(), "The other response: an ingest row id, or a `pi_ref_responses` id."),
+        column("chosen_reward", pa.float64(), "R of the chosen response."),
+        column("rejected_reward", pa.float64(), "R of the rejected response."),
     ]
 )
 """The pair algorithms' training pairs (dpo, pro), one row per pair drawable: the chosen and rejected response

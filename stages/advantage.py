@@ -3,6 +3,8 @@ trained on (all of them, except the rejected responses of preference pairs unles
 `all`: the reference table carries each row's ingest `preference`),
 
     A = R(x, y) - V(x),   positive = A > 0,
+    (V(x) is the value head's, or with advantage.value `constant` the mean reward of pi_ref's
+    value-target decodes for every row: the ablation A = R - mean)
     weight_advantage = A+ = max(A, 0)   (A-LoL family: rows with A <= 0 are never drawn)
     weight_reward    = max(R, 0)        (wBC, R-GOLD, R-LoL: sampled in proportion to R, nothing filtered)
     weight_uniform   = 1                (NLL)
@@ -43,7 +45,7 @@ SELECT
 FROM (
     -- Only the four input columns go through the sort; the derived ones are computed on the sorted rows
     -- (the same values and bytes, a narrower sort: about 15% less CPU on 10M rows).
-    SELECT r.id, r.split, s.reward, r.value
+    SELECT r.id, r.split, s.reward, {value} AS value
     FROM {reference} AS r
     LEFT JOIN (SELECT id, reward FROM {score}) AS s USING (id)
     WHERE r.split = 'train' AND ({all_rows} OR r.preference IS DISTINCT FROM 'rejected')
@@ -91,11 +93,16 @@ def connect(cfg: AlolConfig, temp_dir: str) -> duckdb.DuckDBPyConnection:
 
 
 def write_advantage(
-    con: duckdb.DuckDBPyConnection, score_table: str, reference_table: str, target: Path, rows: str = "chosen"
+    con: duckdb.DuckDBPyConnection, score_table: str, reference_table: str, target: Path, rows: str = "chosen",
+    constant_value: float | None = None,
 ) -> None:
     """Stream `ADVANTAGE_SQL` over the two table expressions (`StageReader.sql_table`) into one Parquet
-    file and check it has exactly ADVANTAGE_SCHEMA. `rows`: advantage.rows (`chosen` leaves rejected responses out)."""
-    query = ADVANTAGE_SQL.format(reference=reference_table, score=score_table, all_rows=str(rows == "all").upper())
+    file and check it has exactly ADVANTAGE_SCHEMA. `rows`: advantage.rows (`chosen` leaves rejected responses out).
+    `constant_value`: V for every row instead of the reference table's `value` (advantage.value: constant)."""
+    value = "r.value" if constant_value is None else f"{float(constant_value)!r}"
+    query = ADVANTAGE_SQL.format(
+        reference=reference_table, score=score_table, all_rows=str(rows == "all").upper(), value=value
+    )
     con.execute(f"COPY ({query}) TO {sql_literal(str(target))} (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1)")
     written = pq.read_schema(target)
     # DuckDB marks columns it knows to be non-null as required; names and types are what readers rely on.
@@ -103,8 +110,17 @@ def write_advantage(
         raise AdvantageError(f"{target}: DuckDB wrote schema {written}, expected {ADVANTAGE_SCHEMA}")
 
 
+def constant_value(reference: StageReader) -> float:
+    """The ablation's V: the mean reward of pi_ref's greedy decodes of the validation prompts (the value targets)."""
+    mean = reference.metrics.value_target_reward.mean
+    if mean is None:
+        raise AdvantageError(f"{reference.dir}: the reference stage has no value targets; advantage.value: constant needs them")
+    return float(mean)
+
+
 def advantage_metrics(
-    con: duckdb.DuckDBPyConnection, advantage_glob: str, sources: dict[str, str], rejected_rows_left_out: int = 0
+    con: duckdb.DuckDBPyConnection, advantage_glob: str, sources: dict[str, str], rejected_rows_left_out: int = 0,
+    value_source: str = "head",
 ) -> AdvantageMetrics:
     """Positive fraction, advantage quantiles and means of the training rows trained on; refuses rows without R or V."""
     query = METRICS_SQL.format(advantage=sql_literal(advantage_glob), quantiles=list(QUANTILES))
@@ -135,6 +151,7 @@ def advantage_metrics(
         positive_rows=stats["positive_rows"],
         rejected_rows_left_out=rejected_rows_left_out,
         positive_fraction=stats["positive_rows"] / stats["rows"],
+        value_source=value_source,
         reward_mean=stats["reward_mean"],
         value_mean=stats["value_mean"],
         advantage_mean=stats["advantage_mean"],
@@ -153,11 +170,12 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     with tempfile.TemporaryDirectory(prefix="alol-advantage-") as spill:
         con = connect(cfg, spill)
         try:
-            write_advantage(con, score.sql_table("score"), reference.sql_table("reference"), target, rows)
+            constant = constant_value(reference) if cfg.advantage.value == "constant" else None
+            write_advantage(con, score.sql_table("score"), reference.sql_table("reference"), target, rows, constant)
             left_out = 0
             if rows == "chosen":
                 left_out = con.execute(LEFT_OUT_SQL.format(reference=reference.sql_table("reference"))).fetchone()[0]
-            metrics = advantage_metrics(con, str(target), sources, left_out)
+            metrics = advantage_metrics(con, str(target), sources, left_out, cfg.advantage.value)
         finally:
             con.close()
     log.info(

@@ -44,8 +44,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def interval_text(interval: Interval) -> str:
-    """`mean [low, high]` with 3 decimals."""
-    return f"{interval.mean:.3f} [{interval.low:.3f}, {interval.high:.3f}]"
+    """`mean [low, high]` with 3 decimals (a value that rounds to zero is 0.000, never -0.000)."""
+    mean, low, high = (f"{value:.3f}".replace("-0.000", "0.000") for value in (interval.mean, interval.low, interval.high))
+    return f"{mean} [{low}, {high}]"
 
 
 def summary_rows(metrics: EvaluateMetrics) -> list[dict[str, Any]]:
@@ -67,6 +68,34 @@ def summary_rows(metrics: EvaluateMetrics) -> list[dict[str, Any]]:
         )
         rows.append(row)
     return rows
+
+
+def judge_rows(metrics: EvaluateMetrics) -> list[dict[str, Any]]:
+    """One row per judge (evaluate.judges) and one for the training reward: each model's mean with its 95%
+    interval and the paired difference pi_theta − pi_ref."""
+    rows = []
+    for name in ["reward", *metrics.judges]:
+        policy, reference = (
+            metrics.models[m].reward if name == "reward" else metrics.models[m].component(name) for m in MODELS
+        )
+        rows.append({
+            "score": "reward (training)" if name == "reward" else f"{name} (judge)",
+            "pi_theta (95% CI)": interval_text(policy),
+            "pi_ref (95% CI)": interval_text(reference),
+            "Δ pi_theta − pi_ref (95% CI)": interval_text(metrics.difference[name]),
+        })
+    return rows
+
+
+def value_head_rows(value: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The value head's fit (the reference stage's metrics): MSE on its training and held-out validation
+    prompts against the mean predictor's, and the chosen epoch (0: the head stayed the mean predictor)."""
+    return [
+        {"prompts": "train", "rows": value["value_train_rows"], "head MSE": value["value_train_mse"],
+         "mean-predictor MSE": value["value_mean_baseline_train_mse"]},
+        {"prompts": "held out", "rows": value["value_holdout_rows"], "head MSE": value["value_holdout_mse"],
+         "mean-predictor MSE": value["value_mean_baseline_holdout_mse"]},
+    ]
 
 
 def advantage_statistics(advantage: np.ndarray) -> dict[str, float | int]:
@@ -163,13 +192,14 @@ def render_report(
     advantage: Mapping[str, Any] | None,
     links: Mapping[str, str],
     plots: Mapping[str, str],
+    value_head: Mapping[str, Any] | None = None,
 ) -> str:
     """The whole Markdown report. `links` and `plots` map a caption to a path relative to the report."""
     diff = metrics.difference["reward"]
     generation = metrics.generation
     decoding = "sampled" if generation["do_sample"] else "greedy"
     intro = (
-        f"Algorithm `{metrics.algorithm}`, {metrics.prompts} test prompts, {decoding} decoding of at "
+        f"Algorithm `{metrics.algorithm}`, {metrics.prompts} prompts of the {metrics.split} split, {decoding} decoding of at "
         f"most {generation['max_new_tokens']} new tokens."
     )
     if metrics.policy_is_reference:
@@ -181,6 +211,14 @@ def render_report(
         markdown_table(summary_rows(metrics)).rstrip(),
         f"Reward difference pi_theta − pi_ref: {interval_text(diff)} "
         f"(95% paired bootstrap over prompts, {metrics.bootstrap_samples} resamples).",
+    ]
+    controlled = metrics.length_controlled
+    sections += [
+        "## Held-out judges and length control",
+        markdown_table(judge_rows(metrics)).rstrip(),
+        f"Length-controlled reward difference pi_theta − pi_ref (the intercept of the per-prompt reward difference "
+        f"regressed on the length difference in words): {interval_text(controlled.difference)}, slope "
+        f"{controlled.slope_per_word:.4f} reward per word.",
     ]
     harmless = metrics.harmlessness
     if harmless is not None:
@@ -196,6 +234,14 @@ def render_report(
     sections += ["## Training", markdown_table([metrics.train.model_dump()]).rstrip()]
     if advantage:
         sections += ["## Advantage (training rows)", markdown_table([advantage]).rstrip()]
+    if value_head:
+        chosen = value_head["value_chosen_epoch"]
+        sections += [
+            f"## Value head (advantage.value: {value_head['advantage_value']})",
+            markdown_table(value_head_rows(value_head)).rstrip(),
+            f"Chosen epoch {chosen} of {len(value_head['value_holdout_mse_by_epoch']) - 1}"
+            + (" (0: no epoch beat the mean predictor on the held-out prompts, so V is that constant)." if chosen == 0 else "."),
+        ]
     if plots:
         sections += ["## Plots", *(f"![{caption}]({rel})" for caption, rel in plots.items())]
     if links:

@@ -26,32 +26,18 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from tqdm.auto import tqdm
 
-from schemas.base import canonical_json, sha256_text
 from schemas.config import AlolConfig
 from schemas.manifest import StageResult, Summary
-from schemas.score import ComponentConfig, ComponentStats, ScoreMetrics, score_schema
+from schemas.score import ComponentStats, ScoreMetrics, score_schema
 from stages.cache import ParquetCache
 from stages.catalog import SCORER_STATE
 from stages.faults import failpoint
 from stages.io import StageReader, StageWriter
-from stages.rewards import RewardComponent
-from stages.rewards.scorer import Scorer, fit_states
+from stages.rewards.scorer import Scorer, component_cache_key, fit_states
 
 log = logging.getLogger("alol.score")
 WRITE_ROWS = 65_536
 CACHE_SCHEMA = pa.schema([("id", pa.string()), ("score", pa.float64())])
-
-
-def component_cache_key(config: ComponentConfig, component: RewardComponent, fingerprint: str | None, input_hash: str) -> str:
-    """sha256 of what determines a component's scores: kind, options, model fingerprint, code and input (not name or weight)."""
-    payload = {
-        "kind": config.kind,
-        "options": config.options.model_dump(mode="json"),
-        "model": fingerprint,
-        "code": component.code_fingerprint(),
-        "input": input_hash,
-    }
-    return sha256_text(canonical_json(payload))
 
 
 def score_column(

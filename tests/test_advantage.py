@@ -16,6 +16,7 @@ from schemas.reference import REFERENCE_SCHEMA
 from stages import advantage
 from stages.io import StageReader, StageWriter
 from tests.support.outputs import commit_output
+from tests.support.outputs import metrics as stage_metrics
 
 
 def reference_table(ids, splits, values, preferences=None) -> pa.Table:
@@ -190,3 +191,43 @@ def test_narrow_sort_writes_the_bytes_of_the_one_step_query(tmp_path):
     advantage.write_advantage(con, "score", "reference", tmp_path / "narrow.parquet")
     con.execute(f"COPY ({plain}) TO '{tmp_path / 'plain.parquet'}' (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1)")
     assert (tmp_path / "narrow.parquet").read_bytes() == (tmp_path / "plain.parquet").read_bytes()
+def test_constant_value_ablation_subtracts_the_mean_reward_of_the_value_targets(tmp_path):
+    """advantage.value: constant ignores the head's V(x): A = R - mean R(x, y_ref) over the value targets."""
+    ids = ["a", "b", "c", "d"]
+    rewards = [0.2, 0.9, 0.6, 1.4]
+    reference = reference_table(ids, ["train"] * 4, [0.1, 1.2, 0.3, 0.0])
+    target_mean = 0.65
+    inputs = {
+        "score": commit_output(tmp_path / "score", "score", {"score": score_table(ids, rewards)}),
+        "reference": commit_output(
+            tmp_path / "reference", "reference", {"reference": reference},
+            metrics_model=stage_metrics("reference", value_target_reward={"mean": target_mean, "std": 0.1, "min": 0.5, "max": 0.8}),
+        ),
+    }
+    cfg = AlolConfig.model_validate({"advantage": {"value": "constant"}})
+    out = StageWriter(tmp_path / "out")
+    result = advantage.run(cfg, inputs, out)
+    out.commit(stage="advantage", cache_key="a" * 64, result=result, config_fingerprints={}, config={}, inputs={},
+               code_version="test", versions={})
+    table = StageReader(tmp_path / "out").read("advantage").sort_by("id")
+    np.testing.assert_allclose(table["value"].to_numpy(), target_mean)
+    np.testing.assert_allclose(table["advantage"].to_numpy(), np.array(rewards) - target_mean)
+    assert table["positive"].to_pylist() == [False, True, False, True]
+    assert result.metrics.value_source == "constant" and result.metrics.positive_rows == 2
+    assert cache_key(cfg, "advantage", {n: r.output() for n, r in inputs.items()}) != cache_key(
+        AlolConfig(), "advantage", {n: r.output() for n, r in inputs.items()}
+    ), "the ablation is its own advantage output"
+
+
+def test_the_train_seed_changes_the_train_key_only():
+    """`alol compare --seeds K` sets train.seed: only train's key changes (evaluate's follows through the train
+    output it reads), so the upstream stays cached."""
+    inputs = {
+        name: StageOutput(stage=name, cache_key="k" * 64, path="/x", content_hash=name * 4)
+        for name in ("ingest", "score", "reference", "advantage", "train")
+    }
+    base, seeded = AlolConfig(), AlolConfig.model_validate({"train": {"seed": 3}})
+    assert seeded.train.seed_or(seeded.run.seed) == 3 and base.train.seed_or(7) == 7
+    for stage in ("ingest", "score", "reference", "advantage", "evaluate"):
+        assert cache_key(base, stage, inputs) == cache_key(seeded, stage, inputs), stage
+    assert cache_key(base, "train", inputs) != cache_key(seeded, "train", inputs)

@@ -36,3 +36,14 @@ def test_debug_shows_the_traceback(tmp_path):
                               env={**os.environ, **env})
         assert loud.returncode == 1
         assert "Traceback" in loud.stderr and "PreflightError: run 'smoke' has no output of ingest" in loud.stderr
+
+
+def test_final_flag_asks_for_the_final_split_in_run_and_compare():
+    from pipeline.cli import _overrides, build_parser
+
+    for argv in (["run", "--final"], ["compare", "--final", "--seeds", "3", "--value-ablation"]):
+        args = build_parser().parse_args(argv)
+        assert _overrides(args) == {"evaluate.split": "final"}
+    args = build_parser().parse_args(["compare", "--seeds", "3", "--value-ablation"])
+    assert (args.seeds, args.value_ablation, _overrides(args)) == (3, True, {})
+    assert _overrides(build_parser().parse_args(["run", "--set", "train.steps=2"])) == {"train.steps": 2}

@@ -6,15 +6,16 @@ from __future__ import annotations
 import csv
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from pipeline import compare as compare_module
-from pipeline.compare import algorithm_overrides, compare, method_row, write_comparison
+from pipeline.compare import algorithm_overrides, compare, planned_runs
 from pipeline.report_cli import print_report, text_table
 from pipeline.storage import RunStore
 from schemas.algorithms import ALGORITHMS
 from schemas.config import PROFILES, ConfigError, load_config
-from schemas.evaluate import PI_REF, PI_THETA, EvaluateMetrics
+from schemas.evaluate import PI_REF, PI_THETA, EvaluateMetrics, eval_schema
 from stages.metrics import compare_models
 from tests.support.outputs import commit_output, metrics
 from tests.support.tables import parse_markdown_tables
@@ -74,43 +75,113 @@ def test_pairs_are_built_only_when_a_pair_algorithm_needs_them():
         load_config("smoke", overrides=algorithm_overrides({"reference.pairs": "none"}, "pro"))
 
 
-def test_comparison_table_has_pi_ref_and_one_row_per_method(tmp_path):
-    good, same = evaluation_metrics(0.05), evaluation_metrics(0.0, policy_is_reference=True)
-    rows = [method_row("pi_ref", good, PI_REF, 12.0), method_row("a_lol", good, PI_THETA, 12.0),
-            method_row("nll", same, PI_THETA, 3.0)]
-    result = write_comparison(tmp_path, rows, ["safety"], "test comparison")
+def evaluation_output(folder, reference: np.ndarray, policy: np.ndarray, policy_length: np.ndarray, algorithm="a_lol",
+                      policy_is_reference=False, judge_shift: float = 0.0):
+    """A committed evaluate output: its `eval` table (pi_ref 2 words per response) and metrics that agree with it."""
+    n = len(reference)
+    ids = [f"{i:03d}" for i in range(n)]
+    fluency = {PI_REF: np.full(n, -3.0), PI_THETA: np.full(n, -3.0 + judge_shift)}
+    table = pa.table({
+        "id": ids * 2, "prompt": [[{"role": "user", "content": "q"}]] * (2 * n), "model": [PI_THETA] * n + [PI_REF] * n,
+        "response": ["x"] * (2 * n), "safety": np.concatenate([policy, reference]),
+        "reward": np.concatenate([policy, reference]), "fluency": np.concatenate([fluency[PI_THETA], fluency[PI_REF]]),
+        "length_words": np.concatenate([policy_length, np.full(n, 2)]).astype(np.int32),
+    }, schema=eval_schema(["safety"], ["fluency"]))
+    scores = {m: {"safety": v, "reward": v, "fluency": fluency[m]} for m, v in ((PI_THETA, policy), (PI_REF, reference))}
+    compared = compare_models(["yes sure"] * n, scores[PI_THETA], ["no"] * n, scores[PI_REF], samples=100, seed=0)
+    train = {"policy_is_reference": policy_is_reference, "best_step": None, "best_validation_reward": None,
+             "reference_validation_reward": 0.0}
+    model = metrics(
+        "evaluate", **compared, algorithm=algorithm, prompts=n, components=["safety"], judges=["fluency"],
+        bootstrap_samples=100, policy_is_reference=policy_is_reference, train=train,
+        generation={"do_sample": False, "max_new_tokens": 8},
+    )
+    return commit_output(folder, "evaluate", tables={"eval": table}, metrics_model=model)
 
-    (table,) = parse_markdown_tables(result.markdown())
-    assert [r["method"] for r in table] == ["pi_ref", "a_lol", "nll (= pi_ref: no checkpoint beat it)"]
-    assert table[0]["Δ reward vs pi_ref (95% CI)"] == "—" and table[0]["train s"] == "—"
-    assert table[1]["Δ reward vs pi_ref (95% CI)"].startswith("0.050 [0.050, 0.050]")
-    assert table[1]["win/tie vs pi_ref"] == "1.00/0.00"
-    assert table[2]["win/tie vs pi_ref"] == "0.00/1.00"
-    assert table[1]["train s"] == "12" and table[2]["train s"] == "3"
-    assert float(table[1]["safety"]) == pytest.approx(float(table[0]["safety"]) + 0.05, abs=1e-3)
 
+def test_planned_runs_give_each_method_its_seeds_and_the_value_ablation():
+    planned = planned_runs(["a_lol", "nll"], {"data.max_rows_per_split": 5}, 3, True, first_seed=7)
+    assert [(method, overrides.get("train.seed")) for method, _, overrides in planned] == [
+        ("a_lol", None), ("a_lol", 8), ("a_lol", 9), ("nll", None), ("nll", 8), ("nll", 9),
+        ("a_lol (V=mean)", None), ("a_lol (V=mean)", 8), ("a_lol (V=mean)", 9),
+    ]
+    assert all(o["data.max_rows_per_split"] == 5 for _, _, o in planned)
+    assert [o.get("advantage.value") for m, _, o in planned if "V=mean" in m] == ["constant"] * 3
+    assert all("advantage.value" not in o for m, _, o in planned if "V=mean" not in m)
+    with pytest.raises(ValueError, match="at least 1"):
+        planned_runs(["nll"], {}, 0, False, 0)
+
+
+def test_compare_over_seeds_gives_means_intervals_and_paired_differences(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    reference = rng.uniform(0.3, 0.9, 20)
+    length = np.full(20, 2)
+    outputs, trains = {}, {}
+    # a_lol: +0.10 and +0.14 over pi_ref in its two seeds, same length; nll: +0.02 both seeds, 2 words longer.
+    for algorithm, gains, extra_words, seconds in (("a_lol", (0.10, 0.14), 0, (7.0, 9.0)), ("nll", (0.02, 0.02), 2, (2.0, 2.0))):
+        for k, (gain, train_seconds) in enumerate(zip(gains, seconds)):
+            policy = reference + gain + rng.normal(0, 0.01, 20)
+            outputs[algorithm, k] = evaluation_output(tmp_path / f"eval-{algorithm}-{k}", reference, policy,
+                                                      length + extra_words, algorithm, judge_shift=-0.5 * k)
+            trains[algorithm, k] = commit_output(tmp_path / f"train-{algorithm}-{k}", "train",
+                                                 metrics_model=metrics("train", algorithm=algorithm, train_seconds=train_seconds))
+
+    def run_alol(cfg, stages):
+        key = (cfg.train.algorithm, 0 if cfg.train.seed is None else cfg.train.seed)
+        return {"evaluate": outputs[key].output(), "train": trains[key].output()}
+
+    monkeypatch.setattr(compare_module, "run_alol", run_alol)
+    result = compare(["a_lol", "nll"], profile="smoke", overrides={"run.root": str(tmp_path / "runs")}, seeds=2)
+    rows = {r["method"]: r for r in result.rows}
+    assert list(rows) == ["pi_ref", "a_lol", "nll"]
+    assert rows["a_lol"]["seeds"] == 2 and rows["a_lol"]["train_seconds"] == pytest.approx(8.0)
+    assert rows["a_lol"]["reward_diff"] == pytest.approx(0.12, abs=0.01)
+    assert rows["a_lol"]["reward_diff_low"] < 0.11 and rows["a_lol"]["reward_diff_high"] > 0.13, "seeds widen it"
+    assert rows["a_lol"]["fluency_diff"] == pytest.approx(-0.25) and rows["a_lol"]["fluency"] == pytest.approx(-3.25)
+    assert rows["nll"]["lc_reward_diff"] == pytest.approx(0.02, abs=0.01)
+    (difference,) = result.differences
+    assert difference["difference"] == "a_lol − nll" and difference["seeds"] == "2/2"
+    assert difference["reward_diff"] == pytest.approx(0.10, abs=0.01)
+    assert difference["reward_diff_low"] > 0.0
+
+    main, between = parse_markdown_tables(result.markdown())
+    assert [r["method"] for r in main] == ["pi_ref", "a_lol", "nll"]
+    assert main[0]["Δ reward vs pi_ref (95% CI)"] == "—" and main[1]["seeds"] == "2"
+    assert main[1]["fluency (judge)"] == "-3.250"
+    assert between[0]["difference"] == "a_lol − nll"
+    with open(tmp_path / "runs" / "smoke" / "compare" / "differences.csv", newline="") as fh:
+        assert [r["difference"] for r in csv.DictReader(fh)] == ["a_lol − nll"]
     with open(result.csv_path, newline="") as fh:
         records = list(csv.DictReader(fh))
     assert [r["method"] for r in records] == ["pi_ref", "a_lol", "nll"]
-    assert float(records[1]["reward"]) - float(records[0]["reward"]) == pytest.approx(0.05)
-    assert float(records[1]["distinct_1"]) == pytest.approx(2 / 40)
-    assert records[0]["win_rate"] == ""
-    assert records[0]["train_seconds"] == "" and float(records[1]["train_seconds"]) == 12.0
+    assert records[0]["win_rate"] == "" and float(records[1]["win_rate"]) == 1.0
 
 
-def test_compare_takes_training_seconds_from_the_train_stage(tmp_path, monkeypatch):
-    # The evaluate stage's files carry no timing (recomputing train must leave evaluate cached).
-    evaluation = commit_output(tmp_path / "evaluate", "evaluate", metrics_model=evaluation_metrics(0.05))
-    trains = {
-        algorithm: commit_output(tmp_path / f"train-{algorithm}", "train",
-                                 metrics_model=metrics("train", algorithm=algorithm, train_seconds=seconds))
-        for algorithm, seconds in (("a_lol", 7.4), ("nll", 2.6))
-    }
+def test_the_value_ablation_is_compared_with_its_variant(tmp_path, monkeypatch):
+    reference = np.linspace(0.2, 0.8, 20)
+    gains = {("a_lol", "head"): 0.1, ("a_lol", "constant"): 0.04, ("nll", "head"): 0.0}
+    outputs = {key: evaluation_output(tmp_path / f"eval-{key[0]}-{key[1]}", reference, reference + gain, np.full(20, 2), key[0])
+               for key, gain in gains.items()}
+    train = commit_output(tmp_path / "train", "train", metrics_model=metrics("train", train_seconds=1.0))
     monkeypatch.setattr(compare_module, "run_alol", lambda cfg, stages: {
-        "evaluate": evaluation.output(), "train": trains[cfg.train.algorithm].output(),
-    })
-    result = compare(["a_lol", "nll"], profile="smoke", overrides={"run.root": str(tmp_path / "runs")})
-    assert [(r["method"], r["train_seconds"]) for r in result.rows] == [("pi_ref", None), ("a_lol", 7.4), ("nll", 2.6)]
+        "evaluate": outputs[cfg.train.algorithm, cfg.advantage.value].output(), "train": train.output()})
+    result = compare(["a_lol", "nll"], profile="smoke", overrides={"run.root": str(tmp_path / "runs")}, value_ablation=True)
+    assert [r["method"] for r in result.rows] == ["pi_ref", "a_lol", "nll", "a_lol (V=mean)"]
+    found = {r["difference"]: r["reward_diff"] for r in result.differences}
+    assert found == pytest.approx({"a_lol − nll": 0.1, "a_lol (V=mean) − nll": 0.04, "a_lol − a_lol (V=mean)": 0.06})
+
+
+def test_a_method_that_kept_pi_ref_says_so(tmp_path, monkeypatch):
+    reference = np.linspace(0.2, 0.8, 20)
+    same = evaluation_output(tmp_path / "eval", reference, reference, np.full(20, 2), "nll", policy_is_reference=True)
+    train = commit_output(tmp_path / "train", "train", metrics_model=metrics("train", algorithm="nll", train_seconds=3.0))
+    monkeypatch.setattr(compare_module, "run_alol", lambda cfg, stages: {"evaluate": same.output(), "train": train.output()})
+    result = compare(["nll"], profile="smoke", overrides={"run.root": str(tmp_path / "runs")})
+    (table,) = parse_markdown_tables(result.markdown())
+    assert table[1]["method"] == "nll (= pi_ref: no checkpoint beat it)"
+    assert table[1]["Δ reward vs pi_ref (95% CI)"] == "0.000 [0.000, 0.000]"
+    assert table[1]["win/tie vs pi_ref"] == "0.00/1.00" and table[1]["train s"] == "3"
+    assert result.differences == []
 
 
 def _store_evaluation(root, name, evaluation: EvaluateMetrics):

@@ -28,8 +28,9 @@ def test_compare_two_algorithms_on_the_smoke_profile(tmp_path, prefect_backend):
     overrides = {"run.root": str(tmp_path / "runs"), "run.cache_dir": str(SHARED_CACHE)}
     result = compare(["a_lol", "nll"], profile="smoke", overrides=overrides)
 
-    (table,) = parse_markdown_tables(result.markdown())
+    table, differences = parse_markdown_tables(result.markdown())
     assert [row["method"].split(" ")[0] for row in table] == ["pi_ref", "a_lol", "nll"]
+    assert [row["difference"] for row in differences] == ["a_lol − nll"]
     with open(result.csv_path, newline="") as fh:
         records = {r["method"]: r for r in csv.DictReader(fh)}
     assert set(records) == {"pi_ref", "a_lol", "nll"}

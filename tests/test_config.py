@@ -61,6 +61,31 @@ def test_nonsense_combinations_refused():
         load_config("smoke", overrides={"data.source": "file"})
 
 
+def test_the_final_split_is_read_only_when_there_is_one_and_it_is_asked_for():
+    assert load_config("default").evaluate.split == "test" and load_config("default").data.final_fraction == 0.5
+    with pytest.raises(ConfigError, match="data.final_fraction > 0"):
+        load_config("smoke", overrides={"evaluate.split": "final"})
+    assert load_config("smoke", overrides={"evaluate.split": "final", "data.final_fraction": 0.5}).evaluate.split == "final"
+
+
+def test_judges_must_be_independent_of_the_training_reward():
+    cfg = load_config("default")
+    assert [(j.name, j.kind) for j in cfg.evaluate.judges] == [("fluency", "fluency"), ("inoffensive", "profanity")]
+    assert cfg.evaluate.judges[0].options.model == "gemma3-270m"
+    assert not {j.kind for j in cfg.evaluate.judges} & {c.kind for c in cfg.score.components}
+    with pytest.raises(ConfigError, match="score component 'safety'"):
+        load_config("smoke", overrides={"evaluate.judges": [{"name": "toxic", "kind": "toxicity"}]})
+    # The same kind with other options is another judge (a different Jigsaw label).
+    other = load_config("smoke", overrides={"evaluate.judges": [{"name": "insult", "kind": "toxicity", "options": {"label": "insult"}}]})
+    assert other.evaluate.judges[0].options.label == "insult"
+    with pytest.raises(ConfigError, match="repeated or already columns"):
+        load_config("smoke", overrides={"evaluate.judges": [{"name": "reward", "kind": "length"}]})
+    with pytest.raises(ConfigError, match="evaluate.judges.0.kind"):
+        load_config("smoke", overrides={"evaluate.judges": [{"name": "t", "kind": "tfidf"}]})
+    with pytest.raises(ConfigError, match="options.max_prompt_tokens"):
+        load_config("smoke", overrides={"evaluate.judges": [{"name": "f", "kind": "fluency", "options": {"max_prompt_tokens": 0}}]})
+
+
 @pytest.mark.parametrize("bad", ["train", "train.algorithm", "=3"])
 def test_malformed_override(bad):
     with pytest.raises(ConfigError):

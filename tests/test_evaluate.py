@@ -22,9 +22,10 @@ from schemas.evaluate import MODELS, PI_REF, PI_THETA
 from schemas.train import TRAIN_LOG_SCHEMA
 from stages.catalog import POLICY_FOLDER, load_scorer, policy_model_path, reference_model_path
 from stages.io import StageReader
-from stages.metrics import distinct_n
+from stages.metrics import distinct_n, length_controlled_fit
 from stages.models.generate import generate
 from stages.models.store import load_causal_lm, load_tokenizer
+from stages.models.tokenize import encode_pair
 from tests.support.models import tiny_model_folder
 from tests.support.outputs import commit_output
 from tests.support.outputs import metrics as stage_metrics
@@ -50,16 +51,23 @@ TRAIN = {
 HARMLESSNESS_PROMPTS = 3
 
 
+def judges(folder: Path) -> list[dict]:
+    """A fluency judge under another tiny random model (the independent LM) and the profanity classifier."""
+    return [{"name": "fluency", "kind": "fluency", "options": {"model": str(folder), "max_prompt_tokens": 24}},
+            {"name": "inoffensive", "kind": "profanity"}]
+
+
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     """(cfg, readers of the shared upstream, {algorithm: (train reader, evaluate reader)})."""
     torch.set_num_threads(2)
     tmp = tmp_path_factory.mktemp("evaluate")
     model = tiny_model_folder(tmp / "tiny")
+    judge = judges(tiny_model_folder(tmp / "judge", seed=2))
     outputs = {}
     results = {}
     for algorithm in ALGORITHMS:
-        cfg = tiny_config(tmp, model, **TRAIN, **{"train.algorithm": algorithm})
+        cfg = tiny_config(tmp, model, **TRAIN, **{"train.algorithm": algorithm, "evaluate.judges": judge})
         if not outputs:
             outputs["ingest"], _ = execute_stage(cfg, "ingest", {})
             outputs["score"], _ = execute_stage(cfg, "score", {"ingest": outputs["ingest"]})
@@ -69,7 +77,7 @@ def evaluated(tmp_path_factory):
         evaluate, reused = execute_stage(cfg, "evaluate", {**outputs, "train": train})
         assert not reused
         results[algorithm] = (cfg, StageReader(train.path), StageReader(evaluate.path))
-    cfg = tiny_config(tmp, model, **TRAIN, **{"evaluate.harmlessness_prompts": HARMLESSNESS_PROMPTS})
+    cfg = tiny_config(tmp, model, **TRAIN, **{"evaluate.harmlessness_prompts": HARMLESSNESS_PROMPTS, "evaluate.judges": judge})
     train = _train_output_with_policy(cfg, tiny_model_folder(tmp / "other", seed=1))
     evaluate, _ = execute_stage(cfg, "evaluate", {**outputs, "train": train.output()})
     results["other policy"] = (cfg, train, StageReader(evaluate.path))
@@ -165,6 +173,50 @@ def test_metrics_agree_with_the_eval_table(evaluated):
         assert metrics["advantage"]["rows"] == 24  # the training rows of the tiny data set
         assert metrics["train"]["best_step"] == train.metrics.best_step
         assert not [key for key in metrics["train"] if key.endswith(("_seconds", "_per_s"))], "no timing in metrics.json"
+
+
+def _fluency(folder: Path, prompt, response: str, max_prompt_tokens: int) -> float:
+    """Mean log-prob of the response tokens (EOS appended) after the rendered prompt: one plain forward."""
+    tokenizer, model = load_tokenizer(folder), load_causal_lm(folder)
+    prompt_ids, response_ids = encode_pair(tokenizer, prompt, response, max_prompt_tokens, 128)
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    positions = range(len(prompt_ids) - 1, len(prompt_ids) + len(response_ids) - 1)
+    return float(np.mean([logprobs[p, t].item() for p, t in zip(positions, response_ids)]))
+
+
+def test_judges_score_both_models_beside_the_reward_and_are_cached(evaluated):
+    from profanity_check import predict_prob
+
+    tmp, _, results = evaluated
+    response_sets = set()
+    for cfg, _, evaluate in results.values():
+        assert evaluate.metrics.judges == ["fluency", "inoffensive"]
+        columns = evaluate.read("eval").column_names
+        assert columns[columns.index("reward") + 1 : columns.index("reward") + 3] == ["fluency", "inoffensive"]
+        for model in MODELS:
+            rows = _rows(evaluate, model)
+            response_sets.add(tuple(r["response"] for r in rows))
+            responses = [r["response"] for r in rows]
+            np.testing.assert_allclose([r["inoffensive"] for r in rows], 1 - predict_prob(responses), atol=1e-12)
+            expected = [_fluency(tmp / "judge", r["prompt"], r["response"], 24) for r in rows]
+            np.testing.assert_allclose([r["fluency"] for r in rows], expected, atol=1e-4)
+            assert evaluate.metrics.models[model].component("fluency").mean == pytest.approx(np.mean(expected), abs=1e-4)
+        policy, reference = _rows(evaluate, PI_THETA), _rows(evaluate, PI_REF)
+        difference = [p["fluency"] - r["fluency"] for p, r in zip(policy, reference)]
+        assert evaluate.metrics.difference["fluency"].mean == pytest.approx(np.mean(difference))
+        intercept, slope = length_controlled_fit(
+            np.array([p["reward"] - r["reward"] for p, r in zip(policy, reference)]),
+            np.array([p["length_words"] - r["length_words"] for p, r in zip(policy, reference)]),
+        )
+        controlled = evaluate.metrics.length_controlled
+        assert controlled.difference.mean == pytest.approx(intercept) and controlled.slope_per_word == pytest.approx(slope)
+        report = parse_markdown_tables(evaluate.path("report.md").read_text())
+        judged = next(t for t in report if "score" in t[0])
+        assert [r["score"] for r in judged] == ["reward (training)", "fluency (judge)", "inoffensive (judge)"]
+    # Each judge scored each distinct set of responses once (pi_ref's for all three evaluations).
+    assert len(list((tmp / "cache" / "judges").rglob("*.parquet"))) == 2 * len(response_sets)
 
 
 def test_report_and_plots_are_written(evaluated):

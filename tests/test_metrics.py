@@ -9,9 +9,12 @@ from stages.metrics import (
     bootstrap_mean,
     compare_models,
     distinct_n,
+    length_controlled_difference,
+    length_controlled_fit,
     mean_length_words,
     model_metrics,
     paired_difference,
+    seeds_and_prompts_difference,
     win_rate,
 )
 
@@ -108,3 +111,50 @@ def test_compare_models_pairs_prompts():
     assert result["models"]["pi_ref"]["reward"]["mean"] == pytest.approx(0.5)
     with pytest.raises(ValueError):
         compare_models(["a"], policy, ["x", "y"], reference, samples=10, seed=0)
+
+
+def test_seeds_and_prompts_difference_with_one_seed_is_the_paired_mean():
+    rng = np.random.default_rng(1)
+    reference = rng.uniform(0, 1, 50)
+    policy = reference + 0.1 + rng.normal(0, 0.05, 50)
+    interval = seeds_and_prompts_difference(policy, reference, samples=400, seed=0)
+    assert interval.mean == pytest.approx(float(np.mean(policy - reference)))
+    assert interval.low < interval.mean < interval.high
+    # Paired: the prompts' own spread (uniform over [0, 1]) does not enter the difference's interval.
+    assert interval.high - interval.low < 0.05
+    alone = seeds_and_prompts_difference(policy, None, samples=400, seed=0)
+    assert alone.mean == pytest.approx(float(policy.mean())) and alone.high - alone.low > 0.1
+
+
+def test_seeds_and_prompts_difference_widens_with_the_spread_between_seeds():
+    rng = np.random.default_rng(2)
+    reference = rng.uniform(0, 1, 40)
+    noise = rng.normal(0, 0.02, (3, 40))
+    steady = reference + 0.1 + noise
+    unsteady = reference + np.array([[0.0], [0.1], [0.2]]) + noise
+    narrow = seeds_and_prompts_difference(steady, reference, samples=400, seed=0)
+    wide = seeds_and_prompts_difference(unsteady, reference, samples=400, seed=0)
+    assert narrow.mean == pytest.approx(wide.mean, abs=1e-9)
+    assert wide.high - wide.low > 3 * (narrow.high - narrow.low)
+    with pytest.raises(ValueError, match="same prompts"):
+        seeds_and_prompts_difference(steady, reference[:10], samples=10, seed=0)
+
+
+def test_length_controlled_difference_removes_a_gain_that_is_only_length():
+    rng = np.random.default_rng(3)
+    reference_reward, reference_length = rng.uniform(0, 1, 60), rng.integers(3, 10, 60)
+    extra_words = rng.integers(0, 5, 60)
+    hacked = reference_reward + 0.05 * extra_words  # every bit of the gain is 0.05 per extra word
+    honest = reference_reward + 0.2 + 0.05 * extra_words
+    for policy, expected in ((hacked, 0.0), (honest, 0.2)):
+        interval, slope = length_controlled_difference(
+            policy, reference_length + extra_words, reference_reward, reference_length, samples=200, seed=0
+        )
+        assert interval.mean == pytest.approx(expected, abs=1e-9) and slope == pytest.approx(0.05)
+        assert interval.low == pytest.approx(expected, abs=1e-9) and interval.high == pytest.approx(expected, abs=1e-9)
+    assert float(np.mean(hacked - reference_reward)) > 0.05, "the raw difference would call it a gain"
+
+
+def test_length_controlled_fit_without_length_variation_is_the_mean_difference():
+    assert length_controlled_fit(np.array([0.1, 0.3]), np.array([2.0, 2.0])) == (pytest.approx(0.2), 0.0)
+    assert length_controlled_fit(np.array([0.0, 0.2, 0.4]), np.array([0.0, 1.0, 2.0])) == (pytest.approx(0.0), pytest.approx(0.2))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from schemas.evaluate import PI_REF, PI_THETA, EvaluateMetrics
-from stages.metrics import compare_models
+from stages.metrics import compare_models, length_controlled_difference
 from stages.report import (
     advantage_statistics,
     markdown_table,
@@ -26,11 +26,15 @@ def metrics() -> EvaluateMetrics:
     policy = {"safety": np.clip(reference["safety"] + 0.05, 0, 1), "tfidf": reference["tfidf"] + 0.1}
     for scores in (reference, policy):
         scores["reward"] = scores["safety"] + scores["tfidf"]
+    reference["fluency"], policy["fluency"] = rng.uniform(-4, -2, 30), rng.uniform(-5, -3, 30)
+    controlled, slope = length_controlled_difference(policy["reward"], [3] * 30, reference["reward"], [2] * 30, 200, 0)
     return EvaluateMetrics(
         **compare_models(["a b c"] * 30, policy, ["a a"] * 30, reference, samples=200, seed=0),
+        length_controlled={"difference": controlled.as_dict(), "slope_per_word": slope},
         algorithm="a_lol",
         prompts=30,
         components=["safety", "tfidf"],
+        judges=["fluency"],
         bootstrap_samples=200,
         policy_is_reference=False,
         generation={"do_sample": False, "max_new_tokens": 16},
@@ -93,3 +97,24 @@ def test_plots_are_png_files(tmp_path):
     for path in paths:
         data = path.read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 5_000, path
+
+
+def test_report_shows_the_judges_and_the_value_head_against_the_mean_predictor(metrics):
+    value_head = {"value_chosen_epoch": 0, "value_train_mse": 0.04, "value_holdout_mse": 0.05,
+                  "value_mean_baseline_train_mse": 0.04, "value_mean_baseline_holdout_mse": 0.05,
+                  "value_train_rows": 41, "value_holdout_rows": 11, "value_holdout_mse_by_epoch": [0.05, 0.06, 0.07],
+                  "advantage_value": "head"}
+    text = render_report(title="t", metrics=metrics, config={}, advantage=None, links={}, plots={}, value_head=value_head)
+    tables = parse_markdown_tables(text)
+    judged = next(t for t in tables if "score" in t[0])
+    assert [r["score"] for r in judged] == ["reward (training)", "fluency (judge)"]
+    fluency = metrics.difference["fluency"]
+    assert judged[1]["Δ pi_theta − pi_ref (95% CI)"] == f"{fluency.mean:.3f} [{fluency.low:.3f}, {fluency.high:.3f}]"
+    assert "Length-controlled reward difference" in text
+    value = next(t for t in tables if "head MSE" in t[0])
+    assert value == [
+        {"prompts": "train", "rows": "41", "head MSE": "0.040", "mean-predictor MSE": "0.040"},
+        {"prompts": "held out", "rows": "11", "head MSE": "0.050", "mean-predictor MSE": "0.050"},
+    ]
+    assert "Chosen epoch 0 of 2 (0: no epoch beat the mean predictor" in text
+    assert "## Value head (advantage.value: head)" in text

@@ -179,3 +179,21 @@ def test_an_os_error_without_a_file_name_says_which_stage_was_writing(tmp_path, 
     with pytest.raises(OSError, match=r"No space left on device: while stage ingest wrote .*partial.* \(discarded\)"):
         runner.execute_stage(cfg, "ingest", {})
     assert not (tmp_path / "runs" / "smoke" / "ingest").exists(), "nothing of the failed stage is left"
+
+
+def test_every_use_of_an_evaluation_of_the_final_split_is_counted_across_runs(tmp_path):
+    from pipeline.storage import RunStore
+    from tests.support.outputs import commit_output
+
+    first, second = RunStore(tmp_path, "first"), RunStore(tmp_path, "second")
+    on_test = commit_output(first.stage_dir("evaluate", "t" * 64), "evaluate", metrics_model=metrics("evaluate"))
+    first.record(on_test.output(), cached=False, seconds=1.0)
+    assert first.final_split_reads() == [] and not first.final_reads_path.exists()
+    on_final = commit_output(first.stage_dir("evaluate", "f" * 64), "evaluate", metrics_model=metrics("evaluate", split="final"))
+    first.record(on_final.output(), cached=False, seconds=1.0)
+    first.record(on_final.output(), cached=True, seconds=0.1)
+    second.record(on_final.output(), cached=True, seconds=0.1)
+    reads = second.final_split_reads()
+    assert [(r["run"], r["cached"]) for r in reads] == [("first", False), ("first", True), ("second", True)]
+    assert reads[0]["evaluate"] == f"first/evaluate/{'f' * 16}", "relative to the run root"
+    assert first.final_split_reads() == reads, "one count per run root"

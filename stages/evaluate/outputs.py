@@ -40,6 +40,19 @@ def training_plot(train: StageReader, path: Path) -> Path | None:
     )
 
 
+VALUE_FIT_KEYS = (
+    "value_chosen_epoch", "value_train_mse", "value_holdout_mse", "value_mean_baseline_train_mse",
+    "value_mean_baseline_holdout_mse", "value_train_rows", "value_holdout_rows", "value_holdout_mse_by_epoch",
+)
+"""The reference stage's metrics of the value head fit that the report shows (no timing: the report is hashed)."""
+
+
+def value_head_fit(inputs: dict[str, StageReader]) -> dict[str, Any]:
+    """The value head's fit from the reference stage's metrics, and where the advantage stage took V from."""
+    reference = inputs["reference"].metrics.model_dump()
+    return {**{key: reference[key] for key in VALUE_FIT_KEYS}, "advantage_value": inputs["advantage"].metrics.value_source}
+
+
 def write_report(
     out: StageWriter, inputs: dict[str, StageReader], metrics: EvaluateMetrics, config: dict[str, Any],
     rewards: dict[str, np.ndarray], advantage_values: np.ndarray,
@@ -69,6 +82,7 @@ def write_report(
         advantage=metrics.advantage,
         links=links,
         plots={caption: path.relative_to(out.dir).as_posix() for caption, path in plots.items()},
+        value_head=value_head_fit(inputs),
     )
     out.path(REPORT_FILE).write_text(text, encoding="utf-8")
     # Whether pi_ref's generations came from the cache is in the manifest only: metrics.json stays

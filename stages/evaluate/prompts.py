@@ -1,4 +1,4 @@
-"""The prompts the evaluate stage generates on: the test split of ingest, and Do-Not-Answer questions."""
+"""The prompts the evaluate stage generates on: the test (or the locked final) split of ingest, and Do-Not-Answer questions."""
 
 from __future__ import annotations
 
@@ -15,15 +15,17 @@ from stages.io import StageReader
 Prompt = list[dict[str, str]]
 
 
-def test_prompts(ingest: StageReader) -> tuple[list[str], list[Prompt]]:
-    """The distinct prompts of the test split of ingest, each under the smallest id of its rows, ordered by id.
+def test_prompts(ingest: StageReader, split: str = "test") -> tuple[list[str], list[Prompt]]:
+    """The distinct prompts of the `split` (evaluate.split: test, or final) of ingest, each under the smallest
+    id of its rows, ordered by id.
 
     A prompt with several responses in the data is evaluated once: metrics and win rates are per prompt.
     """
     table = ingest.read("ingest", columns=["id", "split", "prompt"])
-    table = table.filter(pc.equal(table["split"], "test")).sort_by("id")
+    table = table.filter(pc.equal(table["split"], split)).sort_by("id")
     if table.num_rows == 0:
-        raise ValueError(f"{ingest.dir}: the ingest table has no rows with split == 'test'; nothing to evaluate")
+        hint = " (data.final_fraction > 0 makes one)" if split == "final" else ""
+        raise ValueError(f"{ingest.dir}: the ingest table has no rows with split == {split!r}{hint}; nothing to evaluate")
     first: dict[str, tuple[str, Prompt]] = {}
     for row_id, prompt in zip(table["id"].to_pylist(), table["prompt"].to_pylist()):
         first.setdefault(prompt_key(prompt), (row_id, prompt))

@@ -4,6 +4,7 @@
     pair_id  = blake2b-128(id_chosen ‖ id_rejected)                  (preference rows only)
     u        = blake2b-64(canonical_json(prompt)) / 2^64 ∈ [0, 1)
     split    = train if u < f_train, validation if u < f_train + f_validation, else test
+    final    = a test prompt with v < data.final_fraction, v = blake2b-64("final" ‖ 0x00 ‖ canonical_json(prompt)) / 2^64
 
 Every function of a prompt takes its canonical JSON, so one prompt always lands in one split.
 """
@@ -15,7 +16,7 @@ import json
 
 import numpy as np
 
-from schemas.ingest import SplitFractions
+from schemas.ingest import FINAL, SplitFractions
 
 SPLIT_ALIASES = {
     "train": "train", "training": "train",
@@ -59,6 +60,12 @@ def carve_validation(prompt_json: str, fractions: SplitFractions) -> str:
     """A source train row goes to validation if u < f_validation / (f_train + f_validation)."""
     share = fractions.train + fractions.validation
     return "validation" if share > 0 and prompt_position(prompt_json) < fractions.validation / share else "train"
+
+
+def carve_final(prompt_json: str, final_fraction: float) -> str:
+    """A test row goes to the locked `final` split if v < final_fraction, v a prompt hash independent of u."""
+    digest = hashlib.blake2b(("final\x00" + prompt_json).encode("utf-8"), digest_size=8).digest()
+    return FINAL if int.from_bytes(digest, "big") / 2**64 < final_fraction else "test"
 
 
 class SeenIds:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from schemas.ingest import SPLITS, DataConfig, IngestMetrics
+from schemas.ingest import DataConfig, IngestMetrics
 from schemas.manifest import StageResult
 from stages.ingest.errors import IngestError
 from stages.ingest.formats import (
@@ -32,6 +32,7 @@ from stages.ingest.ids import (
     SPLIT_ALIASES,
     SeenIds,
     canonical_prompt,
+    carve_final,
     carve_validation,
     hash_split,
     pair_digest,
@@ -89,7 +90,7 @@ class Ingestor:
         if fmt is not None:
             self._use_format(fmt)
         self.seen = SeenIds()
-        self.caps = {split: SplitCap(cap) for split in SPLITS if (cap := data.split_cap(split))}
+        self.caps = {split: SplitCap(cap) for split in data.splits() if (cap := data.split_cap(split))}
         self.source_rows = self.rows_in = self.rows_out = 0
         self.split_rows: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()
@@ -141,6 +142,12 @@ class Ingestor:
         return group
 
     def _split(self, record: SourceRecord, prompt_json: str) -> tuple[str | None, Problem | None]:
+        split, problem = self._source_split(record, prompt_json)
+        if split == "test" and self.data.final_fraction > 0:
+            return carve_final(prompt_json, self.data.final_fraction), None
+        return split, problem
+
+    def _source_split(self, record: SourceRecord, prompt_json: str) -> tuple[str | None, Problem | None]:
         given = record.split if record.split is not None else record.data.get(self.mapping.split)
         if given is None:
             return hash_split(prompt_json, self.data.split_fractions), None
@@ -225,7 +232,7 @@ class Ingestor:
 
     def finish(self) -> StageResult:
         """Write the groups each split cap kept (in id order), flush, and account for every candidate."""
-        for split in SPLITS:
+        for split in self.data.splits():
             if split in self.caps:
                 for group in self.caps[split].kept():
                     self._keep(group)
@@ -248,7 +255,7 @@ class Ingestor:
                 source=self.source.name,
                 format=self.fmt,
                 source_rows=self.source_rows,
-                rows_per_split={split: self.split_rows[split] for split in SPLITS},
+                rows_per_split={split: self.split_rows[split] for split in self.data.splits()},
                 pairs_out=self.pairs_out,
                 rejected_by_reason=dict(sorted(self.reasons.items())),
                 rows_invalid=rows_rejected - self.reasons[CAPPED],

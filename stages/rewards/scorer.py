@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from schemas.base import canonical_json, sha256_text
 from schemas.score import ComponentConfig, ScoreConfig
 from stages.rewards import COMPONENTS, RewardComponent, ScoreError, build_component
 from stages.rewards.base import Prompt, torch_device
@@ -82,6 +83,21 @@ class Scorer:
                 columns[name] = self.score_component(name, prompts, responses, ids, bar)
         columns["reward"] = self.combine(columns)
         return columns
+
+
+def component_cache_key(config: ComponentConfig | Any, component: RewardComponent, fingerprint: str | None, input_hash: str) -> str:
+    """sha256 of what determines a component's scores: kind, options, model fingerprint, code and input (not name or weight).
+
+    `config` is a score component (schemas.score.ComponentConfig) or an evaluation judge (schemas.evaluate.JudgeConfig).
+    """
+    payload = {
+        "kind": config.kind,
+        "options": config.options.model_dump(mode="json"),
+        "model": fingerprint,
+        "code": component.code_fingerprint(),
+        "input": input_hash,
+    }
+    return sha256_text(canonical_json(payload))
 
 
 def check_scores(name: str, component: RewardComponent, scores: np.ndarray, ids: list[str] | None) -> None:

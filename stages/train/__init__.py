@@ -70,7 +70,7 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     from accelerate import Accelerator
 
     train = cfg.train
-    torch.manual_seed(cfg.run.seed)
+    torch.manual_seed(train.seed_or(cfg.run.seed))
     # cpu=True on a machine without a GPU is what makes accelerate run several CPU processes (gloo).
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(train.mixed_precision), cpu=not torch.cuda.is_available()

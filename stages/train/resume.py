@@ -57,7 +57,7 @@ def resume_key(cfg: AlolConfig, inputs: dict[str, StageReader]) -> str:
     """Hash of what determines the training: train/reference/score config, seed, inputs, training code."""
     payload = {
         "config": {s: getattr(cfg, s).model_dump(mode="json") for s in ("train", "reference", "score")},
-        "seed": cfg.run.seed,
+        "seed": cfg.train.seed_or(cfg.run.seed),
         "inputs": {name: reader.content_hash for name, reader in sorted(inputs.items())},
         "code": [sha256_text(path.read_text(encoding="utf-8")) for path in training_sources()],
     }

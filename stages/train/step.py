@@ -235,11 +235,11 @@ class Trainer:
                 f"({without} take no ratio and may use mixed precision)"
             )
         self.rows = (load_pairs if spec.needs_pairs else load_train_rows)(train.algorithm, inputs)
-        self.sampler = PrioritySampler(self.rows.weight, seed=cfg.run.seed)
+        self.sampler = PrioritySampler(self.rows.weight, seed=train.seed_or(cfg.run.seed))
         self.total_steps = step_budget(train, self.rows.positive_rows, self.rows.train_rows)
         path = reference_model_path(cfg, inputs["reference"])
         self.tokenizer = load_tokenizer(path)
-        self.model = build_policy(path, train, cfg.run.seed)
+        self.model = build_policy(path, train, train.seed_or(cfg.run.seed))
         optimizer = build_optimizer(self.model, train)
         # Stepped here once per optimiser step (accelerate's prepared scheduler would step once per process).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -53,7 +53,7 @@ def validation_reward(model: Any, tokenizer: Any, validation: Validation, scorer
         responses = generate(
             model, tokenizer, validation.prompts, max_prompt_tokens=cfg.reference.max_prompt_tokens,
             max_new_tokens=cfg.reference.generate_max_new_tokens, batch_size=cfg.reference.generate_batch_size,
-            seed=cfg.run.seed,
+            seed=cfg.train.seed_or(cfg.run.seed),
         )
     finally:
         model.train()

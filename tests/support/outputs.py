@@ -57,6 +57,7 @@ def _neutral(stage: str) -> dict[str, Any]:
                 "policy_is_reference": True, "models": {PI_THETA: _model_metrics([]), PI_REF: _model_metrics([])},
                 "difference": {"reward": _INTERVAL},
                 "win_rate": {"wins": 0, "ties": 0, "losses": 0, "win_rate": 0.0, "tie_rate": 0.0, "loss_rate": 0.0},
+                "length_controlled": {"difference": _INTERVAL, "slope_per_word": 0.0},
                 "train": {"policy_is_reference": True, "best_step": None, "best_validation_reward": None,
                           "reference_validation_reward": 0.0},
                 "generation": {}, "advantage": {}}
