@@ -37,6 +37,10 @@ CACHES = ("run.cache_dir",)
 """Where shared caches live: a stage that uses them may read it, but it is in no cache key (moving
 the cache folder changes no output)."""
 
+EXECUTION = ("run.executor", "run.ray_address", "run.workers")
+"""Where a data stage computes (stages.executor): read by the stages that map over their rows, in no cache key
+(the local and the Ray executor give the same output)."""
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -56,7 +60,7 @@ class StageSpec:
 
 STAGES: dict[str, StageSpec] = {
     "ingest": StageSpec("stages.ingest:run", ("data",), ()),
-    "score": StageSpec("stages.score:run", ("score",), ("ingest",), unkeyed=CACHES),
+    "score": StageSpec("stages.score:run", ("score",), ("ingest",), unkeyed=CACHES + EXECUTION),
     "reference": StageSpec(
         "stages.reference:run", ("reference", "value", "score", "run.seed"), ("ingest", "score"), True, CACHES
     ),
@@ -67,7 +71,7 @@ STAGES: dict[str, StageSpec] = {
     ),
     "evaluate": StageSpec(
         "stages.evaluate:run", ("evaluate", "reference", "score", "run.seed"),
-        ("ingest", "score", "reference", "advantage", "train"), True, CACHES,
+        ("ingest", "score", "reference", "advantage", "train"), True, CACHES + EXECUTION,
     ),
 }
 

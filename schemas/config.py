@@ -13,6 +13,7 @@ from schemas.advantage import AdvantageConfig
 from schemas.base import Section, UserInputError
 from schemas.evaluate import EvaluateConfig, check_judges
 from schemas.algorithms import ALGORITHM_REGISTRY
+from schemas.executor import Executor, Workers
 from schemas.ingest import PAIRLESS_FORMATS, DataConfig
 from schemas.reference import ReferenceConfig, ValueConfig, check_value_heads
 from schemas.score import ScoreConfig
@@ -46,6 +47,26 @@ class RunConfig(Section):
         "client_kwargs: {endpoint_url: ...}} for s3); never written to a manifest, run.json, log or Prefect parameter, "
         "so each worker gives its own (or uses the AWS_* environment variables).",
     )
+    executor: Executor = Field(
+        "local",
+        description="Where score, reference and evaluate compute their rows: `local` in the stage's own process (imports "
+        "no Ray), `ray` as Ray Data map_batches over shards of the stage input with an actor pool per stage "
+        "(run.workers; needs the ray extra). The output is the same; Prefect orchestrates the stages either way.",
+    )
+    ray_address: str = Field(
+        "",
+        description="With executor ray: the cluster to join (`host:port` of its head, or `auto`); empty starts a Ray "
+        "instance in this process bound to 127.0.0.1 with the dashboard off.",
+    )
+    workers: Workers = Field(
+        default_factory=Workers, description="Actors, CPUs and GPUs per actor and shard rows of each stage under executor ray."
+    )
+
+    @model_validator(mode="after")
+    def _ray_settings_need_ray(self) -> RunConfig:
+        if self.executor == "local" and self.ray_address:
+            raise ValueError("run.ray_address is set but run.executor is local: set run.executor=ray, or clear ray_address")
+        return self
 
 
 class AlolConfig(Section):

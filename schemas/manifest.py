@@ -10,6 +10,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.base import canonical_json, sha256_text
+from schemas.executor import Execution
 
 
 class OutputFile(BaseModel):
@@ -60,6 +61,7 @@ class StageResult(BaseModel):
     rows_out: int
     rows_rejected: int = 0
     metrics: StageMetrics = Field(..., description="The stage's metrics model (schemas.stages.STAGE_METRICS).")
+    execution: Execution | None = Field(None, description="Where its rows were computed (stages.executor); None for a stage that maps nothing.")
 
 
 class Producer(BaseModel):
@@ -95,6 +97,9 @@ class StageManifest(BaseModel):
     seconds: float
     versions: dict[str, str] = Field(..., description="Versions of python, torch, transformers, alol and friends.")
     producer: Producer | None = Field(None, description="Who computed this output.")
+    execution: Execution | None = Field(
+        None, description="The executor, the workers and per-worker timings of the stage's maps (not in the content hash)."
+    )
 
     def content_hash(self) -> str:
         """Hash of the output files only: equal outputs give equal hashes, whatever the timings."""

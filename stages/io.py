@@ -276,6 +276,7 @@ class StageWriter:
             seconds=(finished - self.started).total_seconds(),
             versions=versions,
             producer=producer,
+            execution=result.execution,
         )
         atomic_write_text(self.dir / MANIFEST, manifest.model_dump_json(indent=2))
         if fs.is_remote(self.location):

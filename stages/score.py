@@ -19,18 +19,20 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-from tqdm.auto import tqdm
 
 from schemas.config import AlolConfig
 from schemas.manifest import StageResult, Summary
-from schemas.score import ComponentStats, ScoreMetrics, score_schema
+from schemas.score import ComponentStats, ScoreConfig, ScoreMetrics, score_schema
 from stages.cache import ParquetCache
 from stages.catalog import SCORER_STATE
+from stages.executor import ShardFunction, ShardMapper
 from stages.faults import failpoint
 from stages.io import StageReader, StageWriter
 from stages.rewards.scorer import Scorer, component_cache_key, fit_states
@@ -40,30 +42,44 @@ WRITE_ROWS = 65_536
 CACHE_SCHEMA = pa.schema([("id", pa.string()), ("score", pa.float64())])
 
 
+@dataclass(frozen=True)
+class ComponentShards:
+    """Builds the per-shard function of one component (stages.executor): (id, prompt, response) rows -> (score)."""
+
+    config: ScoreConfig
+    states: dict[str, dict[str, Any] | None]
+    name: str
+
+    def __call__(self) -> ShardFunction:
+        scorer = Scorer(self.config, self.states)
+
+        def score(shard: pa.Table) -> pa.Table:
+            prompts, responses = shard.column("prompt").to_pylist(), shard.column("response").to_pylist()
+            values = scorer.score_component(self.name, prompts, responses, shard.column("id").to_pylist())
+            return pa.table({"score": pa.array(values, pa.float64())})
+
+        return score
+
+
 def score_column(
-    scorer: Scorer, name: str, dataset: pads.Dataset, ids: pa.Array, input_hash: str, cache: ParquetCache
+    scorer: Scorer, states: dict[str, dict[str, Any] | None], name: str, rows: pa.Table, input_hash: str,
+    cache: ParquetCache, mapper: ShardMapper,
 ) -> tuple[np.ndarray, ComponentStats]:
-    """One component's scores over the whole ingest table, from the cache or computed (then cached)."""
+    """One component's scores over the whole ingest table (`rows`: id, prompt, response), from the cache or
+    computed through `mapper` (then cached)."""
     component = scorer.components[name]
     fingerprint = component.fingerprint()
     key = component_cache_key(scorer.configs[name], component, fingerprint, input_hash)
     started = time.perf_counter()
+    ids = rows.column("id").combine_chunks()
     hit = cache.load(key, ids)
     if hit is not None:
         scores = hit.table.column("score").to_numpy()
         log.info("score %s: reusing cached scores (%s)", name, cache.path(key))
         compute_seconds = hit.meta.get("seconds")
     else:
-        scores = np.empty(len(ids), dtype=np.float64)
-        offset = 0
-        with tqdm(total=len(ids), desc=f"score {name}", unit="rows") as bar:
-            for batch in dataset.to_batches(columns=["id", "prompt", "response"], batch_size=scorer.batch_size):
-                batch_ids = batch.column("id").to_pylist()
-                if batch_ids != ids[offset : offset + len(batch_ids)].to_pylist():
-                    raise RuntimeError(f"ingest rows came back in a different order near row {offset}; rerun the stage")
-                prompts, responses = batch.column("prompt").to_pylist(), batch.column("response").to_pylist()
-                scores[offset : offset + len(batch_ids)] = scorer.score_component(name, prompts, responses, batch_ids, bar)
-                offset += len(batch_ids)
+        shards = ComponentShards(scorer.config, states, name)
+        scores = mapper.map_shards(f"score {name}", rows, shards, scorer.batch_size).column("score").to_numpy()
         compute_seconds = time.perf_counter() - started
         cache.save(
             key, pa.table({"id": ids, "score": pa.array(scores, pa.float64())}, schema=CACHE_SCHEMA),
@@ -95,16 +111,18 @@ def train_responses(dataset: pads.Dataset) -> Iterator[str]:
 def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> StageResult:
     ingest = inputs["ingest"]
     dataset = ingest.dataset("ingest")
-    ids = dataset.to_table(columns=["id"]).column("id").combine_chunks()
+    rows = dataset.to_table(columns=["id", "prompt", "response"]).combine_chunks()
+    ids = rows.column("id").combine_chunks()
     states = fit_states(cfg.score, train_responses(dataset))
     out.path(SCORER_STATE).write_text(json.dumps({"components": states}, sort_keys=True), encoding="utf-8")
     scorer = Scorer(cfg.score, states)
     cache = ParquetCache.under(cfg.run.cache_dir, "scores")
+    mapper = ShardMapper.for_stage(cfg, "score")
 
     columns: dict[str, np.ndarray] = {}
     stats: dict[str, ComponentStats] = {}
     for name in scorer.component_names:
-        columns[name], stats[name] = score_column(scorer, name, dataset, ids, ingest.content_hash, cache)
+        columns[name], stats[name] = score_column(scorer, states, name, rows, ingest.content_hash, cache, mapper)
     reward = scorer.combine(columns)
 
     schema = score_schema(scorer.component_names)
@@ -116,4 +134,4 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
 
     log.info("score: %d rows, R_max %.3g, mean reward %.4g", len(ids), scorer.r_max, reward.mean() if len(ids) else float("nan"))
     metrics = ScoreMetrics(r_max=scorer.r_max, r_min=scorer.r_min, weights=scorer.weights, components=stats, reward=Summary.of(reward))
-    return StageResult(rows_in=len(ids), rows_out=len(ids), metrics=metrics)
+    return StageResult(rows_in=len(ids), rows_out=len(ids), metrics=metrics, execution=mapper.execution())
