@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 
 def canonical_json(value: object) -> str:
@@ -46,3 +47,17 @@ def column_description(field: pa.Field) -> str | None:
     """The description `column` gave a field, or None."""
     value = (field.metadata or {}).get(DESCRIPTION_KEY)
     return value.decode("utf-8") if value is not None else None
+
+
+def typed_options(owner: str, data: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
+    """`data` with its `options` (a plain dict in YAML, or a model) validated by `model`; the options' errors
+    are reported under `options.` of `owner` (the model whose `kind` chose `model`)."""
+    options = data.get("options") or {}
+    if isinstance(options, BaseModel):
+        options = options.model_dump()
+    try:
+        typed = model.model_validate(options)
+    except ValidationError as exc:
+        problems = [{**e, "loc": ("options", *e["loc"])} for e in exc.errors(include_url=False)]
+        raise ValidationError.from_exception_data(owner, problems) from None
+    return {**data, "options": typed}

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas.base import Section, column
+from schemas.base import Section, column, typed_options
 from schemas.manifest import StageMetrics
 from schemas.ingest import MESSAGE_TYPE
 from schemas.score import OPTIONS_BY_KIND, ScoreConfig, component_columns
@@ -53,15 +53,7 @@ class JudgeConfig(Section):
     def _typed_options(cls, data: Any) -> Any:
         if not isinstance(data, dict) or data.get("kind") not in JUDGE_OPTIONS:
             return data
-        options = data.get("options") or {}
-        if isinstance(options, Section):
-            options = options.model_dump()
-        try:
-            typed = JUDGE_OPTIONS[data["kind"]].model_validate(options)
-        except ValidationError as exc:
-            problems = [{**e, "loc": ("options", *e["loc"])} for e in exc.errors(include_url=False)]
-            raise ValidationError.from_exception_data(cls.__name__, problems) from None
-        return {**data, "options": typed}
+        return typed_options(cls.__name__, data, JUDGE_OPTIONS[data["kind"]])
 
 
 def _default_judges() -> list[JudgeConfig]:

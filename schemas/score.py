@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas.base import Section, column
+from schemas.base import Section, column, typed_options
 from schemas.manifest import StageMetrics, Summary
 
 ComponentKind = Literal[
@@ -139,16 +139,7 @@ class ComponentConfig(Section):
             return data
         if data.get("kind") not in OPTIONS_BY_KIND:
             return {"options": {}, **data}  # only the kind is reported as wrong
-        model = OPTIONS_BY_KIND[data["kind"]]
-        options = data.get("options") or {}
-        if isinstance(options, Section):
-            options = options.model_dump()
-        try:
-            typed = model.model_validate(options)
-        except ValidationError as exc:  # report the options' errors under `options.`
-            problems = [{**e, "loc": ("options", *e["loc"])} for e in exc.errors(include_url=False)]
-            raise ValidationError.from_exception_data(cls.__name__, problems) from None
-        return {**data, "options": typed}
+        return typed_options(cls.__name__, data, OPTIONS_BY_KIND[data["kind"]])
 
 
 def _default_components() -> list[ComponentConfig]:
