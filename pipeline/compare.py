@@ -30,7 +30,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from pipeline.compare_table import (
-    ADVANTAGE_WEIGHT, MethodRuns, add_run, difference_rows, eval_columns, method_row, reference_row, score_columns,
+    ADVANTAGE_WEIGHT, MethodRuns, add_run, difference_rows, method_row, reference_columns, reference_row,
 )
 from pipeline.flow import run_alol
 from pipeline.preflight import check
@@ -38,7 +38,7 @@ from pipeline.routing import FLOW_NAME
 from pipeline.ui import send_alol_logs_to_prefect
 from schemas.algorithms import ALGORITHM_REGISTRY, ALGORITHMS, OPTIONAL_HYPERPARAMETERS
 from schemas.config import Profile, load_config
-from schemas.evaluate import PI_REF, Interval
+from schemas.evaluate import Interval
 from schemas.stages import STAGE_NAMES
 from schemas.train import Algorithm
 from stages import fs
@@ -225,8 +225,7 @@ def compare(
         first = first or evaluate
     metrics = first.metrics
     samples, seed = cfg.evaluate.bootstrap_samples, cfg.run.seed
-    _, reference = eval_columns(first, PI_REF, score_columns(metrics))
-    reference = {name: column[None, :] for name, column in reference.items()}
+    reference = reference_columns(first)
     rows = [reference_row(reference, metrics, samples, seed)]
     rows += [method_row(runs, reference, samples, seed) for runs in methods.values()]
     folder = fs.join(fs.location(cfg.run.root), cfg.run.name, "compare")

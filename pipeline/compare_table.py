@@ -65,6 +65,12 @@ def eval_columns(evaluate: StageReader, model: str, columns: Sequence[str]) -> t
     return table["id"].to_pylist(), {c: table[c].to_numpy().astype(np.float64) for c in columns}
 
 
+def reference_columns(evaluate: StageReader) -> dict[str, np.ndarray]:
+    """pi_ref's compared columns of one evaluation, each a (1, prompts) matrix like a method's one seed."""
+    _, columns = eval_columns(evaluate, PI_REF, score_columns(evaluate.metrics))
+    return {name: column[None, :] for name, column in columns.items()}
+
+
 def add_run(runs: MethodRuns, evaluate: StageReader, train_seconds: float, ids: list[str] | None) -> list[str]:
     """Append one seed's policy rows to `runs`; returns the prompt ids (which every run must share)."""
     metrics = evaluate.metrics

@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from pipeline import preflight, sql
-from pipeline.compare import REFERENCE_ROW, method_row, write_comparison
+from pipeline.compare import write_comparison
+from pipeline.compare_table import MethodRuns, add_run, method_row, reference_columns, reference_row
 from pipeline.runner import STAGES, cache_key, execute_stage, reusable_output
 from pipeline.storage import RunStore
 from schemas.config import load_config
-from schemas.evaluate import PI_REF, PI_THETA
 from schemas.stages import STAGE_NAMES
 from stages import fs
 from stages.io import IntegrityError, StageReader
@@ -100,8 +100,12 @@ def test_the_pipeline_on_s3_gives_the_content_hashes_of_a_local_run(s3, local_ru
     assert f"n\n{outputs['score'].rows['score']}\n" in done.stdout
 
     # The comparison table of `alol compare` goes into the run on the bucket.
-    metrics = StageReader(outputs["evaluate"].path).metrics
-    rows = [method_row(REFERENCE_ROW, metrics, PI_REF), method_row("a_lol", metrics, PI_THETA, 1.0)]
+    evaluate = StageReader(outputs["evaluate"].path)
+    metrics = evaluate.metrics
+    runs = MethodRuns("a_lol", "a_lol")
+    add_run(runs, evaluate, 1.0, None)
+    reference = reference_columns(evaluate)
+    rows = [reference_row(reference, metrics, 100, 0), method_row(runs, reference, 100, 0)]
     comparison = write_comparison(fs.join(store.dir, "compare"), rows, metrics.components, "t")
     assert comparison.markdown_path == f"{s3.url}/runs/tiny/compare/comparison.md" and "pi_ref" in comparison.markdown()
 
