@@ -1,6 +1,7 @@
 """The README's `alol` commands as a user types them, on the tiny pipeline (a config file in place of
 the default profile's SmolLM2 and corpus), through the Prefect flow: run and what it recomputes,
-status, report, export, sql, compare, and a run name that holds other data."""
+status, report, export, sql, compare (with seeds and the value ablation), the final split, and a run name
+that holds other data."""
 
 from __future__ import annotations
 
@@ -72,6 +73,19 @@ def test_readme_commands_on_tiny_inputs(tmp_path, prefect_backend, capsys):
 
     out = alol("compare", "--algorithms", "a_lol", "nll")
     assert "comparison.md" in out and (tmp_path / "runs" / "mine" / "compare" / "comparison.md").is_file()
+    alol("compare", "--algorithms", "a_lol", "nll", "--seeds", "2", "--value-ablation")
+    comparison = (tmp_path / "runs" / "mine" / "compare" / "comparison.md").read_text()
+    assert "a_lol (V=mean)" in comparison and "a_lol − nll" in comparison, comparison
+    assert fresh() == ["train", "evaluate"], "the last method trained; the upstream stayed cached"
+
+    # The locked final split: read only when asked, and every read counted under the run root.
+    final = ("--set", "data.final_fraction=0.7")  # 3 test prompts, 1 final here
+    alol("run", *final)
+    assert store.final_split_reads() == []
+    alol("run", "--final", *final)
+    assert [r["cached"] for r in store.final_split_reads()] == [False]
+    alol("compare", "--final", "--algorithms", "a_lol", *final)
+    assert [r["cached"] for r in store.final_split_reads()] == [False, True]
 
     other = write_rows(tmp_path / "other.jsonl", seed=1)
     assert main(["run", "--profile", "smoke", "--config", str(my), "--set", f"data.path={other}"]) == 1
