@@ -37,7 +37,7 @@ from pipeline.compare_table import (
 from pipeline.flow import run_alol
 from pipeline.preflight import check
 from pipeline.routing import FLOW_NAME
-from pipeline.ui import compare_label, send_alol_logs_to_prefect
+from pipeline.ui import compare_label, compare_result, send_alol_logs_to_prefect
 from schemas.algorithms import ALGORITHM_REGISTRY, ALGORITHMS, OPTIONAL_HYPERPARAMETERS
 from schemas.config import ConfigError, Profile, load_config
 from schemas.evaluate import Interval
@@ -270,4 +270,5 @@ def compare_flow(
     send_alol_logs_to_prefect()
     result = compare(algorithms, profile, config_file, overrides or {}, seeds, value_ablation)
     create_markdown_artifact(key="alol-compare", markdown=result.markdown(), description="alol compare: one row per method plus pi_ref")
+    log.info("%s", compare_result(load_config(profile, config_file, overrides or {}).run.name, result.rows))
     return str(result.markdown_path)

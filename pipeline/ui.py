@@ -31,11 +31,13 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
 
 from schemas.config import AlolConfig
+from schemas.evaluate import Interval
 from schemas.manifest import StageOutput
 from schemas.stages import STAGE_NAMES
 from schemas.tables import TABLES
 from stages.catalog import METRICS_TABLE_FILE, REPORT_FILE
 from stages.io import StageReader
+from stages.report import interval_text
 
 log = logging.getLogger("alol.flow")
 
@@ -102,6 +104,19 @@ def log_result(cfg: AlolConfig, outputs: Mapping[str, StageOutput]) -> None:
     if "evaluate" in outputs:
         metrics = StageReader(outputs["evaluate"].path, verify=False).metrics
         log.info("result of run %s (%s): %s", cfg.run.name, metrics.algorithm, metrics.headline())
+
+
+def compare_result(run_name: str, rows: Sequence[Mapping[str, Any]]) -> str:
+    """The one-line result of `alol/compare`, its run's last log line: each method's test reward (pi_ref
+    first) and, for the trained ones, the difference to pi_ref, with their 95% intervals."""
+    def interval(row: Mapping[str, Any], key: str) -> str:
+        return interval_text(Interval(mean=row[key], low=row[f"{key}_low"], high=row[f"{key}_high"]))
+
+    methods = [
+        f"{row['method']} {interval(row, 'reward')}" + (f" (difference {interval(row, 'reward_diff')})" if row.get("reward_diff") is not None else "")
+        for row in rows
+    ]
+    return f"result of compare {run_name}: test reward " + ", ".join(methods)
 
 
 def significant(value: Any, digits: int = SIGNIFICANT_DIGITS) -> Any:

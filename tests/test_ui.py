@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from pipeline import services as alol_services
-from pipeline.ui import compare_label, embed_images, run_label, significant, table_links_as_queries
+from pipeline.ui import compare_label, compare_result, embed_images, run_label, significant, table_links_as_queries
 from schemas.config import load_config
 from schemas.evaluate import PI_REF, PI_THETA
 from schemas.stages import STAGE_NAMES
@@ -60,6 +60,18 @@ def test_compare_label_names_the_run_the_algorithms_and_the_seeds():
     assert compare_label(cfg, ["a_lol", "nll"]) == "compare (demo: a_lol, nll)"
     assert compare_label(cfg, None, seeds=3, value_ablation=True) == "compare (demo: every algorithm; 3 seeds, value ablation)"
     assert compare_label(None, ["dpo"], seeds=2) == "compare (dpo; 2 seeds)"
+
+
+def test_compare_result_gives_each_methods_reward_and_its_difference_to_pi_ref():
+    interval = lambda key, mean: {key: mean, f"{key}_low": mean - 0.1, f"{key}_high": mean + 0.1}  # noqa: E731
+    rows = [
+        {"method": "pi_ref", **interval("reward", 0.5), "reward_diff": None},
+        {"method": "a_lol", **interval("reward", 0.625), **interval("reward_diff", 0.125)},
+    ]
+    assert compare_result("demo", rows) == (
+        "result of compare demo: test reward pi_ref 0.500 [0.400, 0.600], "
+        "a_lol 0.625 [0.525, 0.725] (difference 0.125 [0.025, 0.225])"
+    )
 
 
 def test_table_links_become_the_alol_sql_command_that_reads_the_table():
@@ -257,7 +269,10 @@ def test_flow_runs_are_named_and_their_logs_hold_alol_lines_and_the_result(ui_ru
 
     compare = ui_run.compare
     assert compare.name == f"compare (tiny: {ui_run.algorithm}, nll)" and compare.state.name == "Completed", compare.name
-    assert any(m.startswith("compare: nll") for _, m in _logs(api_url, compare.id, "compare: nll")), "alol's lines in its logs"
+    compare_lines = _logs(api_url, compare.id, "result of compare tiny: test reward pi_ref ")
+    assert any(m.startswith("compare: nll") for _, m in compare_lines), "alol's lines in its logs"
+    assert any(m.startswith("result of compare tiny: test reward pi_ref ") and "nll " in m for _, m in compare_lines[-3:]), \
+        "the comparison's one-line result ends its logs"
 
     artifacts = {a.key: a for a in _api(api_url, "read_latest_artifacts")}
     assert "](plots/" not in artifacts["alol-report"].data and "](data:image/png;base64," in artifacts["alol-report"].data
