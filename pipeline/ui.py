@@ -112,10 +112,10 @@ def compare_result(run_name: str, rows: Sequence[Mapping[str, Any]]) -> str:
     def interval(row: Mapping[str, Any], key: str) -> str:
         return interval_text(Interval(mean=row[key], low=row[f"{key}_low"], high=row[f"{key}_high"]))
 
-    methods = [
-        f"{row['method']} {interval(row, 'reward')}" + (f" (difference {interval(row, 'reward_diff')})" if row.get("reward_diff") is not None else "")
-        for row in rows
-    ]
+    methods = []
+    for row in rows:
+        difference = f" (difference {interval(row, 'reward_diff')})" if row.get("reward_diff") is not None else ""
+        methods.append(f"{row['method']} {interval(row, 'reward')}{difference}")
     return f"result of compare {run_name}: test reward " + ", ".join(methods)
 
 
