@@ -1,8 +1,8 @@
 """What the Prefect UI shows of an alol run: flow-run names, alol's log lines, the artifacts.
 
 - Names: a flow run of `alol` is named after the stages it runs and the run (`reference (smoke)`,
-  `all stages (smoke, a_lol)`: the algorithm when train or evaluate runs, so that the runs of
-  `alol compare` differ); each stage's task run is the stage's name (pipeline.flow); a run of
+  `all stages (smoke, a_lol)`: the algorithm (and a set train.seed, `V=mean` for the value ablation)
+  when train or evaluate runs, so that the runs of `alol compare` differ); each stage's task run is the stage's name (pipeline.flow); a run of
   `alol/compare` after the run and what it compares (`compare (smoke: a_lol, nll; 2 seeds)`).
 - Logs: alol's loggers (`alol.<stage>`, `alol.flow`, ...) reach the logs of the flow run, and task
   run, they are emitted in, in every process that runs the flow (`alol run`, a worker's flow-run
@@ -54,14 +54,22 @@ METRICS_DESCRIPTION = (
 
 def run_label(cfg: AlolConfig | None, stages: Sequence[str] | None) -> str:
     """The name of a flow run: the stages it runs (`all stages`, or them in pipeline order), then in
-    brackets the run name and, when train or evaluate is among them, the algorithm. Without a
+    brackets the run name and, when train or evaluate is among them, the algorithm and train.seed when
+    set, and `V=mean` for the value ablation (advantage.value: constant; so that the runs of
+    `alol compare --seeds K --value-ablation` differ too). Without a
     configuration (it did not load: the flow then reports why), the stages alone. ASCII only: the
     UI's run graph (a canvas with a font of its own) left out a `·`."""
     selected = [s for s in STAGE_NAMES if s in set(stages or STAGE_NAMES)]
     what = ALL_STAGES if selected == list(STAGE_NAMES) else ", ".join(selected)
     if cfg is None:
         return what
-    context = [cfg.run.name, *([cfg.train.algorithm] if {"train", "evaluate"} & set(selected) else [])]
+    context = [cfg.run.name]
+    if {"train", "evaluate"} & set(selected):
+        context.append(cfg.train.algorithm)
+        if cfg.train.seed is not None:
+            context.append(f"seed {cfg.train.seed}")
+    if {"advantage", "train", "evaluate"} & set(selected) and cfg.advantage.value == "constant":
+        context.append("V=mean")  # the value ablation
     return f"{what} ({', '.join(context)})"
 
 

@@ -53,6 +53,9 @@ def test_run_label_names_the_stages_the_run_and_the_algorithm_where_it_matters()
     assert run_label(cfg, ["advantage", "score"]) == "score, advantage (demo)", "pipeline order"
     assert run_label(cfg, ["evaluate"]) == "evaluate (demo, a_lol_seq)"
     assert run_label(None, ["train"]) == "train"
+    seeded = load_config("smoke", overrides={"run.name": "demo", "train.seed": 3, "advantage.value": "constant"})
+    assert run_label(seeded, None) == "all stages (demo, a_lol, seed 3, V=mean)"
+    assert run_label(seeded, ["advantage"]) == "advantage (demo, V=mean)" and run_label(seeded, ["reference"]) == "reference (demo)"
 
 
 def test_compare_label_names_the_run_the_algorithms_and_the_seeds():
