@@ -64,10 +64,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                          before_recording=lambda c, s: preflight.check_writable(c, s, force=args.force))
     if outputs is None:
         preflight.check(cfg, stages=args.stages, refresh=args.refresh, force=args.force)  # so do missing inputs, models, folders
+        checked_at = console.seconds_since_start()  # before the flow's imports (Prefect): they count as its start
         from pipeline.flow import run_alol
 
         console.filter_terminal_handlers()  # Prefect's own, added when it is imported
-        outputs = run_alol(cfg, stages=args.stages, refresh=args.refresh)
+        outputs = run_alol(cfg, stages=args.stages, refresh=args.refresh, checked_at=checked_at)
     print(_status_table(cfg.run.root, cfg.run.name, only=list(outputs)))
     return 0
 

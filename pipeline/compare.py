@@ -28,6 +28,8 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run as prefect_flow_run
+from pydantic import ValidationError
 
 from pipeline.compare_table import (
     ADVANTAGE_WEIGHT, MethodRuns, add_run, difference_rows, method_row, reference_columns, reference_row,
@@ -35,9 +37,9 @@ from pipeline.compare_table import (
 from pipeline.flow import run_alol
 from pipeline.preflight import check
 from pipeline.routing import FLOW_NAME
-from pipeline.ui import send_alol_logs_to_prefect
+from pipeline.ui import compare_label, compare_result, send_alol_logs_to_prefect
 from schemas.algorithms import ALGORITHM_REGISTRY, ALGORITHMS, OPTIONAL_HYPERPARAMETERS
-from schemas.config import Profile, load_config
+from schemas.config import ConfigError, Profile, load_config
 from schemas.evaluate import Interval
 from schemas.stages import STAGE_NAMES
 from schemas.train import Algorithm
@@ -239,7 +241,17 @@ def compare(
     return write_comparison(folder, rows, metrics.components, title, differences, metrics.judges, note)
 
 
-@flow(name=FLOW_NAME, flow_run_name="compare")
+def _compare_run_name() -> str:
+    """The flow run's name in the UI (pipeline.ui.compare_label); Prefect calls this before the run starts."""
+    parameters = prefect_flow_run.parameters
+    try:
+        cfg = load_config(parameters.get("profile", "default"), parameters.get("config_file"), parameters.get("overrides") or {})
+    except (ConfigError, ValidationError):
+        cfg = None  # the flow reports the configuration error when it starts
+    return compare_label(cfg, parameters.get("algorithms"), parameters.get("seeds", 1), parameters.get("value_ablation", False))
+
+
+@flow(name=FLOW_NAME, flow_run_name=_compare_run_name)
 def compare_flow(
     algorithms: list[Algorithm] | None = None,
     profile: Profile | None = "default",
@@ -258,4 +270,5 @@ def compare_flow(
     send_alol_logs_to_prefect()
     result = compare(algorithms, profile, config_file, overrides or {}, seeds, value_ablation)
     create_markdown_artifact(key="alol-compare", markdown=result.markdown(), description="alol compare: one row per method plus pi_ref")
+    log.info("%s", compare_result(load_config(profile, config_file, overrides or {}).run.name, result.rows))
     return str(result.markdown_path)

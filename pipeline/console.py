@@ -18,6 +18,9 @@ import os
 import signal
 import sys
 import threading
+import time
+
+import psutil
 
 log = logging.getLogger("alol.console")
 
@@ -72,6 +75,11 @@ def setup(debug: bool) -> None:
     if not debug:
         sys.unraisablehook = _quiet_unraisable
         threading.excepthook = _thread_failed
+
+
+def seconds_since_start() -> float:
+    """Seconds since this process started (its creation time: imports count)."""
+    return time.time() - psutil.Process().create_time()
 
 
 def _quiet_unraisable(unraisable) -> None:

@@ -19,7 +19,13 @@ def test_unparseable_input_file_is_one_clear_line(tmp_path):
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("alol: error")]
     assert errors == [f"alol: error: {bad}: line 2, column 17: not valid JSON: Expecting ',' delimiter"]
-    assert re.search(r"first stage ingest starts \d+\.\d s after alol started", proc.stderr), "the time to the first stage"
+    startup = re.search(
+        r"first stage ingest starts (\d+\.\d) s after alol started \(config and checks (\d+\.\d) s, "
+        r"Prefect import and server (\d+\.\d) s, flow start (\d+\.\d) s\)", proc.stderr,
+    )
+    assert startup, f"the time to the first stage, and what it went to: {proc.stderr[-3000:]}"
+    total, *parts = map(float, startup.groups())
+    assert abs(sum(parts) - total) <= 0.2, "the parts add up to the time to the first stage (to rounding)"
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "runs" / "smoke").exists(), "a failed stage leaves no output folder"
     records = [p.name for p in (tmp_path / "runs" / ".prefect-results").iterdir() if p.name != "locks"]

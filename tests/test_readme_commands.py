@@ -12,6 +12,7 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.storage import RunStore
+from stages.io import StageReader
 from tests.support.train import WHOLE_PIPELINE, overrides, tiny_setup, write_rows
 
 pytestmark = pytest.mark.e2e
@@ -68,6 +69,13 @@ def test_readme_commands_on_tiny_inputs(tmp_path, prefect_backend, capsys):
     top = alol("sql", "SELECT prompt_text, response, reward, advantage FROM joined WHERE split = 'train' "
                       "ORDER BY advantage DESC LIMIT 5").splitlines()
     assert top[0].split() == ["prompt_text", "response", "reward", "advantage"] and len(top) == 2 + 5
+    # The eval table's models are pi_theta and pi_ref, as in the report: one row per test prompt each.
+    prompts = StageReader(store.current("evaluate").path).metrics.prompts
+    for model in ("pi_ref", "pi_theta"):
+        rows = alol("sql", f"SELECT model, count(*) AS prompts, avg(reward) AS reward FROM eval WHERE model = '{model}' "
+                           "GROUP BY model").splitlines()
+        assert rows[0].split() == ["model", "prompts", "reward"] and len(rows) == 3, rows
+        assert rows[2].split()[:2] == [model, str(prompts)], rows
     assert "joined (stage ingest + score + reference + advantage)" in alol("sql", "--describe")
     assert "prompt_tokens" in alol("sql", "--describe", "reference")
 

@@ -3,8 +3,8 @@
 Unit tests of the pure parts (pipeline/ui.py), and one end-to-end test (marked e2e) in a real
 headless browser, Debian's `chromium`: `alol up` (server, work pools, one worker per pool) on a free
 port runs the tiny pipeline as the deployment `alol/full` (reference, train and evaluate as runs of
-their own deployments on the GPU pool), then `alol run` runs it in-process with advantage
-refreshed. The flow runs, their logs and the artifacts are read from the Prefect API; the flow-run
+their own deployments on the GPU pool) and a comparison of two algorithms as `alol/compare`, then
+`alol run` runs it in-process with advantage refreshed. The flow runs, their logs and the artifacts are read from the Prefect API; the flow-run
 pages and the report's artifact page are rendered by chromium (`--dump-dom`).
 
 Without chromium the browser test is skipped (install: `apt-get install -y chromium`), except under
@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from pipeline import services as alol_services
-from pipeline.ui import embed_images, run_label, significant
+from pipeline.ui import compare_label, compare_result, embed_images, run_label, significant, table_links_as_queries
 from schemas.config import load_config
 from schemas.evaluate import PI_REF, PI_THETA
 from schemas.stages import STAGE_NAMES
@@ -53,6 +53,41 @@ def test_run_label_names_the_stages_the_run_and_the_algorithm_where_it_matters()
     assert run_label(cfg, ["advantage", "score"]) == "score, advantage (demo)", "pipeline order"
     assert run_label(cfg, ["evaluate"]) == "evaluate (demo, a_lol_seq)"
     assert run_label(None, ["train"]) == "train"
+    seeded = load_config("smoke", overrides={"run.name": "demo", "train.seed": 3, "advantage.value": "constant"})
+    assert run_label(seeded, None) == "all stages (demo, a_lol, seed 3, V=mean)"
+    assert run_label(seeded, ["advantage"]) == "advantage (demo, V=mean)" and run_label(seeded, ["reference"]) == "reference (demo)"
+
+
+def test_compare_label_names_the_run_the_algorithms_and_the_seeds():
+    cfg = load_config("smoke", overrides={"run.name": "demo"})
+    assert compare_label(cfg, ["a_lol", "nll"]) == "compare (demo: a_lol, nll)"
+    assert compare_label(cfg, None, seeds=3, value_ablation=True) == "compare (demo: every algorithm; 3 seeds, value ablation)"
+    assert compare_label(None, ["dpo"], seeds=2) == "compare (dpo; 2 seeds)"
+
+
+def test_compare_result_gives_each_methods_reward_and_its_difference_to_pi_ref():
+    interval = lambda key, mean: {key: mean, f"{key}_low": mean - 0.1, f"{key}_high": mean + 0.1}  # noqa: E731
+    rows = [
+        {"method": "pi_ref", **interval("reward", 0.5), "reward_diff": None},
+        {"method": "a_lol", **interval("reward", 0.625), **interval("reward_diff", 0.125)},
+    ]
+    assert compare_result("demo", rows) == (
+        "result of compare demo: test reward pi_ref 0.500 [0.400, 0.600], "
+        "a_lol 0.625 [0.525, 0.725] (difference 0.125 [0.025, 0.225])"
+    )
+
+
+def test_table_links_become_the_alol_sql_command_that_reads_the_table():
+    markdown = (
+        "## Tables\n\n- [eval (this stage)](eval/)\n- [score (score)](../../score/ab12/score/)\n"
+        "- [notes](notes/extra.txt)\n[docs](https://example.org/t/) [top](#tables) ![A plot](data:image/png;base64,AAAA)\n"
+    )
+    assert table_links_as_queries(markdown, "my run") == (
+        "## Tables\n\n"
+        "- eval (this stage): `alol sql --run 'my run' \"SELECT * FROM eval LIMIT 10\"`\n"
+        "- score (score): `alol sql --run 'my run' \"SELECT * FROM score LIMIT 10\"`\n"
+        "- notes (`notes/extra.txt`)\n[docs](https://example.org/t/) [top](#tables) ![A plot](data:image/png;base64,AAAA)\n"
+    )
 
 
 PNG = base64.b64decode(
@@ -158,6 +193,8 @@ class UiRun:
     result_line: str
     watched: str  # what `prefect deployment run alol/full --watch` printed
     runs: dict[str, Any]  # flow run name -> the worker run of that name
+    compare: Any  # the flow run of `alol/compare`
+    algorithm: str  # the run's train.algorithm (compared with nll)
     local: Any  # the flow run of `alol run`
 
 
@@ -185,15 +222,23 @@ def ui_run(tmp_path_factory) -> UiRun:
         log.info("alol/full on the workers: %.1f s", time.monotonic() - started)
         runs = {r.name: r for r in _api(api_url, "read_flow_runs")}
 
+        started = time.monotonic()
+        params = json.dumps({"profile": "smoke", "overrides": settings, "algorithms": [cfg.train.algorithm, "nll"]})
+        ok(run([PREFECT, "deployment", "run", "alol/compare", "--params", params, "--watch"], env, 600))
+        log.info("alol/compare on the GPU worker: %.1f s", time.monotonic() - started)
+        compare = [r for r in _api(api_url, "read_flow_runs") if r.name.startswith("compare")]
+        assert len(compare) == 1, [r.name for r in compare]
+        seen = {r.id for r in runs.values()} | {r.id for r in _api(api_url, "read_flow_runs")}
+
         # In-process, advantage recomputed (train and evaluate stay cached: the same advantage output).
         started = time.monotonic()
         sets = [arg for key, value in settings.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
         ok(alol(["run", "--profile", "smoke", *sets, "--refresh", "advantage"], env, 600))
         log.info("alol run: %.1f s", time.monotonic() - started)
-        local = [r for r in _api(api_url, "read_flow_runs") if r.id not in {w.id for w in runs.values()}]
+        local = [r for r in _api(api_url, "read_flow_runs") if r.id not in seen]
         assert len(local) == 1, [r.name for r in local]
         result_line = f"result of run {cfg.run.name} ({cfg.train.algorithm}): test reward: pi_theta "
-        yield UiRun(api_url, settings, names, result_line, watched, runs, local[0])
+        yield UiRun(api_url, settings, names, result_line, watched, runs, compare[0], cfg.train.algorithm, local[0])
     finally:
         started = time.monotonic()
         leftovers = stop_all(home, env)
@@ -225,8 +270,18 @@ def test_flow_runs_are_named_and_their_logs_hold_alol_lines_and_the_result(ui_ru
     assert {"alol.advantage", "alol.flow"} <= _loggers(local_lines), sorted(_loggers(local_lines))
     assert any(m.startswith(result_line) for _, m in local_lines), "the result line of the cached evaluation"
 
+    compare = ui_run.compare
+    assert compare.name == f"compare (tiny: {ui_run.algorithm}, nll)" and compare.state.name == "Completed", compare.name
+    compare_lines = _logs(api_url, compare.id, "result of compare tiny: test reward pi_ref ")
+    assert any(m.startswith("compare: nll") for _, m in compare_lines), "alol's lines in its logs"
+    assert any(m.startswith("result of compare tiny: test reward pi_ref ") and "nll " in m for _, m in compare_lines[-3:]), \
+        "the comparison's one-line result ends its logs"
+
     artifacts = {a.key: a for a in _api(api_url, "read_latest_artifacts")}
     assert "](plots/" not in artifacts["alol-report"].data and "](data:image/png;base64," in artifacts["alol-report"].data
+    assert "](eval/)" not in artifacts["alol-report"].data, "no link to a table folder (the UI cannot open it)"
+    assert 'eval (this stage): `alol sql --run tiny "SELECT * FROM eval LIMIT 10"`' in artifacts["alol-report"].data
+    assert artifacts["alol-compare"].data.startswith("# alol compare: run tiny")
     metrics = artifacts["alol-metrics"]
     assert metrics.description and "pi_theta" in metrics.description
     table = json.loads(metrics.data) if isinstance(metrics.data, str) else metrics.data
@@ -257,3 +312,8 @@ def test_the_ui_pages_show_the_stages_the_result_and_the_report_plots(request):
     page = _dom(chromium, f"{ui}/artifacts/artifact/{report.latest_id}", profile)
     images = re.findall(r'<img[^>]*src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', page)
     assert len(images) == report.data.count("](data:image/png;base64,") >= 2, _text(page)[:3000]
+    assert not re.findall(r'href="(?:\.\./|eval/)[^"]*"', page), "no dead link to a table folder"
+    assert 'eval (this stage): alol sql --run tiny "SELECT * FROM eval LIMIT 10"' in _text(page), _text(page)[-3000:]
+
+    compare = _dom(chromium, f"{ui}/runs/flow-run/{ui_run.compare.id}", profile)
+    assert ui_run.compare.name in _text(compare), _text(compare)[:3000]
