@@ -62,7 +62,8 @@ STAGES: dict[str, StageSpec] = {
     "ingest": StageSpec("stages.ingest:run", ("data",), ()),
     "score": StageSpec("stages.score:run", ("score",), ("ingest",), unkeyed=CACHES + EXECUTION),
     "reference": StageSpec(
-        "stages.reference:run", ("reference", "value", "score", "run.seed"), ("ingest", "score"), True, CACHES
+        "stages.reference:run", ("reference", "value", "score", "run.seed"), ("ingest", "score"), True,
+        CACHES + EXECUTION,
     ),
     "advantage": StageSpec("stages.advantage:run", ("advantage",), ("score", "reference")),
     "train": StageSpec(
