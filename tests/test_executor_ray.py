@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 from pipeline.runner import STAGES, cache_key
@@ -16,6 +18,8 @@ from tests.support.train import WHOLE_PIPELINE, config, run_stages, tiny_setup
 pytest.importorskip("ray")
 
 SCORE_ONLY = ("ingest", "score")
+EVERY_STAGE = ("ingest", "score", "reference", "advantage", "train", "evaluate")
+FLOAT_TOLERANCE = 1e-5
 
 
 def _run(tmp_path, name: str, stages: tuple[str, ...], **extra):
@@ -25,11 +29,31 @@ def _run(tmp_path, name: str, stages: tuple[str, ...], **extra):
     return run_stages(cfg, stages)
 
 
-def _ray(address: str, actors: int = 2) -> dict:
+def _ray(address: str, actors: int = 2, batch_rows: int = 8) -> dict:
     return {
         "run.executor": "ray", "run.ray_address": address,
-        **{f"run.workers.{stage}": {"actors": actors, "cpus_per_actor": 1, "batch_rows": 8} for stage in ("score", "reference", "evaluate")},
+        **{
+            f"run.workers.{stage}": {"actors": actors, "cpus_per_actor": 1, "batch_rows": batch_rows}
+            for stage in ("score", "reference", "evaluate")
+        },
     }
+
+
+def _assert_tables_close(local: pa.Table, on_ray: pa.Table, where: str) -> None:
+    """Same columns, same rows in the same order; floats (and lists of floats) within FLOAT_TOLERANCE, the rest equal."""
+    assert local.schema == on_ray.schema, where
+    for name in local.column_names:
+        a, b = local.column(name), on_ray.column(name)
+        kind = a.type.value_type if pa.types.is_list(a.type) else a.type
+        if pa.types.is_floating(kind):
+            if pa.types.is_list(a.type):
+                assert [len(x) for x in a.to_pylist()] == [len(x) for x in b.to_pylist()], f"{where}.{name}"
+                a, b = pa.concat_arrays([c.flatten() for c in a.chunks]), pa.concat_arrays([c.flatten() for c in b.chunks])
+            x, y = np.asarray(a.to_numpy(zero_copy_only=False), float), np.asarray(b.to_numpy(zero_copy_only=False), float)
+            assert np.array_equal(np.isnan(x), np.isnan(y)), f"{where}.{name}"
+            assert np.allclose(x, y, rtol=0, atol=FLOAT_TOLERANCE, equal_nan=True), f"{where}.{name}: max |diff| {np.nanmax(np.abs(x - y))}"
+        else:
+            assert a.to_pylist() == b.to_pylist(), f"{where}.{name}"
 
 
 def _execution(output):
@@ -50,6 +74,34 @@ def test_score_on_ray_equals_local_and_the_manifest_names_the_workers(tmp_path, 
         assert all(not w.worker.endswith(f":{os.getpid()}") and w.peak_rss_bytes > 0 for w in run.workers)
     assert _execution(local["score"]).executor == "local"
     assert all(m.workers[0].worker.endswith(f":{os.getpid()}") for m in _execution(local["score"]).maps)
+
+
+def test_reference_and_evaluate_on_ray_equal_local(tmp_path, ray_cluster):
+    """Every pass of both stages on 2 actors: an SFT pi_ref (loaded by the actors from the stage's folder), its
+    value-target decodes, the validation pass with the value features, the train pass with V(x), built pairs'
+    decodes and pass; then the evaluation decodes and their scoring. Small shards: several per map."""
+    extra = {"reference.pairs": "built", "reference.sft_epochs": 1, "reference.generate_batch_size": 2}
+    local = _run(tmp_path, "local", EVERY_STAGE, **extra)
+    on_ray = _run(tmp_path, "ray", EVERY_STAGE, **extra, **_ray(ray_cluster, batch_rows=4))
+    for stage, tables in (("reference", ("reference", "value_targets", "pi_ref_responses")), ("evaluate", ("eval",))):
+        a, b = StageReader(local[stage].path), StageReader(on_ray[stage].path)
+        for table in tables:
+            assert a.read(table).num_rows > 0, table
+            _assert_tables_close(a.read(table), b.read(table), f"{stage}/{table}")
+
+    reference = _execution(on_ray["reference"])
+    assert reference.executor == "ray" and reference.ray_address == ray_cluster
+    assert [m.name for m in reference.maps] == [
+        "reference value-target decoding", "reference log-probs and value features (validation)",
+        "reference log-probs and V(x) (train)", "reference pi_ref responses decoding", "reference log-probs (pi_ref responses)",
+    ]
+    rows = StageReader(on_ray["reference"].path).read("reference").column("split").to_pylist()
+    assert [m.rows for m in reference.maps[1:3]] == [rows.count("validation"), rows.count("train")]
+    assert all(m.shards > 1 and all(not w.worker.endswith(f":{os.getpid()}") for w in m.workers) for m in reference.maps)
+    evaluate = _execution(on_ray["evaluate"])
+    assert [m.name.split(" (")[0] for m in evaluate.maps][:2] == ["evaluate decoding", "evaluate decoding"]
+    assert {m.name for m in evaluate.maps[2:]} >= {"score cats (pi_ref)", "score cats (pi_theta)"}
+    assert all(m.executor == "ray" for m in evaluate.maps)
 
 
 def test_an_actor_killed_mid_stage_is_restarted_and_the_output_is_the_same(tmp_path, ray_cluster, monkeypatch):
