@@ -13,6 +13,7 @@ from pipeline.runner import STAGES, cache_key
 from schemas.manifest import StageOutput
 from stages.io import StageReader
 from tests.support.ray import ray_cluster  # noqa: F401 (fixture)
+from tests.support.s3 import free_port
 from tests.support.train import WHOLE_PIPELINE, config, run_stages, tiny_setup
 
 pytest.importorskip("ray")
@@ -122,3 +123,49 @@ def test_executor_settings_are_in_no_cache_key(tmp_path):
     for stage in ("score", "reference", "evaluate"):
         upstream = {name: inputs[name] for name in STAGES[stage].upstream}
         assert cache_key(on_ray, stage, upstream) == cache_key(local, stage, upstream)
+
+
+def _preflight_config(tmp_path, **sets):
+    model, data = tiny_setup(tmp_path)
+    return config(tmp_path, model, data, **sets)
+
+
+def test_preflight_refuses_an_unreachable_cluster_in_one_line(tmp_path):
+    from pipeline import preflight
+
+    port = free_port()
+    cfg = _preflight_config(tmp_path, **{"run.executor": "ray", "run.ray_address": f"127.0.0.1:{port}"})
+    with pytest.raises(preflight.PreflightError) as caught:
+        preflight.check(cfg, ["ingest", "score"])
+    [line] = caught.value.problems
+    assert line.startswith(f"run.ray_address 127.0.0.1:{port}: no Ray cluster answers there") and "ray start --head" in line
+    preflight.check(cfg, ["ingest"])  # a run of stages that map nothing needs no cluster
+
+
+def test_cli_refuses_an_unreachable_cluster_before_any_work(tmp_path, capsys):
+    from pipeline.cli import main
+
+    model, data = tiny_setup(tmp_path)
+    args = ["run", "--profile", "smoke", "--set", f"run.root={tmp_path / 'runs'}", "--set", f"run.cache_dir={tmp_path / 'cache'}",
+            "--set", "data.source=file", "--set", f"data.path={data}", "--set", f"reference.model={model}",
+            "--set", "run.executor=ray", "--set", f"run.ray_address=127.0.0.1:{free_port()}"]
+    capsys.readouterr()  # the tiny model's set-up
+    assert main(args) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("alol: error: run.ray_address 127.0.0.1:") and "no Ray cluster answers there" in line
+    assert not (tmp_path / "runs").exists(), "refused before any stage wrote anything"
+
+
+def test_preflight_refuses_gpus_per_actor_that_no_node_has(tmp_path, ray_cluster):
+    from pipeline import preflight
+
+    ask = {"run.executor": "ray", "run.ray_address": ray_cluster, "run.workers.reference": {"gpus_per_actor": 1}}
+    cfg = _preflight_config(tmp_path, **ask)
+    with pytest.raises(preflight.PreflightError) as caught:
+        preflight.check(cfg, [*SCORE_ONLY, "reference"])
+    assert caught.value.problems == [
+        f"run.workers.reference.gpus_per_actor is 1 but no node of the Ray cluster at {ray_cluster} has that many GPUs "
+        "(the most on one node: 0); lower it (--set run.workers.reference.gpus_per_actor=0) or add a GPU node"
+    ]
+    preflight.check(cfg, list(SCORE_ONLY))  # score asks for no GPU
+    preflight.check(_preflight_config(tmp_path, **{**ask, "run.workers.reference": {"gpus_per_actor": 0}}), [*SCORE_ONLY, "reference"])
