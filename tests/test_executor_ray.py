@@ -115,6 +115,18 @@ def test_an_actor_killed_mid_stage_is_restarted_and_the_output_is_the_same(tmp_p
         assert len(run.workers) == 2 and sorted(w.shards for w in run.workers) == [1, 5]
 
 
+def test_an_actor_killed_in_the_reference_stage_is_restarted_and_the_output_is_the_same(tmp_path, ray_cluster, monkeypatch):
+    stages = (*SCORE_ONLY, "reference")
+    local = _run(tmp_path, "local", stages)
+    monkeypatch.setenv("ALOL_FAILPOINT", "executor.shard@2")  # each actor's first life dies at its 2nd shard
+    on_ray = _run(tmp_path, "ray", stages, **_ray(ray_cluster, actors=1, batch_rows=4))
+    assert on_ray["reference"].content_hash == local["reference"].content_hash
+    killed = [m for m in _execution(on_ray["reference"]).maps if m.shards >= 2]
+    assert killed, "some map of several shards"
+    for run in killed:  # the first shard came back from the killed actor, the rest from its restarted process
+        assert sorted(w.shards for w in run.workers) == [1, run.shards - 1], run.name
+
+
 def test_executor_settings_are_in_no_cache_key(tmp_path):
     model, data = tiny_setup(tmp_path)
     local = config(tmp_path, model, data)
