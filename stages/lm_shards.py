@@ -1,6 +1,7 @@
 """A causal LM's work as per-shard functions (stages.executor): the model each function computes with, and decoding.
 
-    responses = decode(mapper, "reference value-target decoding", ShardModel.of(mapper, path, model, tokenizer), prompts, settings)
+    pi_ref = ShardModel.of(mapper, path, model, tokenizer)
+    responses = decode(mapper, "reference value-target decoding", pi_ref, tokenizer, prompts, settings, "alol.reference")
 
 `ShardModel` is the model a per-shard function uses: with the local executor the model the stage has
 already loaded (no second copy, so the numbers are those of that model), on Ray its folder, loaded
