@@ -181,3 +181,26 @@ def test_preflight_refuses_gpus_per_actor_that_no_node_has(tmp_path, ray_cluster
     ]
     preflight.check(cfg, list(SCORE_ONLY))  # score asks for no GPU
     preflight.check(_preflight_config(tmp_path, **{**ask, "run.workers.reference": {"gpus_per_actor": 0}}), [*SCORE_ONLY, "reference"])
+
+
+def test_alol_run_on_ray_gives_the_local_content_hashes(tmp_path, ray_cluster, prefect_backend):
+    """Through the CLI and the Prefect flow (a stage is one task, Ray runs inside it)."""
+    import yaml
+
+    from pipeline.cli import main
+    from pipeline.storage import RunStore
+    from schemas.config import apply_overrides
+    from tests.support.train import overrides
+
+    model, data = tiny_setup(tmp_path)
+    settings = {**WHOLE_PIPELINE, "score.batch_size": 4}
+    hashes = {}
+    for name, extra in (("local", {}), ("ray", _ray(ray_cluster))):
+        file = tmp_path / f"{name}.yaml"
+        values = overrides(tmp_path / name, model, data, **settings, **extra)
+        file.write_text(yaml.safe_dump(apply_overrides({}, values)), encoding="utf-8")
+        assert main(["run", "--profile", "smoke", "--config", str(file), "--stages", *SCORE_ONLY, "reference"]) == 0
+        store = RunStore(values["run.root"], values["run.name"])
+        hashes[name] = {stage: store.current(stage).content_hash for stage in (*SCORE_ONLY, "reference")}
+        assert _execution(store.current("reference")).executor == name
+    assert hashes["ray"] == hashes["local"]
