@@ -14,8 +14,8 @@ writes nothing (no folder, no record) and starts no server.
   that the credentials, endpoint, bucket and write permission work (one probe object, removed again).
 - With run.executor=ray and a stage that maps on Ray (score, reference, evaluate) selected: the ray
   package is installed, run.ray_address answers (a TCP connection to the head's GCS port; `auto` is
-  joined), and each stage's run.workers.<stage>.gpus_per_actor fits on some node of the cluster (this
-  machine's GPUs when ray_address is empty and the stage starts its own Ray instance).
+  joined), and each stage's run.workers.<stage>.cpus_per_actor and gpus_per_actor fit on some node of
+  the cluster (this machine when ray_address is empty and the stage starts its own Ray instance).
 - A run name is not silently reused for other data: when ingest runs and the run already records
   an ingest output of another data source (data.source, data.path, data.dataset_config), the run
   would replace that record (and `alol report`, `status`, `sql` would show the new data under the
@@ -133,8 +133,8 @@ CONNECT_SECONDS = 5.0
 
 
 def _ray_problems(cfg: AlolConfig, selected: list[str]) -> list[str]:
-    """One line if Ray is missing or run.ray_address does not answer; one per stage asking for more GPUs per
-    actor than any node has."""
+    """One line if Ray is missing or run.ray_address does not answer; one per stage and resource (CPUs, GPUs)
+    that an actor asks more of than any node has (Ray would wait for such an actor forever)."""
     mapped = [s for s in RAY_STAGES if s in selected]
     if cfg.run.executor != "ray" or not mapped:
         return []
@@ -145,20 +145,23 @@ def _ray_problems(cfg: AlolConfig, selected: list[str]) -> list[str]:
         problem = _unreachable(address)
         if problem:
             return [problem]
-    wanted = {s: getattr(cfg.run.workers, s).gpus_per_actor for s in mapped if getattr(cfg.run.workers, s).gpus_per_actor > 0}
-    if not wanted and address != "auto":
-        return []
     try:
-        gpus, where = _node_gpus(address)
+        nodes, where = _node_resources(address)
     except Exception as error:  # ray.init's errors are many kinds; the line says which address and why
         return [f"run.ray_address {address}: cannot join the Ray cluster ({type(error).__name__}: {str(error).splitlines()[0]}); "
                 "start it (ray start --head) or fix the address"]
-    largest = max(gpus, default=0)
-    return [
-        f"run.workers.{stage}.gpus_per_actor is {need:g} but no node of {where} has that many GPUs (the most on one "
-        f"node: {largest:g}); lower it (--set run.workers.{stage}.gpus_per_actor={largest:g}) or add a GPU node"
-        for stage, need in wanted.items() if not any(n >= need for n in gpus)
-    ]
+    problems = []
+    for stage in mapped:
+        workers = getattr(cfg.run.workers, stage)
+        for resource, field in (("CPU", "cpus_per_actor"), ("GPU", "gpus_per_actor")):
+            need = getattr(workers, field)
+            if need > 0 and not any(node.get(resource, 0.0) >= need for node in nodes):
+                most = max((node.get(resource, 0.0) for node in nodes), default=0.0)
+                problems.append(
+                    f"run.workers.{stage}.{field} is {need:g} but no node of {where} has that many {resource}s (the most "
+                    f"on one node: {most:g}); lower it (--set run.workers.{stage}.{field}={most:g}) or add a larger node"
+                )
+    return problems
 
 
 def _unreachable(address: str) -> str | None:
@@ -174,19 +177,21 @@ def _unreachable(address: str) -> str | None:
     return None
 
 
-def _node_gpus(address: str) -> tuple[list[float], str]:
-    """GPUs of each live node of the cluster at `address` (joined as the stages will join it), or of this
-    machine when `address` is empty (the stage starts a Ray instance here)."""
+def _node_resources(address: str) -> tuple[list[dict[str, float]], str]:
+    """CPUs and GPUs of each live node of the cluster at `address` (joined as the stages will join it), or of
+    this machine when `address` is empty (the stage starts a Ray instance here)."""
     if not address:
         import torch
 
-        return [float(torch.cuda.device_count())], "this machine (run.ray_address is empty: a Ray instance starts here)"
+        here = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+        return [here], "this machine (run.ray_address is empty: a Ray instance starts here)"
     import ray
 
     from stages.executor import ray_session
 
     joined = ray_session(address)
-    return [float(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive")], f"the Ray cluster at {joined}"
+    nodes = [{k: float(n["Resources"].get(k, 0)) for k in ("CPU", "GPU")} for n in ray.nodes() if n.get("Alive")]
+    return nodes, f"the Ray cluster at {joined}"
 
 
 def _looks_like_a_path(name: str) -> bool:

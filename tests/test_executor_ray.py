@@ -168,7 +168,7 @@ def test_cli_refuses_an_unreachable_cluster_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "runs").exists(), "refused before any stage wrote anything"
 
 
-def test_preflight_refuses_gpus_per_actor_that_no_node_has(tmp_path, ray_cluster):
+def test_preflight_refuses_cpus_or_gpus_per_actor_that_no_node_has(tmp_path, ray_cluster):
     from pipeline import preflight
 
     ask = {"run.executor": "ray", "run.ray_address": ray_cluster, "run.workers.reference": {"gpus_per_actor": 1}}
@@ -177,10 +177,15 @@ def test_preflight_refuses_gpus_per_actor_that_no_node_has(tmp_path, ray_cluster
         preflight.check(cfg, [*SCORE_ONLY, "reference"])
     assert caught.value.problems == [
         f"run.workers.reference.gpus_per_actor is 1 but no node of the Ray cluster at {ray_cluster} has that many GPUs "
-        "(the most on one node: 0); lower it (--set run.workers.reference.gpus_per_actor=0) or add a GPU node"
+        "(the most on one node: 0); lower it (--set run.workers.reference.gpus_per_actor=0) or add a larger node"
     ]
     preflight.check(cfg, list(SCORE_ONLY))  # score asks for no GPU
     preflight.check(_preflight_config(tmp_path, **{**ask, "run.workers.reference": {"gpus_per_actor": 0}}), [*SCORE_ONLY, "reference"])
+    cpus = _preflight_config(tmp_path, **{**ask, "run.workers.reference": {}, "run.workers.score": {"cpus_per_actor": 3}})
+    with pytest.raises(preflight.PreflightError) as caught:
+        preflight.check(cpus, list(SCORE_ONLY))
+    [line] = caught.value.problems
+    assert line.startswith("run.workers.score.cpus_per_actor is 3 but no node of the Ray cluster") and "(the most on one node: 2)" in line
 
 
 def test_alol_run_on_ray_gives_the_local_content_hashes(tmp_path, ray_cluster, prefect_backend):
