@@ -12,6 +12,10 @@ writes nothing (no folder, no record) and starts no server.
   Gemma-3-270M needs its packages (or its converted folder in run.cache_dir), a local folder needs config.json.
 - run.root and the run's folders can be written; on an object store (run.root or run.cache_dir a URL),
   that the credentials, endpoint, bucket and write permission work (one probe object, removed again).
+- With run.executor=ray and a stage that maps on Ray (score, reference, evaluate) selected: the ray
+  package is installed, run.ray_address answers (a TCP connection to the head's GCS port; `auto` is
+  joined), and each stage's run.workers.<stage>.cpus_per_actor and gpus_per_actor fit on some node of
+  the cluster (this machine when ray_address is empty and the stage starts its own Ray instance).
 - A run name is not silently reused for other data: when ingest runs and the run already records
   an ingest output of another data source (data.source, data.path, data.dataset_config), the run
   would replace that record (and `alol report`, `status`, `sql` would show the new data under the
@@ -24,7 +28,9 @@ the same cache key is committed, since ingest then reuses it without reading the
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import socket
 from pathlib import Path
 
 from pipeline.runner import RESULTS_FOLDER, STAGES, cache_key, reusable_output
@@ -66,6 +72,7 @@ def check(cfg: AlolConfig, stages: list[str] | None = None, refresh: list[str] |
         problems += _unavailable_model(cfg)
     if "evaluate" in selected:
         problems += _unavailable_judge_models(cfg)
+    problems += _ray_problems(cfg, selected)
     if problems:
         raise PreflightError(problems)
 
@@ -118,6 +125,73 @@ def _another_source(cfg: AlolConfig, store: RunStore) -> list[str]:
         f"run {store.name!r} already holds other data ({spell(old)}); give this run ({spell(new)}) its own name: "
         f"--set run.name=NAME (or --force to replace the run's record)"
     ]
+
+
+RAY_STAGES = ("score", "reference", "evaluate")
+"""The stages that map over their rows on Ray under run.executor=ray (stages.executor)."""
+CONNECT_SECONDS = 5.0
+
+
+def _ray_problems(cfg: AlolConfig, selected: list[str]) -> list[str]:
+    """One line if Ray is missing or run.ray_address does not answer; one per stage and resource (CPUs, GPUs)
+    that an actor asks more of than any node has (Ray would wait for such an actor forever)."""
+    mapped = [s for s in RAY_STAGES if s in selected]
+    if cfg.run.executor != "ray" or not mapped:
+        return []
+    if importlib.util.find_spec("ray") is None:
+        return ["run.executor is ray but the ray package is not installed: pip install -e '.[ray]' (or --set run.executor=local)"]
+    address = cfg.run.ray_address
+    if address and address != "auto":
+        problem = _unreachable(address)
+        if problem:
+            return [problem]
+    try:
+        nodes, where = _node_resources(address)
+    except Exception as error:  # ray.init's errors are many kinds; the line says which address and why
+        return [f"run.ray_address {address}: cannot join the Ray cluster ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                "start it (ray start --head) or fix the address"]
+    problems = []
+    for stage in mapped:
+        workers = getattr(cfg.run.workers, stage)
+        for resource, field in (("CPU", "cpus_per_actor"), ("GPU", "gpus_per_actor")):
+            need = getattr(workers, field)
+            if need > 0 and not any(node.get(resource, 0.0) >= need for node in nodes):
+                most = max((node.get(resource, 0.0) for node in nodes), default=0.0)
+                problems.append(
+                    f"run.workers.{stage}.{field} is {need:g} but no node of {where} has that many {resource}s (the most "
+                    f"on one node: {most:g}); lower it (--set run.workers.{stage}.{field}={most:g}) or add a larger node"
+                )
+    return problems
+
+
+def _unreachable(address: str) -> str | None:
+    """A line when nothing listens at the head's `host:port` (or `ray://host:port`) within CONNECT_SECONDS."""
+    host, _, port = address.partition("://")[2 if "://" in address else 0].rpartition(":")
+    if not host or not port.isdigit():
+        return f"run.ray_address {address!r} is not host:port (or ray://host:port, or auto); give the head's GCS address, e.g. 10.0.0.1:6379"
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        return f"run.ray_address {address}: no Ray cluster answers there ({reason}); start its head (ray start --head --port {port}) or fix the address"
+    return None
+
+
+def _node_resources(address: str) -> tuple[list[dict[str, float]], str]:
+    """CPUs and GPUs of each live node of the cluster at `address` (joined as the stages will join it), or of
+    this machine when `address` is empty (the stage starts a Ray instance here)."""
+    if not address:
+        import torch
+
+        here = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+        return [here], "this machine (run.ray_address is empty: a Ray instance starts here)"
+    import ray
+
+    from stages.executor import ray_session
+
+    joined = ray_session(address)
+    nodes = [{k: float(n["Resources"].get(k, 0)) for k in ("CPU", "GPU")} for n in ray.nodes() if n.get("Alive")]
+    return nodes, f"the Ray cluster at {joined}"
 
 
 def _looks_like_a_path(name: str) -> bool:

@@ -41,6 +41,9 @@ EXECUTION = ("run.executor", "run.ray_address", "run.workers")
 """Where a data stage computes (stages.executor): read by the stages that map over their rows, in no cache key
 (the local and the Ray executor give the same output)."""
 
+PROCESSES = ("train.processes",)
+"""How many processes the train stage trains on (pipeline.launch): in no cache key (N processes equal one)."""
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -48,7 +51,7 @@ class StageSpec:
 
     `sections` are section names, or `section.field` for a single field (e.g. `run.seed`): exactly
     what goes into the cache key. `unkeyed` are settings the stage may read that do not change its
-    output (CACHES). The stage function gets a `StageConfig` that refuses to read anything else.
+    output (CACHES, EXECUTION), whole sections or fields of a keyed section (PROCESSES), which leave the key. The stage function gets a `StageConfig` that refuses to read anything else.
     """
 
     function: str
@@ -62,12 +65,13 @@ STAGES: dict[str, StageSpec] = {
     "ingest": StageSpec("stages.ingest:run", ("data",), ()),
     "score": StageSpec("stages.score:run", ("score",), ("ingest",), unkeyed=CACHES + EXECUTION),
     "reference": StageSpec(
-        "stages.reference:run", ("reference", "value", "score", "run.seed"), ("ingest", "score"), True, CACHES
+        "stages.reference:run", ("reference", "value", "score", "run.seed"), ("ingest", "score"), True,
+        CACHES + EXECUTION,
     ),
     "advantage": StageSpec("stages.advantage:run", ("advantage",), ("score", "reference")),
     "train": StageSpec(
         "stages.train:run", ("train", "reference", "score", "run.seed"),
-        ("ingest", "score", "reference", "advantage"), True, CACHES,
+        ("ingest", "score", "reference", "advantage"), True, CACHES + PROCESSES,
     ),
     "evaluate": StageSpec(
         "stages.evaluate:run", ("evaluate", "reference", "score", "run.seed"),
@@ -157,6 +161,10 @@ def versions() -> dict[str, str]:
 def section_values(cfg: AlolConfig, stage: str) -> dict[str, Any]:
     """The config values a stage reads, keyed by section (or section.field)."""
     dumped = cfg.model_dump(mode="json")
+    for name in STAGES[stage].unkeyed:
+        section, _, field = name.partition(".")
+        if field and section in STAGES[stage].sections:
+            dumped[section].pop(field)
     values: dict[str, Any] = {}
     for name in STAGES[stage].sections:
         section, _, field = name.partition(".")
@@ -216,6 +224,10 @@ def execute_stage(
         existing = reusable_output(store, stage, key)
         if existing is not None:
             return existing, True
+    if stage == "train" and cfg.train.processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        from pipeline.launch import train_on_processes
+
+        return train_on_processes(cfg, inputs, key, store), False
     readers = {name: StageReader(inputs[name].path) for name in STAGES[stage].upstream}
     writer = StageWriter(store.stage_dir(stage, key))
     try:

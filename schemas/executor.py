@@ -24,9 +24,10 @@ class Resources(Section):
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs Ray reserves for each actor (fractions share a GPU).")
     batch_rows: int = Field(
         256, gt=0,
-        description="Rows of one shard handed to an actor per call, rounded up to a whole number of the stage's own "
-        "model batches (score.batch_size, reference.batch_size / generate_batch_size, evaluate.batch_size), so the "
-        "model sees the same batches as with the local executor.",
+        description="Rows of one shard handed to an actor per call, rounded up to whole model batches of the stage "
+        "(score.batch_size; the reference pass's length-sorted batches under reference.token_budget; "
+        "reference.generate_batch_size; evaluate.batch_size), so the model sees the same batches as with the local "
+        "executor.",
     )
 
 
@@ -34,7 +35,10 @@ class Workers(Section):
     """The actor pool of each stage that runs on Ray under `run.executor: ray`."""
 
     score: Resources = Field(default_factory=Resources, description="Scoring of every reward component.")
-    reference: Resources = Field(default_factory=Resources, description="pi_ref's log-prob pass and value-target decodes.")
+    reference: Resources = Field(
+        default_factory=Resources,
+        description="pi_ref's value-target decodes, its log-prob passes (value features, V(x)) and built pairs' decodes.",
+    )
     evaluate: Resources = Field(default_factory=Resources, description="The evaluation decodes and their scoring.")
 
 

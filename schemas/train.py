@@ -45,6 +45,12 @@ class TrainConfig(Section):
     checkpoint_every: int | None = Field(
         None, gt=0, description="Save the resume state (model, optimiser, scheduler, sampler, RNG) every this many steps; at every validation when unset."
     )
+    processes: int = Field(
+        1, ge=1,
+        description="Processes the train stage trains on: above 1 the stage launches them itself on this machine "
+        "(torchrun --standalone; gloo on CPU, NCCL on GPUs, one GPU each), each running grad_accumulation / processes "
+        "micro-batches of every step; the result equals one process, so it is in no cache key.",
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="accelerate mixed precision, where the device supports it.")
     seed: int | None = Field(
         None, description="Seed of the train stage (row sampling, LoRA init, dropout, validation decoding); run.seed "
@@ -66,6 +72,11 @@ class TrainConfig(Section):
             if name not in uses and getattr(self, name) is not None:
                 users = ", ".join(s.name for s in ALGORITHM_REGISTRY.values() if name in s.hyperparameters)
                 raise ValueError(f"train.{name} is only used by {users}, not {self.algorithm}")
+        if self.grad_accumulation % self.processes:
+            raise ValueError(
+                f"train.grad_accumulation ({self.grad_accumulation}) must be a multiple of train.processes "
+                f"({self.processes}): each process runs an equal share of every step's micro-batches"
+            )
         if self.warmup_steps >= self.steps:
             raise ValueError(f"train.warmup_steps ({self.warmup_steps}) must be below train.steps ({self.steps})")
         if self.lora_rank is None and self.lora_alpha is not None:

@@ -7,9 +7,12 @@ with the local executor (`run.executor: local`, which imports no Ray), and once 
 `ray`: Ray Data `map_batches` over the shards with an actor pool of `run.workers.<stage>` actors. The
 function gets a table of consecutive input rows and returns one row per input row, in order.
 
-The rows are cut into shards of `batch_rows` rounded up to a whole number of `model_batch` rows, the
-same shards under both executors, so a function that batches its shard by `model_batch` sees the
-batches it would see over the whole table; the output is the shards' outputs in input order.
+The rows are cut into shards of whole model batches, at least `batch_rows` rows each (the last may
+have fewer), the same shards under both executors, so a function that batches its shard as the
+stage batches the whole table sees the batches it would see over the whole table; the output is the
+shards' outputs in input order. `model_batch` is the stage's fixed batch size (score.batch_size:
+`batch_rows` rounded up to a whole number of it), or the sizes of its consecutive batches when they
+vary (the reference stage's length-sorted batches under a token budget, rows given in batch order).
 
 Faults: an actor that dies (killed, out of memory) is restarted and its shard retried (Ray's
 `max_restarts` / `max_task_retries`, RESTARTS each), so the output is the same. The failpoint
@@ -26,8 +29,9 @@ import resource
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -47,9 +51,23 @@ _joined: str | None = None
 """The run.ray_address this process's Ray connection was made for (the GCS reports its own host's IP instead)."""
 
 
-def shard_rows(resources: Resources, model_batch: int) -> int:
-    """batch_rows rounded up to a whole number of model batches."""
-    return -(-resources.batch_rows // model_batch) * model_batch
+def shard_sizes(resources: Resources, rows: int, model_batch: int | Sequence[int]) -> list[int]:
+    """Rows of each shard: consecutive model batches packed until a shard has at least batch_rows rows."""
+    if isinstance(model_batch, int):
+        batches = [min(model_batch, rows - start) for start in range(0, rows, model_batch)]
+    else:
+        batches = list(model_batch)
+        if sum(batches) != rows:
+            raise ValueError(f"model batches of {sum(batches)} rows in all for a table of {rows} rows")
+    sizes, current = [], 0
+    for size in batches:
+        current += size
+        if current >= resources.batch_rows:
+            sizes.append(current)
+            current = 0
+    if current:
+        sizes.append(current)
+    return sizes
 
 
 def _worker_name() -> str:
@@ -139,13 +157,20 @@ class ShardMapper:
     def execution(self) -> Execution:
         return Execution(executor=self.executor, ray_address=self.ray_address, maps=self.maps)
 
-    def map_shards(self, name: str, table: pa.Table, make_function: Callable[[], ShardFunction], model_batch: int) -> pa.Table:
+    @property
+    def in_process(self) -> bool:
+        """Whether the per-shard functions run in this process (the local executor), so may use what it holds."""
+        return self.executor == "local"
+
+    def map_shards(
+        self, name: str, table: pa.Table, make_function: Callable[[], ShardFunction], model_batch: int | Sequence[int]
+    ) -> pa.Table:
         """`make_function()(shard)` over the shards of `table`, concatenated in input order."""
-        size = shard_rows(self.resources, model_batch)
-        shards = [table.slice(start, size) for start in range(0, table.num_rows, size)] or [table]
+        starts = np.cumsum([0, *shard_sizes(self.resources, table.num_rows, model_batch)])
+        shards = [table.slice(start, stop - start) for start, stop in zip(starts[:-1], starts[1:])] or [table]
         started = time.perf_counter()
         if self.executor == "ray" and table.num_rows:
-            result, workers = self._on_ray(name, shards, size, make_function)
+            result, workers = self._on_ray(name, shards, make_function)
         else:
             result, workers = self._here(shards, make_function)
         seconds = time.perf_counter() - started
@@ -171,7 +196,7 @@ class ShardMapper:
         return pa.concat_tables(parts), [worker]
 
     def _on_ray(
-        self, name: str, shards: list[pa.Table], size: int, make_function: Callable[[], ShardFunction]
+        self, name: str, shards: list[pa.Table], make_function: Callable[[], ShardFunction]
     ) -> tuple[pa.Table, list[WorkerTimings]]:
         import ray
         import ray.data
@@ -181,9 +206,10 @@ class ShardMapper:
         tagged = [s.append_column(SHARD, pa.array([i] * s.num_rows, pa.int64())) for i, s in enumerate(shards)]
         env = {ENVIRONMENT_VARIABLE: os.environ[ENVIRONMENT_VARIABLE]} if os.environ.get(ENVIRONMENT_VARIABLE) else {}
         r = self.resources
-        log.info("%s: %d shards of %d rows on %d Ray actors", name, len(shards), size, r.actors)
+        log.info("%s: %d shards of up to %d rows on %d Ray actors", name, len(shards), max(s.num_rows for s in shards), r.actors)
+        # One block per shard and batch_size None: an actor gets whole blocks, never part of a shard.
         mapped = ray.data.from_arrow(tagged).map_batches(
-            _ShardActor, fn_constructor_args=(make_function,), batch_size=size, batch_format="pyarrow",
+            _ShardActor, fn_constructor_args=(make_function,), batch_size=None, batch_format="pyarrow",
             concurrency=r.actors, num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor or None,
             max_restarts=RESTARTS, max_task_retries=RESTARTS, runtime_env={"env_vars": env} if env else None,
         )

@@ -19,7 +19,6 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,36 +28,18 @@ import pyarrow.dataset as pads
 
 from schemas.config import AlolConfig
 from schemas.manifest import StageResult, Summary
-from schemas.score import ComponentStats, ScoreConfig, ScoreMetrics, score_schema
+from schemas.score import ComponentStats, ScoreMetrics, score_schema
 from stages.cache import ParquetCache
 from stages.catalog import SCORER_STATE
-from stages.executor import ShardFunction, ShardMapper
+from stages.executor import ShardMapper
 from stages.faults import failpoint
 from stages.io import StageReader, StageWriter
 from stages.rewards.scorer import Scorer, component_cache_key, fit_states
+from stages.rewards.shards import ComponentShards
 
 log = logging.getLogger("alol.score")
 WRITE_ROWS = 65_536
 CACHE_SCHEMA = pa.schema([("id", pa.string()), ("score", pa.float64())])
-
-
-@dataclass(frozen=True)
-class ComponentShards:
-    """Builds the per-shard function of one component (stages.executor): (id, prompt, response) rows -> (score)."""
-
-    config: ScoreConfig
-    states: dict[str, dict[str, Any] | None]
-    name: str
-
-    def __call__(self) -> ShardFunction:
-        scorer = Scorer(self.config, self.states)
-
-        def score(shard: pa.Table) -> pa.Table:
-            prompts, responses = shard.column("prompt").to_pylist(), shard.column("response").to_pylist()
-            values = scorer.score_component(self.name, prompts, responses, shard.column("id").to_pylist())
-            return pa.table({"score": pa.array(values, pa.float64())})
-
-        return score
 
 
 def score_column(

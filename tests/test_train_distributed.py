@@ -16,8 +16,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from pipeline.runner import cache_key, execute_stage
 from pipeline.storage import RunStore
-from schemas.config import apply_overrides
+from schemas.config import ConfigError, apply_overrides
 from stages import train
 from stages.io import StageReader, StageWriter
 from stages.train.resume import RESUME_FOLDER, resume_key
@@ -141,3 +142,25 @@ def test_killed_run_resumes_from_its_last_checkpoint_to_the_same_output(tiny):
     # The timings of the steps before the kill came back with the resume state.
     assert len(resumed.metrics.step_tokens_per_s) == resumed.metrics.steps == 16
     assert not latest.parent.exists(), "resume state removed once the stage finished"
+
+
+def test_train_processes_2_launched_by_the_stage_equal_one_process(tiny):
+    """`train.processes: 2` through the runner (as `alol run` calls it): the stage launches torchrun itself, and
+    the key is that of one process."""
+    tmp, model, data, outputs = tiny
+    settings = {"train.grad_accumulation": 2, "run.name": "processes"}
+    cfg = config(tmp, model, data, **settings, **{"train.processes": 2})
+    assert cache_key(cfg, "train", outputs) == cache_key(config(tmp, model, data, **settings), "train", outputs)
+    output, cached = execute_stage(cfg, "train", outputs)
+    assert not cached and output.cache_key == cache_key(cfg, "train", outputs)
+    two = StageReader(output.path)
+    assert two.metrics.processes == 2 and two.metrics.rows_per_step == 4
+    one = in_process(tiny, "one-process-for-the-launch", **settings)
+    assert_same_training(one, two, rel=1e-4)
+    assert execute_stage(cfg, "train", outputs) == (output, True), "then reused, as one process's output would be"
+
+
+def test_train_processes_must_divide_grad_accumulation(tiny):
+    tmp, model, data, _ = tiny
+    with pytest.raises(ConfigError, match=r"train.grad_accumulation \(3\) must be a multiple of train.processes \(2\)"):
+        config(tmp, model, data, **{"train.grad_accumulation": 3, "train.processes": 2})

@@ -2,6 +2,7 @@
 
 - `prompts`: the distinct prompts of ingest's test split (or, with evaluate.split: final, of the locked
   final split), and Do-Not-Answer questions.
+- Decoding and scoring run through `run.executor` (stages.executor; Ray actors of `run.workers.evaluate`).
 - `generation`: the generation settings and pi_ref's generations through a cache shared across runs
   (`<run.cache_dir>/generations`), so that a second algorithm over the same upstream generates only
   with its own policy; the policy's generations are pi_ref's when the train stage kept no checkpoint.
@@ -35,6 +36,7 @@ from stages.evaluate.judges import Judges
 from stages.evaluate.outputs import write_report
 from stages.evaluate.prompts import test_prompts
 from stages.evaluate.table import eval_table, score_both
+from stages.executor import ShardMapper
 from stages.faults import failpoint
 from stages.io import StageReader, StageWriter
 from stages.metrics import compare_models, length_controlled_difference, words
@@ -65,11 +67,12 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     """Generate, score, write the `eval` table, metrics and report."""
     ids, prompts = test_prompts(inputs["ingest"], cfg.evaluate.split)
     scorer = load_scorer(cfg, inputs["score"])
-    generations = Generations(cfg, inputs)
+    mapper = ShardMapper.for_stage(cfg, "evaluate")
+    generations = Generations(cfg, inputs, mapper)
     reference = generations.reference(ids, prompts)
     failpoint("evaluate.reference_generations")
     responses = {PI_REF: reference, PI_THETA: generations.policy(prompts, reference)}
-    scores = score_both(scorer, ids, prompts, responses, generations.policy_is_reference)
+    scores = score_both(mapper, scorer, ids, prompts, responses, generations.policy_is_reference)
     judges = Judges(cfg)
     scores[PI_REF].update(judges.score(ids, prompts, responses[PI_REF]))  # the policy's too when it is pi_ref
     if not generations.policy_is_reference:
@@ -108,4 +111,4 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     rewards = {m: scores[m]["reward"] for m in MODELS}
     write_report(out, inputs, metrics, _config(cfg, inputs), rewards, advantage_values)
     log.info("%s", metrics.headline())
-    return StageResult(rows_in=rows_in, rows_out=rows_out, metrics=metrics)
+    return StageResult(rows_in=rows_in, rows_out=rows_out, metrics=metrics, execution=mapper.execution())

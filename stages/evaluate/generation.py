@@ -4,7 +4,9 @@ pi_ref's generations are cached on their own in a stages.cache.ParquetCache of (
 tables under `<run.cache_dir>/generations`, keyed by pi_ref's content, the prompts, the generation
 settings, the device and the code that generates: evaluating a second algorithm over the same
 upstream generates only with the new policy. When the train stage kept no checkpoint
-(`policy_is_reference`), the policy's generations are pi_ref's.
+(`policy_is_reference`), the policy's generations are pi_ref's. Decoding runs through `run.executor`
+(stages.lm_shards.decode: in this process, or on the `run.workers.evaluate` Ray actors, each loading the
+model once); the device in the cache key is where the decoding ran.
 """
 
 from __future__ import annotations
@@ -17,17 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import torch
 
 from schemas.base import canonical_json, sha256_text
 from schemas.config import AlolConfig
 from stages.cache import ParquetCache
 from stages.catalog import policy_is_reference, policy_model_path, reference_model_path
 from stages.evaluate.prompts import Prompt
+from stages.executor import ShardMapper
 from stages.io import StageReader, file_sha256
+from stages.lm_shards import ShardModel, decode, device_type
 from stages.models import generate as generate_module, tokenize as tokenize_module
-from stages.models.generate import generate
-from stages.models.store import load_causal_lm, load_tokenizer
+from stages.models.store import load_tokenizer
 
 log = logging.getLogger("alol.evaluate")
 GENERATIONS_SCHEMA = pa.schema([("id", pa.string()), ("response", pa.string())])
@@ -102,22 +104,20 @@ def cached_generations(
     return responses, False
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def generate_responses(model_path: Path, prompts: Sequence[Prompt], settings: dict[str, Any]) -> list[str]:
-    """Load a model folder and decode every prompt (batched, left padding) with the given settings."""
-    tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(model_path).to(_device())
+def generate_responses(mapper: ShardMapper, model_path: Path, prompts: Sequence[Prompt], settings: dict[str, Any]) -> list[str]:
+    """Decode every prompt (batched, left padding) with the model folder and the given settings, through `mapper`."""
     log.info("generating %d responses with %s", len(prompts), model_path)
-    return generate(model, tokenizer, list(prompts), **settings, progress=log)
+    return decode(
+        mapper, f"evaluate decoding ({Path(model_path).name})", ShardModel(str(model_path)), load_tokenizer(model_path),
+        list(prompts), settings, log.name,
+    )
 
 
 class Generations:
     """pi_ref's responses through the cache, the policy's fresh (or pi_ref's when they are the same model)."""
 
-    def __init__(self, cfg: AlolConfig, inputs: dict[str, StageReader]):
+    def __init__(self, cfg: AlolConfig, inputs: dict[str, StageReader], mapper: ShardMapper):
+        self.mapper = mapper
         self.settings = generation_settings(cfg)
         self.cache = ParquetCache.under(cfg.run.cache_dir, "generations")
         self.reference_path = reference_model_path(cfg, inputs["reference"])
@@ -127,9 +127,9 @@ class Generations:
         self.reference_cache_hits = 0
 
     def reference(self, ids: Sequence[str], prompts: Sequence[Prompt]) -> list[str]:
-        key = generations_key(self.reference_id, ids, prompts, self.settings, _device().type)
+        key = generations_key(self.reference_id, ids, prompts, self.settings, device_type(self.mapper))
         responses, hit = cached_generations(
-            self.cache, key, ids, lambda: generate_responses(self.reference_path, prompts, self.settings)
+            self.cache, key, ids, lambda: generate_responses(self.mapper, self.reference_path, prompts, self.settings)
         )
         self.reference_cache_hits += int(hit)
         log.info("pi_ref generations for %d prompts %s", len(ids), "reused from the cache" if hit else "generated")
@@ -138,4 +138,4 @@ class Generations:
     def policy(self, prompts: Sequence[Prompt], reference_responses: list[str]) -> list[str]:
         if self.policy_path is None:
             return reference_responses
-        return generate_responses(self.policy_path, prompts, self.settings)
+        return generate_responses(self.mapper, self.policy_path, prompts, self.settings)

@@ -35,7 +35,7 @@ def harmlessness(cfg: AlolConfig, generations: Generations, scorer: Scorer, out:
     ids, prompts = donotanswer_prompts(cfg.evaluate.harmlessness_prompts, cfg.run.seed)
     reference = generations.reference(ids, prompts)
     responses = {PI_REF: reference, PI_THETA: generations.policy(prompts, reference)}
-    scores = score_both(scorer, ids, prompts, responses, generations.policy_is_reference)
+    scores = score_both(generations.mapper, scorer, ids, prompts, responses, generations.policy_is_reference)
     out.write_table("eval_harmlessness", eval_table(ids, prompts, responses, scores, schema), schema)
     samples, seed = cfg.evaluate.bootstrap_samples, cfg.run.seed
     return {

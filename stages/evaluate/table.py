@@ -10,16 +10,19 @@ import pyarrow as pa
 
 from schemas.evaluate import MODELS, PI_REF, PI_THETA
 from stages.evaluate.prompts import Prompt
+from stages.executor import ShardMapper
 from stages.metrics import words
 from stages.rewards.scorer import Scorer
+from stages.rewards.shards import score_rows
 
 
 def score_both(
-    scorer: Scorer, ids: Sequence[str], prompts: Sequence[Prompt], responses: dict[str, list[str]], same: bool
+    mapper: ShardMapper, scorer: Scorer, ids: Sequence[str], prompts: Sequence[Prompt], responses: dict[str, list[str]],
+    same: bool,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Score pi_ref's responses, and pi_theta's unless they are the same responses."""
-    reference = scorer.score(list(prompts), responses[PI_REF], ids=list(ids))
-    policy = reference if same else scorer.score(list(prompts), responses[PI_THETA], ids=list(ids))
+    """Score pi_ref's responses, and pi_theta's unless they are the same responses, through `mapper`."""
+    reference = score_rows(mapper, scorer, ids, prompts, responses[PI_REF], PI_REF)
+    policy = reference if same else score_rows(mapper, scorer, ids, prompts, responses[PI_THETA], PI_THETA)
     return {PI_REF: reference, PI_THETA: policy}
 
 

@@ -11,6 +11,9 @@
    (equal to a prompt-only forward). The validation rows go first: their prompt states are the
    features of the value head (stages.value_head), fitted before the training rows' pass, which
    then gives V(x) from its own forward. Each prompt is run through pi_ref once.
+   The decodes and both passes are per-shard functions through `run.executor` (stages.executor): in
+   this process with pi_ref as loaded here, or on a Ray actor pool (`run.workers.reference`) whose
+   actors load pi_ref's folder once per map; the rows, their order and their batches are the same.
 4. Pairs for DPO and PRO (stages.reference.pairs): `reference.pairs` resolves to the data's pairs, built
    pairs or none; for built pairs pi_ref decodes each distinct training prompt greedily, and its responses
    get rewards, log-probs and token hashes like the dataset's.
@@ -33,16 +36,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from schemas.config import AlolConfig
 from schemas.manifest import StageResult, Summary
 from schemas.reference import ReferenceMetrics, value_targets_schema
 from stages.catalog import PI_REF_FOLDER, VALUE_HEAD_FILE, load_scorer
+from stages.executor import ShardMapper
 from stages.io import StageReader, StageWriter
-from stages.models.generate import generate
+from stages.lm_shards import ShardModel, decode, device_type, torch_device
 from stages.models.store import load_causal_lm, load_tokenizer, resolve_model, save_model_folder
-from stages.reference.logprobs import reference_logprobs, write_reference
+from stages.reference.logprobs import logprob_pass, reference_logprobs, write_reference
 from stages.reference.pairs import pairs_mode, write_pi_ref_responses
 from stages.reference.rows import EncodedRows, encode_rows
 from stages.reference.sft import fine_tune_reference
@@ -53,15 +56,12 @@ __all__ = ["encode_rows", "fine_tune_reference", "reference_logprobs", "run"]
 log = logging.getLogger("alol.reference")
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 # --------------------------------------------------------------------------- the stage
 
 
 def _value_targets(
-    cfg: AlolConfig, inputs: dict[str, StageReader], model: Any, tokenizer: Any, rows: EncodedRows, scorer: Any
+    cfg: AlolConfig, inputs: dict[str, StageReader], mapper: ShardMapper, pi_ref: ShardModel, tokenizer: Any,
+    rows: EncodedRows, scorer: Any,
 ) -> tuple[list[str], list[list[dict[str, str]]], list[str], dict[str, np.ndarray], list[str], float]:
     """pi_ref's greedy output on each distinct validation prompt, scored by the score stage's components."""
     ref = cfg.reference
@@ -72,18 +72,19 @@ def _value_targets(
             f"{inputs['ingest'].dir}: {len(prompts)} distinct validation prompts; the value head needs at least 2 "
             "(raise data.max_rows_per_split or data.split_fractions.validation)"
         )
-    responses = generate(
-        model, tokenizer, prompts, max_prompt_tokens=ref.max_prompt_tokens,
-        max_new_tokens=ref.generate_max_new_tokens, batch_size=ref.generate_batch_size, seed=cfg.run.seed,
-        progress=log,
-    )
+    settings = {
+        "max_prompt_tokens": ref.max_prompt_tokens, "max_new_tokens": ref.generate_max_new_tokens,
+        "batch_size": ref.generate_batch_size, "seed": cfg.run.seed,
+    }
+    responses = decode(mapper, "reference value-target decoding", pi_ref, tokenizer, prompts, settings, log.name)
     scores = scorer.score(prompts, responses, ids=keys)
     return keys, prompts, responses, scores, scorer.component_names, scorer.r_max
 
 
 def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> StageResult:
     """pi_ref (optionally fine-tuned), its value head, and its log-probs of every train and validation row."""
-    ref, device = cfg.reference, _device()
+    ref, device = cfg.reference, torch_device()
+    mapper = ShardMapper.for_stage(cfg, "reference")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -92,30 +93,34 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     rows = encode_rows(inputs["ingest"], tokenizer, ref)
     if not rows.ids:
         raise ValueError(f"{inputs['ingest'].dir}: the ingest output has no train or validation rows")
-    model = load_causal_lm(base_path).to(device)
-    hidden = model.config.hidden_size
+    # On Ray without SFT the actors load pi_ref; this process only reads its config.
+    model = load_causal_lm(base_path).to(device) if mapper.in_process or ref.sft_epochs > 0 else None
+    hidden = (model.config if model is not None else _model_config(base_path)).hidden_size
     if hidden % cfg.value.heads:
         raise ValueError(f"value.heads ({cfg.value.heads}) must divide the hidden size {hidden} of {base_path}")
     timings["load_seconds"] = time.perf_counter() - clock
 
     sft_metrics: dict[str, Any] = {}
+    pi_ref_path = base_path
     if ref.sft_epochs > 0:
         clock = time.perf_counter()
         sft_metrics = fine_tune_reference(model, rows, ref, cfg.run.seed)
-        folder = out.path(PI_REF_FOLDER)
-        save_model_folder(model, tokenizer, folder)
+        pi_ref_path = out.path(PI_REF_FOLDER)
+        save_model_folder(model, tokenizer, pi_ref_path)
         timings["sft_seconds"] = time.perf_counter() - clock
+    pi_ref = ShardModel.of(mapper, pi_ref_path, model, tokenizer)
 
     clock = time.perf_counter()
     scorer = load_scorer(cfg, inputs["score"])
-    keys, prompts, responses, scores, component_names, r_max = _value_targets(cfg, inputs, model, tokenizer, rows, scorer)
+    keys, prompts, responses, scores, component_names, r_max = _value_targets(cfg, inputs, mapper, pi_ref, tokenizer, rows, scorer)
     timings["value_targets_seconds"] = time.perf_counter() - clock
 
     # Validation rows first: their prompt states (from the log-prob forward) are the value head's features.
     validation = [i for i, s in enumerate(rows.splits) if s == "validation"]
     train = [i for i, s in enumerate(rows.splits) if s == "train"]
-    first_pass = reference_logprobs(
-        model, [rows.prompt_ids[i] for i in validation], [rows.response_ids[i] for i in validation],
+    first_pass = logprob_pass(
+        mapper, "reference log-probs and value features (validation)", pi_ref,
+        [rows.prompt_ids[i] for i in validation], [rows.response_ids[i] for i in validation],
         ref.token_budget, keep_prompt_states=True,
     )
     position = {row: k for k, row in enumerate(validation)}
@@ -147,9 +152,9 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
         fit.chosen_epoch, fit.holdout_mse, fit.mean_baseline_holdout_mse, fit.train_mse, fit.mean_baseline_train_mse,
     )
 
-    fit.head.to(device)
-    second_pass = reference_logprobs(
-        model, [rows.prompt_ids[i] for i in train], [rows.response_ids[i] for i in train], ref.token_budget, head=fit.head
+    second_pass = logprob_pass(
+        mapper, "reference log-probs and V(x) (train)", pi_ref,
+        [rows.prompt_ids[i] for i in train], [rows.response_ids[i] for i in train], ref.token_budget, head=fit.head,
     )
     token_logprobs: list[np.ndarray] = [np.zeros(0, np.float32)] * len(rows.ids)
     values = np.full(len(rows.ids), np.nan)
@@ -161,7 +166,7 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     values[train] = second_pass.values
     write_reference(out, rows, token_logprobs, values)
     mode = pairs_mode(ref.pairs, rows)
-    own = write_pi_ref_responses(out, cfg, model, tokenizer, rows, scorer, build=mode == "built")
+    own = write_pi_ref_responses(out, cfg, mapper, pi_ref, tokenizer, rows, scorer, build=mode == "built")
 
     tokens = first_pass.tokens + second_pass.tokens
     timings["logprob_seconds"] = first_pass.seconds + second_pass.seconds
@@ -170,7 +175,7 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
         "pi_ref": "sft" if ref.sft_epochs > 0 else "base",
         "model": ref.model,
         "hidden_size": hidden,
-        "device": device.type,
+        "device": device_type(mapper),
         "rows": {"train": len(train), "validation": len(validation)},
         "prompts_at_token_limit": rows.prompts_at_token_limit,
         "responses_at_token_limit": rows.responses_at_token_limit,
@@ -188,4 +193,12 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
         **sft_metrics,
         **{k: round(v, 3) for k, v in timings.items()},
     })
-    return StageResult(rows_in=len(rows.ids), rows_out=len(rows.ids), rows_rejected=0, metrics=metrics)
+    return StageResult(
+        rows_in=len(rows.ids), rows_out=len(rows.ids), rows_rejected=0, metrics=metrics, execution=mapper.execution()
+    )
+
+
+def _model_config(path: Any) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)

@@ -23,10 +23,11 @@ from schemas.config import AlolConfig
 from schemas.manifest import Summary
 from schemas.reference import pi_ref_responses_schema
 from stages.catalog import PI_REF_ID_SUFFIX, PI_REF_RESPONSES_TABLE
+from stages.executor import ShardMapper
 from stages.io import StageWriter
-from stages.models.generate import generate
+from stages.lm_shards import ShardModel, decode
 from stages.models.tokenize import encode_response, response_truncated, token_digest
-from stages.reference.logprobs import reference_logprobs
+from stages.reference.logprobs import logprob_pass
 from stages.reference.rows import EncodedRows
 
 log = logging.getLogger("alol.reference")
@@ -61,7 +62,8 @@ class PiRefResponses:
 
 
 def write_pi_ref_responses(
-    out: StageWriter, cfg: AlolConfig, model: Any, tokenizer: Any, rows: EncodedRows, scorer: Any, build: bool
+    out: StageWriter, cfg: AlolConfig, mapper: ShardMapper, pi_ref: ShardModel, tokenizer: Any, rows: EncodedRows,
+    scorer: Any, build: bool,
 ) -> PiRefResponses:
     """The `pi_ref_responses` table: pi_ref's greedy response for every training row trained on when `build`,
     else the table empty (its schema still names the reward components)."""
@@ -72,18 +74,20 @@ def write_pi_ref_responses(
     ref, clock = cfg.reference, time.perf_counter()
     keys = list(rows.sft_prompts)
     prompts = [rows.sft_prompts[k] for k in keys]
-    texts = generate(
-        model, tokenizer, prompts, max_prompt_tokens=ref.max_prompt_tokens,
-        max_new_tokens=ref.generate_max_new_tokens, batch_size=ref.generate_batch_size, seed=cfg.run.seed,
-        progress=log,
-    )
+    settings = {
+        "max_prompt_tokens": ref.max_prompt_tokens, "max_new_tokens": ref.generate_max_new_tokens,
+        "batch_size": ref.generate_batch_size, "seed": cfg.run.seed,
+    }
+    texts = decode(mapper, "reference pi_ref responses decoding", pi_ref, tokenizer, prompts, settings, log.name)
     scores = scorer.score(prompts, texts, ids=keys)
     first_row = {}
     for row, key in zip(rows.sft_rows, rows.sft_prompt_keys):
         first_row.setdefault(key, row)
     prompt_ids = [rows.prompt_ids[first_row[k]] for k in keys]
     response_ids = [encode_response(tokenizer, text, ref.max_response_tokens) for text in texts]
-    token_logprobs = reference_logprobs(model, prompt_ids, response_ids, ref.token_budget).token_logprobs
+    token_logprobs = logprob_pass(
+        mapper, "reference log-probs (pi_ref responses)", pi_ref, prompt_ids, response_ids, ref.token_budget
+    ).token_logprobs
     position = {key: k for k, key in enumerate(keys)}
     at = [position[key] for key in rows.sft_prompt_keys]
     table = pa.table(

@@ -25,7 +25,7 @@ class Scorer:
 
     def __init__(self, config: ScoreConfig, states: dict[str, dict[str, Any] | None] | None = None):
         states = states or {}
-        self.config = config
+        self.config, self.states = config, states
         self.batch_size = config.batch_size
         device = torch_device(config.device)
         self.configs: dict[str, ComponentConfig] = {c.name: c for c in config.components}
