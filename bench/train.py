@@ -19,12 +19,17 @@ priority sampler (A+ weights, same seed), batch size and accumulation:
              checkpointing off (SFTConfig's default is on: a recomputed forward per step, which would make
              the ratio below flatter us). The peer throughput baseline.
 
+With --lora-rank the stage and the three loops train LoRA adapters (the stage's build_policy; ref-loop then holds
+pi_ref as a second model next to the adapted pi_theta, nll-loop is the plain LoRA loop); trl-sft stays full
+fine-tuning.
+
 tokens/s counts prompt and response tokens per second of optimiser-step wall time, first step excluded.
 The matmul peak (bench.matmul, in the run's precision) is measured before each process and its best is
 kept; the share of it is 6 x parameters x tokens/s (forward and backward) over that peak.
 
     .venv/bin/python bench/train.py [--steps 6] [--root data/bench-train] [--modes ...]
                                     [--device cpu|cuda] [--mixed-precision no|bf16] [--algorithm a_lol]
+                                    [--lora-rank 16]
 """
 
 from __future__ import annotations
@@ -46,14 +51,14 @@ from bench.memory import peak_rss_mb  # noqa: E402
 MODES = ("stage", "nll-loop", "alol-loop", "ref-loop", "trl-sft")
 
 
-def bench_config(root: Path, steps: int, algorithm: str = "a_lol", mixed_precision: str = "no"):
+def bench_config(root: Path, steps: int, algorithm: str = "a_lol", mixed_precision: str = "no", lora_rank: int | None = None):
     from schemas.config import load_config
 
     return load_config(
         "smoke",
         overrides={
             "run.root": str(root), "run.name": "bench", "run.cache_dir": str(ROOT / "data" / "cache"),
-            "train.algorithm": algorithm, "train.mixed_precision": mixed_precision,
+            "train.algorithm": algorithm, "train.mixed_precision": mixed_precision, "train.lora_rank": lora_rank,
             "train.batch_size": 4, "train.grad_accumulation": 2,
             # steps x positive fraction = the A-LoL budget; steps is large enough that the budget covers --steps
             "train.steps": steps * 8, "train.eval_every": steps * 8, "train.schedule": "constant",
@@ -125,13 +130,16 @@ def run_loop(mode: str, cfg, inputs, steps: int, device: str) -> list[tuple[int,
     from stages.losses import loss_function
     from stages.models.logprobs import response_token_logprobs
     from stages.models.store import load_causal_lm, load_tokenizer
-    from stages.train.policy import build_optimizer, resolve_mixed_precision
-    from stages.train.step import PolicyForward, backward_micro_batches
+    from schemas.algorithms import ALGORITHM_REGISTRY
+    from stages.train.policy import build_optimizer, build_policy, resolve_mixed_precision
+    from stages.train.step import PolicyForward, backward_micro_batches, has_active_dropout
 
     t = cfg.train
     path = reference_model_path(cfg, inputs["reference"])
-    tokenizer, model = load_tokenizer(path), load_causal_lm(path).to(device)
-    model.train()
+    # pi_theta as the stage builds it (LoRA adapters under --lora-rank), and its importance weights alike: from a
+    # second, dropout-free forward when the model has active dropout (LoRA's)
+    tokenizer, model = load_tokenizer(path), build_policy(path, t, cfg.run.seed).to(device)
+    weight_forward = ALGORITHM_REGISTRY[t.algorithm].clipped and has_active_dropout(model)
     pi_ref = load_causal_lm(path).to(device) if mode == "ref-loop" else None
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=resolve_mixed_precision(t.mixed_precision))
     prepared, optimizer = accelerator.prepare(model, build_optimizer(model, t))
@@ -151,7 +159,7 @@ def run_loop(mode: str, cfg, inputs, steps: int, device: str) -> list[tuple[int,
                         ref = response_token_logprobs(pi_ref, batch.prompt_ids, batch.response_ids)
                     batch.ref_token_logprobs = ref
                     batch.ref_logprob = torch.stack([r.sum() for r in ref])
-            backward_micro_batches(accelerator, prepared, policy, batches, loss_fn)
+            backward_micro_batches(accelerator, prepared, policy, batches, loss_fn, weight_forward)
         accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -232,7 +240,7 @@ def child(mode: str, args, folders: dict[str, str]) -> None:
     from stages.io import StageReader
 
     torch.set_num_threads(args.threads)
-    cfg = bench_config(args.root, args.steps, args.algorithm, args.mixed_precision)
+    cfg = bench_config(args.root, args.steps, args.algorithm, args.mixed_precision, args.lora_rank)
     inputs = {name: StageReader(folder) for name, folder in folders.items()}
     with tempfile.TemporaryDirectory() as tmp:
         if mode == "stage":
@@ -258,7 +266,8 @@ def measure(mode: str, args, folders: dict[str, str]) -> dict:
     done = subprocess.run(
         [sys.executable, __file__, "--child", mode, "--root", str(args.root), "--steps", str(args.steps),
          "--device", args.device, "--mixed-precision", args.mixed_precision, "--algorithm", args.algorithm,
-         "--threads", str(args.threads), "--inputs", json.dumps(folders)],
+         "--threads", str(args.threads), "--inputs", json.dumps(folders)]
+        + (["--lora-rank", str(args.lora_rank)] if args.lora_rank else []),
         capture_output=True, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"},
     )
@@ -287,6 +296,7 @@ def main() -> None:
     parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="train.mixed_precision; bf16 needs an algorithm without a ratio to pi_ref")
     parser.add_argument("--algorithm", default="a_lol", help="train.algorithm of the stage and the loops")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each measured process")
+    parser.add_argument("--lora-rank", type=int, help="train.lora_rank: LoRA adapters (peft) in the stage and the loops; TRL trains every weight")
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmuls of the peak (8192 on a GPU)")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
@@ -297,14 +307,15 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    cfg = bench_config(args.root, args.steps, args.algorithm, args.mixed_precision)
+    cfg = bench_config(args.root, args.steps, args.algorithm, args.mixed_precision, args.lora_rank)
     # Built once here, so that no measured process runs an upstream stage.
     folders = {name: output.path for name, output in upstream(cfg).items()}
     params = parameters(cfg, folders)
     precision = "bf16" if args.mixed_precision == "bf16" else "fp32"
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; {args.steps} steps of "
           f"{cfg.train.batch_size} x {cfg.train.grad_accumulation} rows each; {args.algorithm}, {args.device}, "
-          f"{precision}, {args.threads} threads, {params / 1e6:.1f} M parameters")
+          f"{precision}, {args.threads} threads, {params / 1e6:.1f} M parameters"
+          + (f", LoRA rank {args.lora_rank}" if args.lora_rank else ""))
     results, peaks = {}, []
     for mode in args.modes:  # the peak before each process, so that load changes hit it as they hit the runs
         peaks.append(matmul_flops(args.matmul_size, device=args.device, precision=precision))
