@@ -23,11 +23,12 @@ With --lora-rank the stage and the three loops train LoRA adapters (the stage's 
 pi_ref as a second model next to the adapted pi_theta, nll-loop is the plain LoRA loop); trl-sft stays full
 fine-tuning.
 
-tokens/s counts prompt and response tokens per second of optimiser-step wall time, first step excluded.
+tokens/s counts prompt and response tokens per second of optimiser-step wall time, first step excluded;
+with --rounds N all modes run N times, interleaved, and each figure is the median over the rounds.
 The matmul peak (bench.matmul, in the run's precision) is measured before each process and its best is
 kept; the share of it is 6 x parameters x tokens/s (forward and backward) over that peak.
 
-    .venv/bin/python bench/train.py [--steps 6] [--root data/bench-train] [--modes ...]
+    .venv/bin/python bench/train.py [--steps 6] [--rounds 1] [--root data/bench-train] [--modes ...]
                                     [--device cpu|cuda] [--mixed-precision no|bf16] [--algorithm a_lol]
                                     [--lora-rank 16]
 """
@@ -276,6 +277,16 @@ def measure(mode: str, args, folders: dict[str, str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def median_result(runs: list[dict]) -> dict:
+    """Each figure's median over the rounds (None stays None); peak RSS is the largest of any round."""
+    import statistics
+
+    merged = {k: None if runs[0][k] is None else statistics.median(r[k] for r in runs) for k in runs[0]}
+    merged["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    merged["rounds_tokens_per_s"] = [round(r["tokens_per_s"], 1) for r in runs]
+    return merged
+
+
 def parameters(cfg, folders: dict[str, str]) -> int:
     from stages.catalog import reference_model_path
     from stages.io import StageReader
@@ -291,6 +302,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6, help="optimiser steps per measurement (the first is not timed)")
     parser.add_argument("--root", type=Path, default=ROOT / "data" / "bench-train", help="run root for the upstream stages")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of all modes, interleaved; medians are printed")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="measurements to run, in this order")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the loops and TRL run (the stage: CUDA when there is one)")
     parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="train.mixed_precision; bf16 needs an algorithm without a ratio to pi_ref")
@@ -316,10 +328,13 @@ def main() -> None:
           f"{cfg.train.batch_size} x {cfg.train.grad_accumulation} rows each; {args.algorithm}, {args.device}, "
           f"{precision}, {args.threads} threads, {params / 1e6:.1f} M parameters"
           + (f", LoRA rank {args.lora_rank}" if args.lora_rank else ""))
-    results, peaks = {}, []
-    for mode in args.modes:  # the peak before each process, so that load changes hit it as they hit the runs
-        peaks.append(matmul_flops(args.matmul_size, device=args.device, precision=precision))
-        results[mode] = measure(mode, args, folders)
+    rounds: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+    peaks = []
+    for _ in range(args.rounds):  # interleaved: load that comes and goes hits every mode alike
+        for mode in args.modes:  # the peak before each process, so that load changes hit it as they hit the runs
+            peaks.append(matmul_flops(args.matmul_size, device=args.device, precision=precision))
+            rounds[mode].append(measure(mode, args, folders))
+    results = {mode: median_result(runs) for mode, runs in rounds.items()}
     peak = max(peaks)
     print(f"{precision} matmul ({args.matmul_size}^2): {peak / 1e9:.1f} GFLOP/s peak (before each run: "
           f"{[round(f / 1e9, 1) for f in peaks]})")
@@ -331,7 +346,9 @@ def main() -> None:
         cpu = "-" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.1f}"
         print(f"{mode:>10} {r['tokens_per_s']:>9.1f} {per_cpu:>13} {r['tokens']:>13} {r['peak_rss_mb']:>12.0f} {share:>9.0f}% "
               f"{r['wall_seconds']:>7.1f} {cpu:>7}")
-    print("timed steps only (the first excluded); % of peak: 6 x parameters x tokens/s over the peak; CPU s: the "
+    if args.rounds > 1:
+        print("tokens/s by round: " + "; ".join(f"{m} {r['rounds_tokens_per_s']}" for m, r in results.items()))
+    print("medians over the rounds; timed steps only (the first excluded); % of peak: 6 x parameters x tokens/s over the peak; CPU s: the "
           "process's CPU time over those steps (all its threads; the stage reports none), which other load on the "
           "machine inflates less than wall time")
     ratios = [
