@@ -344,7 +344,7 @@ def main() -> None:
         share = 100 * 6 * params * r["tokens_per_s"] / peak
         per_cpu = "-" if r["tokens_per_cpu_s"] is None else f"{r['tokens_per_cpu_s']:.1f}"
         cpu = "-" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.1f}"
-        print(f"{mode:>10} {r['tokens_per_s']:>9.1f} {per_cpu:>13} {r['tokens']:>13} {r['peak_rss_mb']:>12.0f} {share:>9.0f}% "
+        print(f"{mode:>10} {r['tokens_per_s']:>9.1f} {per_cpu:>13} {int(r['tokens']):>13} {r['peak_rss_mb']:>12.0f} {share:>9.0f}% "
               f"{r['wall_seconds']:>7.1f} {cpu:>7}")
     if args.rounds > 1:
         print("tokens/s by round: " + "; ".join(f"{m} {r['rounds_tokens_per_s']}" for m, r in results.items()))
