@@ -3,7 +3,8 @@
 - batched: `stages.reference.reference_logprobs` (rows sorted by length, batches under a token budget,
   logits only at the response positions, no grad);
 - baseline: the naive loop, one row at a time: full forward, log_softmax over every position, gather;
-- the machine's fp32 matmul FLOP/s, measured with torch (best of several square matmuls).
+- the machine's matmul FLOP/s in the same precision, measured with torch (bench.matmul: best of several square
+  matmuls).
 
 Prints tokens/s of both, the speed-up (target >= 4x), the agreement of the two, and the share of the
 matmul peak the batched pass reaches, counting 2 x parameters x tokens FLOPs (aim: >= 50%).
@@ -14,6 +15,7 @@ load from other processes on a shared machine hits all of them alike; the peak i
 rate of any round, and the share is also given against the matmul rate of the same round.
 
     .venv/bin/python bench/reference.py [--rows 64] [--naive-rows 32] [--rounds 3] [--threads 2] [--token-budget 4096]
+                                [--device cpu|cuda] [--precision fp32|bf16]
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.matmul import DTYPES, matmul_flops  # noqa: E402
 from pipeline.runner import execute_stage  # noqa: E402
 from stages.io import StageReader  # noqa: E402
 from schemas.config import load_config  # noqa: E402
@@ -54,23 +57,11 @@ def naive_logprobs(model, prompt_ids, response_ids) -> tuple[list[np.ndarray], f
     rows = []
     with torch.inference_mode():
         for prompt, response in zip(prompt_ids, response_ids):
-            ids = torch.tensor([prompt + response])
+            ids = torch.tensor([prompt + response], device=model.device)
             logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
             positions = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
-            rows.append(logp[positions, ids[0, positions + 1]].numpy())
+            rows.append(logp[positions, ids[0, positions + 1]].cpu().numpy())
     return rows, time.perf_counter() - started
-
-
-def matmul_flops(size: int = 2048, seconds: float = 1.5) -> float:
-    """Best fp32 FLOP/s of `size` x `size` matmuls over about `seconds` (2 n^3 FLOPs each)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        started = time.perf_counter()
-        a @ b
-        best = max(best, 2 * size**3 / (time.perf_counter() - started))
-    return best
 
 
 def main() -> None:
@@ -83,11 +74,15 @@ def main() -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=128)
     parser.add_argument("--max-response-tokens", type=int, default=48)
     parser.add_argument("--cache-dir", default=str(ROOT / "data" / "cache"))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", choices=tuple(DTYPES), default="fp32", help="weights' dtype, and the matmul peak's")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmuls of the peak (8192 on a GPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     path = resolve_model(SMOLLM2, args.cache_dir)
-    model, tokenizer = load_causal_lm(path), load_tokenizer(path)
+    model = load_causal_lm(path, dtype=getattr(torch, DTYPES[args.precision])).to(args.device)
+    tokenizer = load_tokenizer(path)
     params = sum(p.numel() for p in model.parameters())
     prompts, responses = chatterbot_pairs(args.rows, args.max_prompt_tokens, args.max_response_tokens, tokenizer)
     tokens = [len(p) + len(r) for p, r in zip(prompts, responses)]
@@ -96,7 +91,7 @@ def main() -> None:
 
     batched_tps, naive_tps, matmul, diff = [], [], [], 0.0
     for _ in range(args.rounds):
-        matmul.append(matmul_flops())
+        matmul.append(matmul_flops(args.matmul_size, device=args.device, precision=args.precision))
         batched = reference_logprobs(model, prompts, responses, args.token_budget, progress=False)
         naive, naive_seconds = naive_logprobs(model, prompts[:n], responses[:n])
         batched_tps.append(batched.tokens / batched.seconds)
@@ -106,13 +101,13 @@ def main() -> None:
     achieved = 2 * params * batched_tps
     peak = matmul.max()
 
-    print(f"SmolLM2-135M-Instruct, {params / 1e6:.1f} M parameters, {args.threads} threads, fp32, CPU, {args.rounds} rounds")
+    print(f"SmolLM2-135M-Instruct, {params / 1e6:.1f} M parameters, {args.threads} threads, {args.precision}, {args.device}, {args.rounds} rounds")
     print(f"rows: {len(prompts)} ({sum(tokens)} prompt+response tokens, mean {np.mean(tokens):.1f}); token budget {args.token_budget}")
     print(f"batched log-prob pass:  {np.median(batched_tps):8.1f} tokens/s  (rounds: {np.round(batched_tps, 1).tolist()})")
     print(f"naive one-row loop:     {np.median(naive_tps):8.1f} tokens/s  (rounds: {np.round(naive_tps, 1).tolist()}, {n} rows)")
     print(f"speed-up:               {np.median(batched_tps / naive_tps):8.2f} x  (median of rounds; target >= 4x)")
     print(f"max |batched - naive| log-prob: {diff:.2e}")
-    print(f"fp32 matmul (2048^2):   {peak / 1e9:8.1f} GFLOP/s peak  (rounds: {np.round(matmul / 1e9, 1).tolist()})")
+    print(f"{args.precision} matmul ({args.matmul_size}^2): {peak / 1e9:8.1f} GFLOP/s peak  (rounds: {np.round(matmul / 1e9, 1).tolist()})")
     print(
         f"batched pass:           {np.median(achieved) / 1e9:8.1f} GFLOP/s (2 x params x tokens/s) = "
         f"{100 * np.median(achieved) / peak:.0f}% of peak, {100 * np.median(achieved / matmul):.0f}% of the same round's matmul"

@@ -1,4 +1,4 @@
-"""Benchmark of the train stage on SmolLM2-135M (full fine-tuning, fp32, CPU), all on the same rows.
+"""Benchmark of the train stage on SmolLM2-135M (full fine-tuning; fp32 on CPU by default), all on the same rows.
 
 Each measurement runs in its own subprocess (its peak RSS is its own), on the upstream outputs of a
 smoke-profile run (built once under --root and reused by the stage cache), with the same draws of the
@@ -12,10 +12,25 @@ priority sampler (A+ weights, same seed), batch size and accumulation:
              log-probs from the reference table, backward, clip, AdamW) with no validation or scorer.
 - ref-loop:  the same step, but as the authors' code does it: pi_ref loaded as a second model and run
              (no grad) every step for its log-probs: the memory baseline.
+- trl-sft:   TRL's SFTTrainer on the rows the sampler drew for the loops (the same steps x batch rows, one
+             epoch, as TRL's own shuffled order), given already tokenised as the loops tokenise them
+             (input_ids and completion_mask: loss on the response tokens only), the same batch, accumulation,
+             learning rate, clip and precision; no checkpoints, logging or evaluation, and gradient
+             checkpointing off (SFTConfig's default is on: a recomputed forward per step, which would make
+             the ratio below flatter us). The peer throughput baseline.
 
-tokens/s counts prompt and response tokens per second of optimiser-step wall time, first step excluded.
+With --lora-rank the stage and the three loops train LoRA adapters (the stage's build_policy; ref-loop then holds
+pi_ref as a second model next to the adapted pi_theta, nll-loop is the plain LoRA loop); trl-sft stays full
+fine-tuning.
 
-    .venv/bin/python bench/train.py [--steps 6] [--root data/bench-train]
+tokens/s counts prompt and response tokens per second of optimiser-step wall time, first step excluded;
+with --rounds N all modes run N times, interleaved, and each figure is the median over the rounds.
+The matmul peak (bench.matmul, in the run's precision) is measured before each process and its best is
+kept; the share of it is 6 x parameters x tokens/s (forward and backward) over that peak.
+
+    .venv/bin/python bench/train.py [--steps 6] [--rounds 1] [--root data/bench-train] [--modes ...]
+                                    [--device cpu|cuda] [--mixed-precision no|bf16] [--algorithm a_lol]
+                                    [--lora-rank 16]
 """
 
 from __future__ import annotations
@@ -34,17 +49,18 @@ sys.path.insert(0, str(ROOT))
 
 from bench.memory import peak_rss_mb  # noqa: E402
 
-MODES = ("stage", "nll-loop", "alol-loop", "ref-loop")
+MODES = ("stage", "nll-loop", "alol-loop", "ref-loop", "trl-sft")
 
 
-def bench_config(root: Path, steps: int):
+def bench_config(root: Path, steps: int, algorithm: str = "a_lol", mixed_precision: str = "no", lora_rank: int | None = None):
     from schemas.config import load_config
 
     return load_config(
         "smoke",
         overrides={
             "run.root": str(root), "run.name": "bench", "run.cache_dir": str(ROOT / "data" / "cache"),
-            "train.algorithm": "a_lol", "train.batch_size": 4, "train.grad_accumulation": 2,
+            "train.algorithm": algorithm, "train.mixed_precision": mixed_precision, "train.lora_rank": lora_rank,
+            "train.batch_size": 4, "train.grad_accumulation": 2,
             # steps x positive fraction = the A-LoL budget; steps is large enough that the budget covers --steps
             "train.steps": steps * 8, "train.eval_every": steps * 8, "train.schedule": "constant",
         },
@@ -62,7 +78,8 @@ def upstream(cfg) -> dict:
     return outputs
 
 
-def run_stage(cfg, inputs, steps: int) -> list[tuple[int, float]]:
+def run_stage(cfg, inputs, steps: int) -> list[tuple[int, float, None]]:
+    """(tokens, wall seconds, None) per step: the stage reports no CPU time per step."""
     import tempfile
 
     from stages import train
@@ -81,7 +98,7 @@ def run_stage(cfg, inputs, steps: int) -> list[tuple[int, float]]:
         finally:
             out.abort()
     # Wall-clock figures are in the metrics, not in the train_log table (the output stays reproducible).
-    return [(r["tokens"], r["tokens"] / speed) for r, speed in zip(log, result.metrics.step_tokens_per_s, strict=True)]
+    return [(r["tokens"], r["tokens"] / speed, None) for r, speed in zip(log, result.metrics.step_tokens_per_s, strict=True)]
 
 
 def _read_log(folder: Path) -> list[dict]:
@@ -90,7 +107,23 @@ def _read_log(folder: Path) -> list[dict]:
     return pq.read_table(folder).to_pylist()
 
 
-def run_loop(mode: str, cfg, inputs, steps: int) -> list[tuple[int, float]]:
+def drawn_batches(cfg, inputs, tokenizer, steps: int):
+    """Each step's micro-batches, as the loops draw and tokenise them (same sampler, seed and order)."""
+    from stages.sampler import PrioritySampler
+    from stages.train.rows import load_train_rows
+    from stages.train.step import encode_micro_batch
+
+    t = cfg.train
+    rows = load_train_rows(t.algorithm, inputs)
+    sampler = PrioritySampler(rows.weight, seed=cfg.run.seed)
+    for _ in range(steps):
+        drawn = rows.take(sampler.draw(t.batch_size * t.grad_accumulation))
+        yield [encode_micro_batch(drawn[k * t.batch_size : (k + 1) * t.batch_size], tokenizer, cfg)
+               for k in range(t.grad_accumulation)]
+
+
+def run_loop(mode: str, cfg, inputs, steps: int, device: str) -> list[tuple[int, float, float]]:
+    """(tokens, wall seconds, process CPU seconds) per optimiser step."""
     import torch
     from accelerate import Accelerator
 
@@ -98,29 +131,28 @@ def run_loop(mode: str, cfg, inputs, steps: int) -> list[tuple[int, float]]:
     from stages.losses import loss_function
     from stages.models.logprobs import response_token_logprobs
     from stages.models.store import load_causal_lm, load_tokenizer
-    from stages.sampler import PrioritySampler
-    from stages.train.rows import load_train_rows
-    from stages.train.step import PolicyForward, backward_micro_batches, encode_micro_batch
+    from schemas.algorithms import ALGORITHM_REGISTRY
+    from stages.train.policy import build_optimizer, build_policy, resolve_mixed_precision
+    from stages.train.step import PolicyForward, backward_micro_batches, has_active_dropout
 
     t = cfg.train
-    rows = load_train_rows("a_lol", inputs)
-    sampler = PrioritySampler(rows.weight, seed=cfg.run.seed)
     path = reference_model_path(cfg, inputs["reference"])
-    tokenizer, model = load_tokenizer(path), load_causal_lm(path)
-    model.train()
-    pi_ref = load_causal_lm(path) if mode == "ref-loop" else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
-    accelerator = Accelerator(cpu=True)
-    policy, loss_fn = PolicyForward(model, model), loss_function(t)
+    # pi_theta as the stage builds it (LoRA adapters under --lora-rank), and its importance weights alike: from a
+    # second, dropout-free forward when the model has active dropout (LoRA's)
+    tokenizer, model = load_tokenizer(path), build_policy(path, t, cfg.run.seed).to(device)
+    weight_forward = ALGORITHM_REGISTRY[t.algorithm].clipped and has_active_dropout(model)
+    pi_ref = load_causal_lm(path).to(device) if mode == "ref-loop" else None
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=resolve_mixed_precision(t.mixed_precision))
+    prepared, optimizer = accelerator.prepare(model, build_optimizer(model, t))
+    policy, loss_fn = PolicyForward(prepared, model), loss_function(t)
     timings = []
+    batches_of_steps = drawn_batches(cfg, inputs, tokenizer, steps)
     for _ in range(steps):
-        clock = time.perf_counter()
-        drawn = rows.take(sampler.draw(t.batch_size * t.grad_accumulation))
-        batches = [encode_micro_batch(drawn[k * t.batch_size : (k + 1) * t.batch_size], tokenizer, cfg)
-                   for k in range(t.grad_accumulation)]
+        clock, cpu_clock = time.perf_counter(), time.process_time()
+        batches = next(batches_of_steps)
         if mode == "nll-loop":
             for batch in batches:
-                nll_backward(model, batch, tokenizer.pad_token_id, t.grad_accumulation)
+                nll_backward(prepared, batch, tokenizer.pad_token_id, t.grad_accumulation)
         else:
             if pi_ref is not None:
                 for batch in batches:
@@ -128,11 +160,59 @@ def run_loop(mode: str, cfg, inputs, steps: int) -> list[tuple[int, float]]:
                         ref = response_token_logprobs(pi_ref, batch.prompt_ids, batch.response_ids)
                     batch.ref_token_logprobs = ref
                     batch.ref_logprob = torch.stack([r.sum() for r in ref])
-            backward_micro_batches(accelerator, model, policy, batches, loss_fn)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            backward_micro_batches(accelerator, prepared, policy, batches, loss_fn, weight_forward)
+        accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        timings.append((sum(b.tokens for b in batches), time.perf_counter() - clock))
+        synchronize(device)
+        timings.append((sum(b.tokens for b in batches), time.perf_counter() - clock, time.process_time() - cpu_clock))
+    return timings
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_trl_sft(cfg, inputs, steps: int, device: str, output_dir: Path) -> list[tuple[int, float, float]]:
+    import trl
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from stages.catalog import reference_model_path
+    from stages.models.store import load_causal_lm, load_tokenizer
+
+    t = cfg.train
+    path = reference_model_path(cfg, inputs["reference"])
+    tokenizer = load_tokenizer(path)
+    rows = [{"input_ids": p + r, "completion_mask": [0] * len(p) + [1] * len(r)}
+            for batches in drawn_batches(cfg, inputs, tokenizer, steps) for b in batches
+            for p, r in zip(b.prompt_ids, b.response_ids)]
+    args = trl.SFTConfig(
+        output_dir=str(output_dir), completion_only_loss=True, gradient_checkpointing=False,
+        per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accumulation,
+        max_steps=steps, learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_scheduler_type="constant",
+        max_grad_norm=t.max_grad_norm, max_length=None, seed=cfg.run.seed, use_cpu=device == "cpu",
+        bf16=t.mixed_precision == "bf16", fp16=False, report_to=[], save_strategy="no", logging_strategy="no",
+        eval_strategy="no", dataloader_num_workers=0, disable_tqdm=True, include_num_input_tokens_seen="non_padding",
+    )
+    trainer = trl.SFTTrainer(model=load_causal_lm(path), args=args, processing_class=tokenizer,
+                             train_dataset=Dataset.from_list(rows))
+    timings: list[tuple[int, float]] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, _args, state, *_rest, **_kwargs):
+            self.clock, self.cpu_clock, self.tokens = time.perf_counter(), time.process_time(), state.num_input_tokens_seen
+
+        def on_step_end(self, _args, state, *_rest, **_kwargs):
+            synchronize(device)
+            timings.append((state.num_input_tokens_seen - self.tokens, time.perf_counter() - self.clock,
+                            time.process_time() - self.cpu_clock))
+
+    trainer.add_callback(StepClock())
+    trainer.train()
     return timings
 
 
@@ -153,56 +233,136 @@ def nll_backward(model, batch, pad_id: int, accumulation: int) -> None:
     (loss / accumulation).backward()
 
 
-def child(mode: str, root: Path, steps: int, folders: dict[str, str]) -> None:
+def child(mode: str, args, folders: dict[str, str]) -> None:
+    import tempfile
+
     import torch
 
     from stages.io import StageReader
 
-    torch.set_num_threads(2)
-    cfg = bench_config(root, steps)
+    torch.set_num_threads(args.threads)
+    cfg = bench_config(args.root, args.steps, args.algorithm, args.mixed_precision, args.lora_rank)
     inputs = {name: StageReader(folder) for name, folder in folders.items()}
-    timings = run_stage(cfg, inputs, steps) if mode == "stage" else run_loop(mode, cfg, inputs, steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        if mode == "stage":
+            timings = run_stage(cfg, inputs, args.steps)
+        elif mode == "trl-sft":
+            timings = run_trl_sft(cfg, inputs, args.steps, args.device, Path(tmp))
+        else:
+            timings = run_loop(mode, cfg, inputs, args.steps, args.device)
     measured = timings[1:]
+    cpu_seconds = None if measured[0][2] is None else sum(c for _, _, c in measured)
     print(json.dumps({
-        "tokens_per_s": sum(n for n, _ in measured) / sum(s for _, s in measured),
+        "tokens_per_s": sum(n for n, _, _ in measured) / sum(s for _, s, _ in measured),
+        "tokens_per_cpu_s": None if cpu_seconds is None else sum(n for n, _, _ in measured) / cpu_seconds,
         "steps": len(timings),
-        "tokens": sum(n for n, _ in measured),
+        "tokens": sum(n for n, _, _ in measured),
         "peak_rss_mb": peak_rss_mb(),
+        "wall_seconds": sum(s for _, s, _ in measured),
+        "cpu_seconds": cpu_seconds,
     }))
 
 
-def measure(mode: str, root: Path, steps: int, folders: dict[str, str]) -> dict:
+def measure(mode: str, args, folders: dict[str, str]) -> dict:
     done = subprocess.run(
-        [sys.executable, __file__, "--child", mode, "--root", str(root), "--steps", str(steps),
-         "--inputs", json.dumps(folders)],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"},
+        [sys.executable, __file__, "--child", mode, "--root", str(args.root), "--steps", str(args.steps),
+         "--device", args.device, "--mixed-precision", args.mixed_precision, "--algorithm", args.algorithm,
+         "--threads", str(args.threads), "--inputs", json.dumps(folders)]
+        + (["--lora-rank", str(args.lora_rank)] if args.lora_rank else []),
+        capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"},
     )
     if done.returncode != 0:
         raise RuntimeError(f"{mode} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def median_result(runs: list[dict]) -> dict:
+    """Each figure's median over the rounds (None stays None); peak RSS is the largest of any round."""
+    import statistics
+
+    merged = {k: None if runs[0][k] is None else statistics.median(r[k] for r in runs) for k in runs[0]}
+    merged["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    merged["rounds_tokens_per_s"] = [round(r["tokens_per_s"], 1) for r in runs]
+    return merged
+
+
+def parameters(cfg, folders: dict[str, str]) -> int:
+    from stages.catalog import reference_model_path
+    from stages.io import StageReader
+    from stages.models.store import load_causal_lm
+
+    model = load_causal_lm(reference_model_path(cfg, StageReader(folders["reference"])))
+    return sum(p.numel() for p in model.parameters())
+
+
 def main() -> None:
+    from bench.matmul import matmul_flops
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6, help="optimiser steps per measurement (the first is not timed)")
     parser.add_argument("--root", type=Path, default=ROOT / "data" / "bench-train", help="run root for the upstream stages")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of all modes, interleaved; medians are printed")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="measurements to run, in this order")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the loops and TRL run (the stage: CUDA when there is one)")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="train.mixed_precision; bf16 needs an algorithm without a ratio to pi_ref")
+    parser.add_argument("--algorithm", default="a_lol", help="train.algorithm of the stage and the loops")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of each measured process")
+    parser.add_argument("--lora-rank", type=int, help="train.lora_rank: LoRA adapters (peft) in the stage and the loops; TRL trains every weight")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmuls of the peak (8192 on a GPU)")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.root, args.steps, json.loads(args.inputs))
+        child(args.child, args, json.loads(args.inputs))
         return
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cfg = bench_config(args.root, args.steps, args.algorithm, args.mixed_precision, args.lora_rank)
     # Built once here, so that no measured process runs an upstream stage.
-    folders = {name: output.path for name, output in upstream(bench_config(args.root, args.steps)).items()}
-    print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; {args.steps} steps of 8 rows each")
-    results = {mode: measure(mode, args.root, args.steps, folders) for mode in MODES}
-    print(f"{'run':>10} {'tokens/s':>9} {'timed tokens':>13} {'peak RSS MB':>12}")
+    folders = {name: output.path for name, output in upstream(cfg).items()}
+    params = parameters(cfg, folders)
+    precision = "bf16" if args.mixed_precision == "bf16" else "fp32"
+    print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; {args.steps} steps of "
+          f"{cfg.train.batch_size} x {cfg.train.grad_accumulation} rows each; {args.algorithm}, {args.device}, "
+          f"{precision}, {args.threads} threads, {params / 1e6:.1f} M parameters"
+          + (f", LoRA rank {args.lora_rank}" if args.lora_rank else ""))
+    rounds: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+    peaks = []
+    for _ in range(args.rounds):  # interleaved: load that comes and goes hits every mode alike
+        for mode in args.modes:  # the peak before each process, so that load changes hit it as they hit the runs
+            peaks.append(matmul_flops(args.matmul_size, device=args.device, precision=precision))
+            rounds[mode].append(measure(mode, args, folders))
+    results = {mode: median_result(runs) for mode, runs in rounds.items()}
+    peak = max(peaks)
+    print(f"{precision} matmul ({args.matmul_size}^2): {peak / 1e9:.1f} GFLOP/s peak (before each run: "
+          f"{[round(f / 1e9, 1) for f in peaks]})")
+    print(f"{'run':>10} {'tokens/s':>9} {'tokens/CPU s':>13} {'timed tokens':>13} {'peak RSS MB':>12} {'% of peak':>10} "
+          f"{'wall s':>7} {'CPU s':>7}")
     for mode, r in results.items():
-        print(f"{mode:>10} {r['tokens_per_s']:>9.1f} {r['tokens']:>13} {r['peak_rss_mb']:>12.0f}")
-    print(f"tokens/s, stage / nll-loop:   {results['stage']['tokens_per_s'] / results['nll-loop']['tokens_per_s']:.3f} (target >= 0.95)")
-    print(f"tokens/s, alol-loop / nll-loop: {results['alol-loop']['tokens_per_s'] / results['nll-loop']['tokens_per_s']:.3f}")
-    print(f"peak RSS, alol-loop / ref-loop: {results['alol-loop']['peak_rss_mb'] / results['ref-loop']['peak_rss_mb']:.3f} (target <= 0.6)")
-    print(f"peak RSS, stage / ref-loop:     {results['stage']['peak_rss_mb'] / results['ref-loop']['peak_rss_mb']:.3f}")
+        share = 100 * 6 * params * r["tokens_per_s"] / peak
+        per_cpu = "-" if r["tokens_per_cpu_s"] is None else f"{r['tokens_per_cpu_s']:.1f}"
+        cpu = "-" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.1f}"
+        print(f"{mode:>10} {r['tokens_per_s']:>9.1f} {per_cpu:>13} {int(r['tokens']):>13} {r['peak_rss_mb']:>12.0f} {share:>9.0f}% "
+              f"{r['wall_seconds']:>7.1f} {cpu:>7}")
+    if args.rounds > 1:
+        print("tokens/s by round: " + "; ".join(f"{m} {r['rounds_tokens_per_s']}" for m, r in results.items()))
+    print("medians over the rounds; timed steps only (the first excluded); % of peak: 6 x parameters x tokens/s over the peak; CPU s: the "
+          "process's CPU time over those steps (all its threads; the stage reports none), which other load on the "
+          "machine inflates less than wall time")
+    ratios = [
+        ("tokens/s, stage / nll-loop", "stage", "nll-loop", "tokens_per_s", "(target >= 0.95)"),
+        ("tokens/s, alol-loop / nll-loop", "alol-loop", "nll-loop", "tokens_per_s", ""),
+        ("tokens/s, alol-loop / trl-sft", "alol-loop", "trl-sft", "tokens_per_s", "(target >= 1.3)"),
+        ("tokens/s, stage / trl-sft", "stage", "trl-sft", "tokens_per_s", ""),
+        ("peak RSS, alol-loop / ref-loop", "alol-loop", "ref-loop", "peak_rss_mb", "(target <= 0.6)"),
+        ("peak RSS, stage / ref-loop", "stage", "ref-loop", "peak_rss_mb", ""),
+    ]
+    ratios += [("tokens/CPU s, alol-loop / trl-sft", "alol-loop", "trl-sft", "tokens_per_cpu_s", "")]
+    for label, a, b, key, target in ratios:
+        if a in results and b in results:
+            print(f"{label + ':':<36} {results[a][key] / results[b][key]:.3f} {target}")
 
 
 if __name__ == "__main__":
