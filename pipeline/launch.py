@@ -4,7 +4,7 @@
 trains on the upstream outputs recorded in the run's run.json (the docstring of stages/train/__init__.py
 has the rules).
 
-`train.processes: N` (N > 1) makes the runner do it itself (`train_on_processes`): torchrun --standalone
+`train.processes: N` (N > 1) makes the runner do it itself (`pipeline.runner.train_on_processes`): torchrun --standalone
 with N processes on this machine, given the whole configuration and the upstream outputs in files; the
 main process commits the output under the key the runner computed, and the runner records it as usual.
 """
@@ -15,20 +15,16 @@ import argparse
 import json
 import logging
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
 from pipeline.runner import (
-    PACKAGE_ROOT, STAGES, StageConfig, cache_key, execute_stage, reusable_output, upstream_from_run,
+    STAGES, StageConfig, cache_key, execute_stage, reusable_output, upstream_from_run,
 )
 from pipeline.storage import RunStore
-from schemas.config import AlolConfig, load_config
+from schemas.config import load_config
 from schemas.manifest import StageOutput
 from stages import train as train_stage
 from stages.io import StageReader, StageWriter
@@ -84,35 +80,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         finally:
             writer.abort()
 
-
-
-def train_on_processes(cfg: AlolConfig, inputs: dict[str, StageOutput], key: str, store: RunStore) -> StageOutput:
-    """Train on cfg.train.processes processes of this machine (torchrun --standalone running `main`); returns
-    the output its main process committed under `key`.
-
-    The configuration goes to the processes as one YAML file (run.storage_options left out: never written to a
-    file; the workers use the AWS_* environment variables), the upstream outputs as one JSON file."""
-    processes = cfg.train.processes
-    with tempfile.TemporaryDirectory(prefix="alol-train-launch-") as folder:
-        config_file, inputs_file = Path(folder) / "config.yaml", Path(folder) / "inputs.json"
-        config_file.write_text(
-            yaml.safe_dump(cfg.model_dump(mode="json", exclude={"run": {"storage_options"}}), sort_keys=True), encoding="utf-8"
-        )
-        inputs_file.write_text(json.dumps({n: o.model_dump(mode="json") for n, o in inputs.items()}), encoding="utf-8")
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-            "-m", "pipeline.launch", "--profile=", "--config-file", str(config_file), "--inputs", str(inputs_file), "--refresh",
-        ]
-        paths = [str(PACKAGE_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        log.info("train: launching %d processes (torchrun --standalone)", processes)
-        done = subprocess.run(command, cwd=PACKAGE_ROOT, env=environment)
-    if done.returncode != 0:
-        raise RuntimeError(f"train on {processes} processes failed (torchrun exited with {done.returncode}); its log is above")
-    output = reusable_output(store, "train", key)
-    if output is None:
-        raise RuntimeError(f"train on {processes} processes committed no output under the key {key[:16]}; rerun the stage")
-    return output
 
 
 if __name__ == "__main__":

@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import logging
 import os
 import platform
 import socket
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from pipeline.storage import RunStore
 from schemas.base import UserInputError, canonical_json, sha256_text
@@ -225,8 +231,6 @@ def execute_stage(
         if existing is not None:
             return existing, True
     if stage == "train" and cfg.train.processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        from pipeline.launch import train_on_processes
-
         return train_on_processes(cfg, inputs, key, store), False
     readers = {name: StageReader(inputs[name].path) for name in STAGES[stage].upstream}
     writer = StageWriter(store.stage_dir(stage, key))
@@ -264,3 +268,32 @@ def upstream_from_run(store: RunStore, stage: str) -> StageOutput:
         )
     reader = StageReader(current.path)
     return reader.output()
+
+
+def train_on_processes(cfg: AlolConfig, inputs: dict[str, StageOutput], key: str, store: RunStore) -> StageOutput:
+    """Train on cfg.train.processes processes of this machine (torchrun --standalone running pipeline.launch); returns
+    the output its main process committed under `key`.
+
+    The configuration goes to the processes as one YAML file (run.storage_options left out: never written to a
+    file; the workers use the AWS_* environment variables), the upstream outputs as one JSON file."""
+    processes = cfg.train.processes
+    with tempfile.TemporaryDirectory(prefix="alol-train-launch-") as folder:
+        config_file, inputs_file = Path(folder) / "config.yaml", Path(folder) / "inputs.json"
+        config_file.write_text(
+            yaml.safe_dump(cfg.model_dump(mode="json", exclude={"run": {"storage_options"}}), sort_keys=True), encoding="utf-8"
+        )
+        inputs_file.write_text(json.dumps({n: o.model_dump(mode="json") for n, o in inputs.items()}), encoding="utf-8")
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            "-m", "pipeline.launch", "--profile=", "--config-file", str(config_file), "--inputs", str(inputs_file), "--refresh",
+        ]
+        paths = [str(PACKAGE_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        log.info("train: launching %d processes (torchrun --standalone)", processes)
+        done = subprocess.run(command, cwd=PACKAGE_ROOT, env=environment)
+    if done.returncode != 0:
+        raise RuntimeError(f"train on {processes} processes failed (torchrun exited with {done.returncode}); its log is above")
+    output = reusable_output(store, "train", key)
+    if output is None:
+        raise RuntimeError(f"train on {processes} processes committed no output under the key {key[:16]}; rerun the stage")
+    return output
