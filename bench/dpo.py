@@ -12,6 +12,7 @@ under --root and reused by the stage cache. Each side runs in its own subprocess
         no second model in memory), the same pairs per micro-batch, accumulation, learning rate and
         optimiser steps; no evaluation or checkpoints. TRL's DPOConfig turns gradient checkpointing on by
         default (kept here: it is what a TRL user gets): less activation memory, a recomputed forward.
+- alol-gc: the alol side with train.gradient_checkpointing, like for like with TRL's default.
 
 tokens/s counts prompt and response tokens of both responses per second of optimiser-step wall time (TRL:
 its `num_tokens` count of attended tokens), the first step excluded. pi_theta is SmolLM2-135M-Instruct as
@@ -35,10 +36,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.memory import peak_rss_mb  # noqa: E402
 
-SIDES = ("alol", "trl")
+SIDES = ("alol", "alol-gc", "trl")
 
 
-def bench_config(root: Path, steps: int, model: str | None):
+def bench_config(root: Path, steps: int, model: str | None, checkpointing: bool = False):
     from schemas.config import load_config
 
     extra = {"reference.model": model} if model else {}
@@ -48,7 +49,7 @@ def bench_config(root: Path, steps: int, model: str | None):
             "run.root": str(root), "run.name": "bench-dpo", "run.cache_dir": str(ROOT / "data" / "cache"),
             "train.algorithm": "dpo", "train.batch_size": 4, "train.grad_accumulation": 2,
             "train.steps": steps, "train.eval_every": steps, "train.schedule": "constant", "reference.pairs": "auto",
-            **extra,
+            "train.gradient_checkpointing": checkpointing, **extra,
         },
     )
 
@@ -133,10 +134,10 @@ def child(side: str, root: Path, steps: int, model: str | None, folders: dict[st
     from stages.io import StageReader
 
     torch.set_num_threads(2)
-    cfg = bench_config(root, steps, model)
+    cfg = bench_config(root, steps, model, checkpointing=side == "alol-gc")
     inputs = {name: StageReader(folder) for name, folder in folders.items()}
     with tempfile.TemporaryDirectory() as tmp:
-        timings = run_alol(cfg, inputs) if side == "alol" else run_trl(cfg, inputs, Path(tmp))
+        timings = run_trl(cfg, inputs, Path(tmp)) if side == "trl" else run_alol(cfg, inputs)
     measured = timings[1:]
     print(json.dumps({
         "tokens_per_s": sum(n for n, _ in measured) / sum(s for _, s in measured),
@@ -187,11 +188,13 @@ def main() -> None:
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; model {cfg.reference.model}; "
           f"{args.steps} steps of {t.batch_size} x {t.grad_accumulation} pairs each")
     results = {side: measure(side, args.root, args.steps, model, folders) for side in SIDES}
-    print(f"{'run':>5} {'tokens/s':>9} {'timed tokens':>13} {'peak RSS MB':>12}")
+    print(f"{'run':>7} {'tokens/s':>9} {'timed tokens':>13} {'peak RSS MB':>12}")
     for side, r in results.items():
-        print(f"{side:>5} {r['tokens_per_s']:>9.1f} {r['tokens']:>13} {r['peak_rss_mb']:>12.0f}")
-    print(f"tokens/s, alol / trl: {results['alol']['tokens_per_s'] / results['trl']['tokens_per_s']:.3f} (target >= 1.0)")
-    print(f"peak RSS, alol / trl: {results['alol']['peak_rss_mb'] / results['trl']['peak_rss_mb']:.3f} (target <= 1.0)")
+        print(f"{side:>7} {r['tokens_per_s']:>9.1f} {r['tokens']:>13} {r['peak_rss_mb']:>12.0f}")
+    trl = results["trl"]
+    for side in ("alol", "alol-gc"):
+        print(f"{side} / trl: tokens/s {results[side]['tokens_per_s'] / trl['tokens_per_s']:.3f} (target >= 1.0), "
+              f"peak RSS {results[side]['peak_rss_mb'] / trl['peak_rss_mb']:.3f} (target <= 1.0)")
 
 
 if __name__ == "__main__":

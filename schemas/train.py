@@ -38,6 +38,11 @@ class TrainConfig(Section):
     lora_rank: int | None = Field(None, gt=0, description="LoRA rank through peft; full fine-tuning when unset (paper HHA: QLoRA).")
     lora_alpha: float | None = Field(None, gt=0, description="LoRA scaling alpha; 2 x lora_rank when unset.")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in the backward pass (transformers' gradient "
+        "checkpointing, non-reentrant): less activation memory for about one more forward per step; the gradients are "
+        "the same. TRL's trainers turn it on by default.",
+    )
     eval_every: int = Field(16, gt=0, description="Validate (greedy decode, score) every this many steps and at the last step (paper: a tenth of the run).")
     validation_prompts: int | None = Field(
         None, gt=0, description="Decode at most this many distinct validation prompts (the first by prompt id) per validation; all when unset."

@@ -21,7 +21,7 @@ from stages.models.logprobs import response_token_logprobs
 from stages.models.store import load_causal_lm, load_tokenizer
 from stages.models.tokenize import encode_pair, token_digest
 from stages.train.errors import TrainError
-from stages.train.policy import learning_rate_factor
+from stages.train.policy import build_policy, learning_rate_factor
 from stages.train.resume import RESUME_FOLDER
 from stages.train.rows import load_train_rows, step_budget
 from stages.train.step import PolicyForward, backward_micro_batches, encode_micro_batch
@@ -138,6 +138,32 @@ def test_one_batch_of_8_equals_8_batches_of_1_with_accumulation(tiny, algorithm)
     assert split_sums.weight_count == whole_sums.weight_count
     if algorithm in ("a_lol", "a_lol_seq", "r_lol"):
         assert 0 < whole_sums.clipped < whole_sums.weight_count, "the toy case exercises the clip"
+
+
+@pytest.mark.parametrize("algorithm", ["a_lol", "dpo"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny, algorithm):
+    """train.gradient_checkpointing recomputes activations in the backward pass: the same loss and gradients
+    (float32 round-off only) as the plain step, and the model really checkpoints."""
+    tokenizer = load_tokenizer(tiny[1])
+    cfg = load_config("smoke", overrides={"reference.max_prompt_tokens": 24, "reference.max_response_tokens": 8,
+                                          "train.algorithm": algorithm, "reference.pairs": "built"})
+    group = 2 if ALGORITHM_REGISTRY[algorithm].needs_pairs else 1
+    results = []
+    for checkpointing in (False, True):
+        train_cfg = cfg.train.model_copy(update={"gradient_checkpointing": checkpointing})
+        model = build_policy(tiny[1], train_cfg, seed=0)
+        assert model.is_gradient_checkpointing == checkpointing
+        rows = _rows(tokenizer, model)
+        policy = PolicyForward(model, model)
+        model.zero_grad(set_to_none=True)
+        sums = backward_micro_batches(Accelerator(cpu=True), model, policy, [encode_micro_batch(rows, tokenizer, cfg, group)],
+                                      loss_function(train_cfg))
+        results.append((sums.loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain_loss, plain), (checkpointed_loss, checkpointed) = results
+    assert checkpointed_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert any(g.abs().sum() > 0 for g in plain.values())
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=1e-6 * plain[name].abs().max().item(), msg=name)
 
 
 # --------------------------------------------------------------------------- the stage

@@ -16,7 +16,8 @@ log = logging.getLogger("alol.train")
 
 
 def build_policy(path: Path, train: TrainConfig, seed: int) -> Any:
-    """pi_theta = a copy of pi_ref, with LoRA adapters (peft, all linear layers but the head) when `lora_rank` is set."""
+    """pi_theta = a copy of pi_ref, with LoRA adapters (peft, all linear layers but the head) when `lora_rank` is set,
+    and gradient checkpointing when `gradient_checkpointing` is."""
     model = load_causal_lm(path)
     if train.lora_rank is not None:
         from peft import LoraConfig, get_peft_model
@@ -32,6 +33,8 @@ def build_policy(path: Path, train: TrainConfig, seed: int) -> Any:
                 task_type="CAUSAL_LM",
             ),
         )
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
 
