@@ -81,7 +81,7 @@ def test_readme_commands_on_tiny_inputs(tmp_path, prefect_backend, capsys):
 
     out = alol("compare", "--algorithms", "a_lol", "nll")
     assert "comparison.md" in out and (tmp_path / "runs" / "mine" / "compare" / "comparison.md").is_file()
-    alol("compare", "--algorithms", "a_lol", "nll", "--seeds", "2", "--value-ablation")
+    alol("compare", "--set", "reference.pairs=data", "--algorithms", "a_lol", "nll", "--seeds", "2", "--value-ablation")
     comparison = (tmp_path / "runs" / "mine" / "compare" / "comparison.md").read_text()
     assert "a_lol (V=mean)" in comparison and "a_lol − nll" in comparison, comparison
     assert fresh() == ["train", "evaluate"], "the last method trained; the upstream stayed cached"
