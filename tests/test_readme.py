@@ -87,7 +87,9 @@ def test_readme_commands_are_found():
 
 def test_every_readme_command_parses():
     parser = build_parser()
-    for tokens in readme_commands(README.read_text(encoding="utf-8"), inline=False):
+    commands = readme_commands(README.read_text(encoding="utf-8"), inline=False)
+    assert len(commands) >= 20, "the README's code blocks hold the commands a user types"
+    for tokens in commands:
         try:
             parser.parse_args(tokens)
         except SystemExit:
