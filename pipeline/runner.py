@@ -50,6 +50,9 @@ EXECUTION = ("run.executor", "run.ray_address", "run.workers")
 PROCESSES = ("train.processes", "train.nodes", "train.rendezvous", "train.gpus_per_node")
 """On how many processes and machines the train stage trains (pipeline.launch): in no cache key (N processes equal one)."""
 
+SFT_PROCESSES = ("reference.sft_processes",)
+"""How many processes the reference stage fine-tunes pi_ref on: in no cache key of any stage that reads `reference`."""
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -72,16 +75,16 @@ STAGES: dict[str, StageSpec] = {
     "score": StageSpec("stages.score:run", ("score",), ("ingest",), unkeyed=CACHES + EXECUTION),
     "reference": StageSpec(
         "stages.reference:run", ("reference", "value", "score", "run.seed"), ("ingest", "score"), True,
-        CACHES + EXECUTION,
+        CACHES + EXECUTION + SFT_PROCESSES,
     ),
     "advantage": StageSpec("stages.advantage:run", ("advantage",), ("score", "reference")),
     "train": StageSpec(
         "stages.train:run", ("train", "reference", "score", "run.seed"),
-        ("ingest", "score", "reference", "advantage"), True, CACHES + PROCESSES,
+        ("ingest", "score", "reference", "advantage"), True, CACHES + PROCESSES + SFT_PROCESSES,
     ),
     "evaluate": StageSpec(
         "stages.evaluate:run", ("evaluate", "reference", "score", "run.seed"),
-        ("ingest", "score", "reference", "advantage", "train"), True, CACHES + EXECUTION,
+        ("ingest", "score", "reference", "advantage", "train"), True, CACHES + EXECUTION + SFT_PROCESSES,
     ),
 }
 
