@@ -189,6 +189,18 @@ def test_train_nodes_need_a_rendezvous_under_the_local_executor(tiny):
         config(tmp, model, data, **{"train.rendezvous": "127.0.0.1:29400"})
 
 
+def test_cli_refuses_nodes_without_a_rendezvous_before_any_work(tmp_path, capsys):
+    from pipeline.cli import main
+
+    args = ["run", "--profile", "smoke", "--stages", "train", "--set", "train.nodes=2", "--set", "train.grad_accumulation=2",
+            "--set", f"run.root={tmp_path / 'runs'}"]
+    assert main(args) == 2
+    header, line = capsys.readouterr().err.splitlines()
+    assert header == "alol: invalid configuration (profile smoke + --set):"
+    assert "train.nodes is 2 with run.executor local: set train.rendezvous to host:port on the first machine" in line
+    assert not (tmp_path / "runs").exists()
+
+
 def test_two_machines_meeting_at_a_rendezvous_equal_one_process(tiny, one_process):
     """`train.nodes: 2` under the local executor: the same stage run twice (as `alol run --stages train` on each
     machine), each launching torchrun --nnodes 2 --rdzv-endpoint 127.0.0.1:<port> of pipeline.launch; both
