@@ -7,6 +7,9 @@ has the rules).
 `train.processes: N` (N > 1) makes the runner do it itself (`pipeline.runner.train_on_processes`): torchrun --standalone
 with N processes on this machine, given the whole configuration and the upstream outputs in files; the
 main process commits the output under the key the runner computed, and the runner records it as usual.
+`train.nodes: M` (M > 1) does the same on M machines (torchrun --nnodes M with a c10d rendezvous: at
+train.rendezvous under the local executor, on the nodes of a Ray placement group under ray, pipeline.nodes);
+the command is built once, in stages.torchrun.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ writes nothing (no folder, no record) and starts no server.
   package is installed, run.ray_address answers (a TCP connection to the head's GCS port; `auto` is
   joined), and each stage's run.workers.<stage>.cpus_per_actor and gpus_per_actor fit on some node of
   the cluster (this machine when ray_address is empty and the stage starts its own Ray instance).
+- With run.executor=ray, train selected and train.nodes > 1: the cluster has that many live nodes with a
+  CPU (and train.gpus_per_node GPUs) each, one per node launcher (Ray would wait for the placement forever).
 - A run name is not silently reused for other data: when ingest runs and the run already records
   an ingest output of another data source (data.source, data.path, data.dataset_config), the run
   would replace that record (and `alol report`, `status`, `sql` would show the new data under the
@@ -134,9 +136,11 @@ CONNECT_SECONDS = 5.0
 
 def _ray_problems(cfg: AlolConfig, selected: list[str]) -> list[str]:
     """One line if Ray is missing or run.ray_address does not answer; one per stage and resource (CPUs, GPUs)
-    that an actor asks more of than any node has (Ray would wait for such an actor forever)."""
+    that an actor asks more of than any node has (Ray would wait for such an actor forever); one if train asks
+    for more nodes (train.nodes, each 1 CPU and train.gpus_per_node GPUs) than the cluster has alive."""
     mapped = [s for s in RAY_STAGES if s in selected]
-    if cfg.run.executor != "ray" or not mapped:
+    on_nodes = "train" in selected and cfg.train.nodes > 1
+    if cfg.run.executor != "ray" or not (mapped or on_nodes):
         return []
     if importlib.util.find_spec("ray") is None:
         return ["run.executor is ray but the ray package is not installed: pip install -e '.[ray]' (or --set run.executor=local)"]
@@ -161,6 +165,15 @@ def _ray_problems(cfg: AlolConfig, selected: list[str]) -> list[str]:
                     f"run.workers.{stage}.{field} is {need:g} but no node of {where} has that many {resource}s (the most "
                     f"on one node: {most:g}); lower it (--set run.workers.{stage}.{field}={most:g}) or add a larger node"
                 )
+    if on_nodes:
+        gpus = cfg.train.gpus_per_node
+        fitting = sum(node.get("CPU", 0.0) >= 1 and node.get("GPU", 0.0) >= gpus for node in nodes)
+        if fitting < cfg.train.nodes:
+            each = "1 CPU" + (f" and {gpus} GPUs" if gpus else "")
+            problems.append(
+                f"train.nodes is {cfg.train.nodes} but {where} has {fitting} live node(s) with {each} (one launcher "
+                f"per node); lower it (--set train.nodes={max(fitting, 1)}) or add nodes (ray start --address <head>)"
+            )
     return problems
 
 

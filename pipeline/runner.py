@@ -12,8 +12,6 @@ import logging
 import os
 import platform
 import socket
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.nodes import launch_arguments, train_on_ray_nodes
 from pipeline.storage import RunStore
 from schemas.base import UserInputError, canonical_json, sha256_text
 from schemas.config import AlolConfig
@@ -30,6 +29,7 @@ from schemas.manifest import Producer, StageOutput
 from schemas.stages import STAGE_NAMES
 from stages import fs
 from stages.io import IntegrityError, StageReader, StageWriter
+from stages.torchrun import run_torchrun, torchrun_command
 
 log = logging.getLogger("alol.runner")
 
@@ -47,8 +47,11 @@ EXECUTION = ("run.executor", "run.ray_address", "run.workers")
 """Where a data stage computes (stages.executor): read by the stages that map over their rows, in no cache key
 (the local and the Ray executor give the same output)."""
 
-PROCESSES = ("train.processes",)
-"""How many processes the train stage trains on (pipeline.launch): in no cache key (N processes equal one)."""
+PROCESSES = ("train.processes", "train.nodes", "train.rendezvous", "train.gpus_per_node")
+"""On how many processes and machines the train stage trains (pipeline.launch): in no cache key (N processes equal one)."""
+
+SFT_PROCESSES = ("reference.sft_processes",)
+"""How many processes the reference stage fine-tunes pi_ref on: in no cache key of any stage that reads `reference`."""
 
 
 @dataclass(frozen=True)
@@ -72,16 +75,16 @@ STAGES: dict[str, StageSpec] = {
     "score": StageSpec("stages.score:run", ("score",), ("ingest",), unkeyed=CACHES + EXECUTION),
     "reference": StageSpec(
         "stages.reference:run", ("reference", "value", "score", "run.seed"), ("ingest", "score"), True,
-        CACHES + EXECUTION,
+        CACHES + EXECUTION + SFT_PROCESSES,
     ),
     "advantage": StageSpec("stages.advantage:run", ("advantage",), ("score", "reference")),
     "train": StageSpec(
         "stages.train:run", ("train", "reference", "score", "run.seed"),
-        ("ingest", "score", "reference", "advantage"), True, CACHES + PROCESSES,
+        ("ingest", "score", "reference", "advantage"), True, CACHES + PROCESSES + SFT_PROCESSES,
     ),
     "evaluate": StageSpec(
         "stages.evaluate:run", ("evaluate", "reference", "score", "run.seed"),
-        ("ingest", "score", "reference", "advantage", "train"), True, CACHES + EXECUTION,
+        ("ingest", "score", "reference", "advantage", "train"), True, CACHES + EXECUTION + SFT_PROCESSES,
     ),
 }
 
@@ -230,7 +233,8 @@ def execute_stage(
         existing = reusable_output(store, stage, key)
         if existing is not None:
             return existing, True
-    if stage == "train" and cfg.train.processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    launched = cfg.train.processes > 1 or cfg.train.nodes > 1
+    if stage == "train" and launched and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return train_on_processes(cfg, inputs, key, store), False
     readers = {name: StageReader(inputs[name].path) for name in STAGES[stage].upstream}
     writer = StageWriter(store.stage_dir(stage, key))
@@ -271,29 +275,31 @@ def upstream_from_run(store: RunStore, stage: str) -> StageOutput:
 
 
 def train_on_processes(cfg: AlolConfig, inputs: dict[str, StageOutput], key: str, store: RunStore) -> StageOutput:
-    """Train on cfg.train.processes processes of this machine (torchrun --standalone running pipeline.launch); returns
-    the output its main process committed under `key`.
+    """Train on cfg.train.processes processes of this machine, or of each of cfg.train.nodes machines, all running
+    pipeline.launch under torchrun (stages.torchrun); returns the output their rank-0 process committed under `key`.
 
+    One machine: torchrun --standalone. Several under run.executor ray: the stage places one launcher per node
+    (pipeline.nodes). Several under local: this machine is one of them, meeting the others at train.rendezvous
+    (each runs the same stage, so has the same key: its first 16 digits are the rendezvous id).
     The configuration goes to the processes as one YAML file (run.storage_options left out: never written to a
     file; the workers use the AWS_* environment variables), the upstream outputs as one JSON file."""
-    processes = cfg.train.processes
-    with tempfile.TemporaryDirectory(prefix="alol-train-launch-") as folder:
-        config_file, inputs_file = Path(folder) / "config.yaml", Path(folder) / "inputs.json"
-        config_file.write_text(
-            yaml.safe_dump(cfg.model_dump(mode="json", exclude={"run": {"storage_options"}}), sort_keys=True), encoding="utf-8"
-        )
-        inputs_file.write_text(json.dumps({n: o.model_dump(mode="json") for n, o in inputs.items()}), encoding="utf-8")
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-            "-m", "pipeline.launch", "--profile=", "--config-file", str(config_file), "--inputs", str(inputs_file), "--refresh",
-        ]
-        paths = [str(PACKAGE_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        log.info("train: launching %d processes (torchrun --standalone)", processes)
-        done = subprocess.run(command, cwd=PACKAGE_ROOT, env=environment)
-    if done.returncode != 0:
-        raise RuntimeError(f"train on {processes} processes failed (torchrun exited with {done.returncode}); its log is above")
+    train = cfg.train
+    config_text = yaml.safe_dump(cfg.model_dump(mode="json", exclude={"run": {"storage_options"}}), sort_keys=True)
+    inputs_text = json.dumps({n: o.model_dump(mode="json") for n, o in inputs.items()})
+    what = f"train on {train.nodes} x {train.processes} processes"
+    if train.nodes > 1 and cfg.run.executor == "ray":
+        train_on_ray_nodes(cfg, config_text, inputs_text, rendezvous_id=key[:16])
+    else:
+        with tempfile.TemporaryDirectory(prefix="alol-train-launch-") as folder:
+            command = torchrun_command(
+                "pipeline.launch", launch_arguments(Path(folder), config_text, inputs_text), train.processes,
+                nodes=train.nodes, rendezvous=train.rendezvous, rendezvous_id=key[:16],
+            )
+            status = run_torchrun(command)
+        if status != 0:
+            raise RuntimeError(f"{what} failed (torchrun exited with {status}); its log is above")
     output = reusable_output(store, "train", key)
     if output is None:
-        raise RuntimeError(f"train on {processes} processes committed no output under the key {key[:16]}; rerun the stage")
+        raise RuntimeError(f"{what} committed no output under the key {key[:16]}; rerun the stage")
     return output
+

@@ -89,6 +89,22 @@ class AlolConfig(Section):
             raise ValueError("evaluate.split: final needs a final split: set data.final_fraction > 0 (the default and quality profiles do)")
         return self
 
+    @model_validator(mode="after")
+    def _nodes_meet_somewhere(self) -> AlolConfig:
+        """train.nodes > 1 meets at train.rendezvous under the local executor; under ray the stage picks the address."""
+        train = self.train
+        if train.nodes > 1 and self.run.executor == "local" and train.rendezvous is None:
+            raise ValueError(
+                f"train.nodes is {train.nodes} with run.executor local: set train.rendezvous to host:port on the first "
+                "machine (each machine then runs the same `alol run --stages train`), or set run.executor ray"
+            )
+        if train.rendezvous is not None and self.run.executor == "ray":
+            raise ValueError(
+                "train.rendezvous is set but run.executor is ray, where the train stage places its nodes and picks "
+                "the rendezvous itself: clear train.rendezvous, or set run.executor local"
+            )
+        return self
+
     def pairs_missing(self) -> bool:
         """True when the reference stage will give the pair algorithms no pairs: reference.pairs none, or
         `data` on data known to have none (chatterbot, a pair-less data.format)."""

@@ -37,6 +37,12 @@ class ReferenceConfig(Section):
     sft_epochs: int = Field(0, ge=0, description="Epochs of summed-token NLL fine-tuning of the base model; 0 keeps the base model as pi_ref.")
     sft_learning_rate: float = Field(2e-5, gt=0, description="Learning rate of the optional SFT.")
     sft_batch_size: int = Field(8, gt=0, description="Rows per SFT step.")
+    sft_processes: int = Field(
+        1, ge=1,
+        description="Processes the SFT of pi_ref runs on: above 1 the reference stage launches them itself on this "
+        "machine (torchrun --standalone; gloo on CPU, NCCL on GPUs, one GPU each), each taking an equal share of the "
+        "rows of every SFT step, their gradients summed; the result equals one process, so it is in no cache key.",
+    )
     generate_max_new_tokens: int = Field(48, gt=0, description="Greedy decoding length for value targets.")
     generate_batch_size: int = Field(16, gt=0, description="Prompts per greedy decoding batch.")
     pairs: PairsSetting = Field(
@@ -185,6 +191,7 @@ class ReferenceMetrics(StageMetrics):
     logprob_tokens: int = Field(..., description="Tokens through the log-prob pass.")
     logprob_tokens_per_s: float
     sft_steps: int | None = Field(None, description="SFT optimiser steps (None without SFT).")
+    sft_processes: int | None = Field(None, description="Processes the SFT ran on (reference.sft_processes; None without SFT).")
     sft_first_loss: float | None = None
     sft_last_loss: float | None = None
     sft_epoch_losses: list[float] | None = Field(None, description="Mean summed-token NLL of each SFT epoch.")

@@ -56,6 +56,24 @@ class TrainConfig(Section):
         "(torchrun --standalone; gloo on CPU, NCCL on GPUs, one GPU each), each running grad_accumulation / processes "
         "micro-batches of every step; the result equals one process, so it is in no cache key.",
     )
+    nodes: int = Field(
+        1, ge=1,
+        description="Machines the train stage trains on, train.processes processes each (torchrun --nnodes; "
+        "grad_accumulation is shared out over all nodes x processes). Under run.executor ray the stage places one "
+        "launcher per node itself (a Ray placement group, STRICT_SPREAD); under local every machine runs the same "
+        "`alol run --stages train` with train.rendezvous set and a run.root they share. In no cache key.",
+    )
+    rendezvous: str | None = Field(
+        None, pattern=r"^[^:\s]+:[0-9]+$",
+        description="host:port on the first machine where the machines of train.nodes > 1 meet (torchrun's c10d "
+        "rendezvous; the port must be free there and reachable from the others); run.executor local only (under "
+        "ray the stage takes the first node's address and a free port). In no cache key.",
+    )
+    gpus_per_node: int = Field(
+        0, ge=0,
+        description="GPUs each node's launcher reserves in the placement group under run.executor ray and "
+        "train.nodes > 1: train.processes on GPU nodes (one per process), 0 on CPU nodes. In no cache key.",
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="accelerate mixed precision, where the device supports it.")
     seed: int | None = Field(
         None, description="Seed of the train stage (row sampling, LoRA init, dropout, validation decoding); run.seed "
@@ -77,11 +95,16 @@ class TrainConfig(Section):
             if name not in uses and getattr(self, name) is not None:
                 users = ", ".join(s.name for s in ALGORITHM_REGISTRY.values() if name in s.hyperparameters)
                 raise ValueError(f"train.{name} is only used by {users}, not {self.algorithm}")
-        if self.grad_accumulation % self.processes:
-            raise ValueError(
-                f"train.grad_accumulation ({self.grad_accumulation}) must be a multiple of train.processes "
-                f"({self.processes}): each process runs an equal share of every step's micro-batches"
+        if self.grad_accumulation % (self.processes * self.nodes):
+            across = f"train.processes ({self.processes})" if self.nodes == 1 else (
+                f"train.nodes x train.processes ({self.nodes} x {self.processes})"
             )
+            raise ValueError(
+                f"train.grad_accumulation ({self.grad_accumulation}) must be a multiple of {across}: each process "
+                "runs an equal share of every step's micro-batches"
+            )
+        if self.rendezvous is not None and self.nodes == 1:
+            raise ValueError("train.rendezvous is set but train.nodes is 1: set train.nodes, or clear train.rendezvous")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"train.warmup_steps ({self.warmup_steps}) must be below train.steps ({self.steps})")
         if self.lora_rank is None and self.lora_alpha is not None:

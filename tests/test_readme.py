@@ -26,6 +26,7 @@ TESTED_BY: dict[tuple[str, frozenset[str]], str] = {
     ("run", frozenset({"--config", "--set"})): WALKTHROUGH,
     ("run", frozenset({"--stages"})): WALKTHROUGH,
     ("run", frozenset({"--stages", "--refresh"})): WALKTHROUGH,
+    ("run", frozenset({"--stages", "--set"})): "tests/test_train_distributed.py::test_cli_refuses_nodes_without_a_rendezvous_before_any_work",
     ("status", frozenset()): WALKTHROUGH,
     ("status", frozenset({"--verify"})): "tests/test_sql.py::test_status_verify_names_the_damaged_output",
     ("report", frozenset()): WALKTHROUGH,

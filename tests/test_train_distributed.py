@@ -1,6 +1,9 @@
 """The train stage as separate processes (`python -m pipeline.launch`): two CPU processes under torchrun
-(gloo), each running half of the micro-batches, equal one process running all of them; a run killed
-with SIGKILL resumes from its last checkpoint to the same files (content hash) as an uninterrupted run."""
+(gloo), each running half of the micro-batches, equal one process running all of them, whether on one
+machine (--standalone), on two "machines" meeting at a rendezvous endpoint (train.nodes with
+train.rendezvous, two launches here), or on two nodes of a real Ray cluster (train.nodes under run.executor
+ray: a head and a second node, 1 CPU each); a run killed with SIGKILL resumes from its last checkpoint to
+the same files (content hash) as an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +26,8 @@ from schemas.config import ConfigError, apply_overrides
 from stages import train
 from stages.io import StageReader, StageWriter
 from stages.train.resume import RESUME_FOLDER, resume_key
+from tests.support.ray import ray_two_nodes  # noqa: F401 (fixture)
+from tests.support.s3 import free_port
 from tests.support.train import build_upstream, config, overrides, readers, tiny_setup
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,6 +39,12 @@ def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train-processes")
     model, data = tiny_setup(tmp)
     return tmp, model, data, build_upstream(config(tmp, model, data))
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny) -> StageReader:
+    """One process running both micro-batches of each step (grad_accumulation 2): what every launch must equal."""
+    return in_process(tiny, "one-process", **{"train.grad_accumulation": 2})
 
 
 def write_config(tiny, name: str, **extra) -> Path:
@@ -82,7 +94,7 @@ def assert_same_training(a: StageReader, b: StageReader, rel: float) -> None:
         torch.testing.assert_close(second[name], first[name], rtol=0, atol=rel * scale, msg=name)
 
 
-def test_two_processes_equal_one_process_with_twice_the_accumulation(tiny):
+def test_two_processes_equal_one_process_with_twice_the_accumulation(tiny, one_process):
     # grad_accumulation 2: each of two processes runs one micro-batch, one process runs both.
     config_file = write_config(tiny, "two-processes", **{"train.grad_accumulation": 2})
     done = subprocess.run(cli(config_file, processes=2), cwd=REPO, env=environment(), capture_output=True, text=True,
@@ -90,7 +102,7 @@ def test_two_processes_equal_one_process_with_twice_the_accumulation(tiny):
     assert done.returncode == 0, done.stderr[-4000:]
     two = recorded_train_output(tiny)
     assert two.metrics.processes == 2 and two.metrics.rows_per_step == 4
-    one = in_process(tiny, "one-process", **{"train.grad_accumulation": 2})
+    one = one_process
     assert one.metrics.processes == 1 and one.metrics.rows_per_step == 4
     assert one.metrics.policy_is_reference is False
     assert_same_training(one, two, rel=1e-4)
@@ -144,7 +156,7 @@ def test_killed_run_resumes_from_its_last_checkpoint_to_the_same_output(tiny):
     assert not latest.parent.exists(), "resume state removed once the stage finished"
 
 
-def test_train_processes_2_launched_by_the_stage_equal_one_process(tiny):
+def test_train_processes_2_launched_by_the_stage_equal_one_process(tiny, one_process):
     """`train.processes: 2` through the runner (as `alol run` calls it): the stage launches torchrun itself, and
     the key is that of one process."""
     tmp, model, data, outputs = tiny
@@ -155,8 +167,7 @@ def test_train_processes_2_launched_by_the_stage_equal_one_process(tiny):
     assert not cached and output.cache_key == cache_key(cfg, "train", outputs)
     two = StageReader(output.path)
     assert two.metrics.processes == 2 and two.metrics.rows_per_step == 4
-    one = in_process(tiny, "one-process-for-the-launch", **settings)
-    assert_same_training(one, two, rel=1e-4)
+    assert_same_training(one_process, two, rel=1e-4)
     assert execute_stage(cfg, "train", outputs) == (output, True), "then reused, as one process's output would be"
 
 
@@ -164,3 +175,98 @@ def test_train_processes_must_divide_grad_accumulation(tiny):
     tmp, model, data, _ = tiny
     with pytest.raises(ConfigError, match=r"train.grad_accumulation \(3\) must be a multiple of train.processes \(2\)"):
         config(tmp, model, data, **{"train.grad_accumulation": 3, "train.processes": 2})
+
+
+def test_train_nodes_need_a_rendezvous_under_the_local_executor(tiny):
+    tmp, model, data, _ = tiny
+    with pytest.raises(ConfigError, match=r"train.nodes is 2 with run.executor local: set train.rendezvous to host:port"):
+        config(tmp, model, data, **{"train.nodes": 2})
+    with pytest.raises(ConfigError, match=r"must be a multiple of train.nodes x train.processes \(2 x 2\)"):
+        config(tmp, model, data, **{"train.nodes": 2, "train.processes": 2, "train.rendezvous": "127.0.0.1:29400"})
+    with pytest.raises(ConfigError, match=r"train.rendezvous is set but run.executor is ray"):
+        config(tmp, model, data, **{"train.nodes": 2, "train.rendezvous": "127.0.0.1:29400", "run.executor": "ray"})
+    with pytest.raises(ConfigError, match=r"train.rendezvous is set but train.nodes is 1"):
+        config(tmp, model, data, **{"train.rendezvous": "127.0.0.1:29400"})
+
+
+def test_cli_refuses_nodes_without_a_rendezvous_before_any_work(tmp_path, capsys):
+    from pipeline.cli import main
+
+    args = ["run", "--profile", "smoke", "--stages", "train", "--set", "train.nodes=2", "--set", "train.grad_accumulation=2",
+            "--set", f"run.root={tmp_path / 'runs'}"]
+    assert main(args) == 2
+    header, line = capsys.readouterr().err.splitlines()
+    assert header == "alol: invalid configuration (profile smoke + --set):"
+    assert "train.nodes is 2 with run.executor local: set train.rendezvous to host:port on the first machine" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_two_machines_meeting_at_a_rendezvous_equal_one_process(tiny, one_process):
+    """`train.nodes: 2` under the local executor: the same stage run twice (as `alol run --stages train` on each
+    machine), each launching torchrun --nnodes 2 --rdzv-endpoint 127.0.0.1:<port> of pipeline.launch; both
+    get the one output the rank-0 process committed, which equals one process."""
+    tmp, model, data, outputs = tiny
+    settings = {"train.grad_accumulation": 2, "run.name": "rendezvous"}
+    cfg = config(tmp, model, data, **settings, **{"train.nodes": 2, "train.rendezvous": f"127.0.0.1:{free_port()}"})
+    assert cache_key(cfg, "train", outputs) == cache_key(config(tmp, model, data, **settings), "train", outputs)
+    results: dict[int, object] = {}
+
+    def machine(index: int) -> None:
+        try:
+            results[index] = execute_stage(cfg, "train", outputs)
+        except Exception as error:  # reported by the assertion below
+            results[index] = error
+
+    machines = [threading.Thread(target=machine, args=(i,)) for i in range(2)]
+    for thread in machines:
+        thread.start()
+    for thread in machines:
+        thread.join(timeout=600)
+    assert results[0] == results[1] and results[0][1] is False, results
+    two = StageReader(results[0][0].path)
+    assert two.metrics.processes == 2 and two.metrics.rows_per_step == 4
+    assert two.manifest.producer.pid != os.getpid()
+    assert_same_training(one_process, two, rel=1e-4)
+
+
+def test_two_ray_nodes_equal_one_process(tiny, one_process, ray_two_nodes):
+    """`train.nodes: 2` under run.executor ray on a head and a second node (1 CPU each): the stage places one
+    launcher per node (STRICT_SPREAD) and they meet at the first node's address; the key is one process's."""
+    from pipeline import preflight
+
+    tmp, model, data, outputs = tiny
+    settings = {"train.grad_accumulation": 2, "run.name": "ray-nodes"}
+    on_ray = {"run.executor": "ray", "run.ray_address": ray_two_nodes, "train.nodes": 2}
+    cfg = config(tmp, model, data, **settings, **on_ray)
+    store = RunStore.of(cfg)
+    for output in outputs.values():
+        store.record(output, cached=True, seconds=0.0)
+    preflight.check(cfg, ["train"])
+    assert cache_key(cfg, "train", outputs) == cache_key(config(tmp, model, data, **settings), "train", outputs)
+    output, cached = execute_stage(cfg, "train", outputs)
+    assert not cached and output.cache_key == cache_key(cfg, "train", outputs)
+    two = StageReader(output.path)
+    assert two.metrics.processes == 2 and two.metrics.rows_per_step == 4
+    assert two.manifest.producer.pid != os.getpid()
+    assert_same_training(one_process, two, rel=1e-4)
+
+
+def test_preflight_refuses_more_nodes_than_the_ray_cluster_has(tiny, ray_two_nodes):
+    from pipeline import preflight
+
+    tmp, model, data, outputs = tiny
+    ask = {"run.executor": "ray", "run.ray_address": ray_two_nodes, "run.name": "too-many-nodes",
+           "train.nodes": 3, "train.grad_accumulation": 3}
+    cfg = config(tmp, model, data, **ask)
+    store = RunStore.of(cfg)
+    for output in outputs.values():
+        store.record(output, cached=True, seconds=0.0)
+    with pytest.raises(preflight.PreflightError) as caught:
+        preflight.check(cfg, ["train"])
+    assert caught.value.problems == [
+        f"train.nodes is 3 but the Ray cluster at {ray_two_nodes} has 2 live node(s) with 1 CPU (one launcher per "
+        "node); lower it (--set train.nodes=2) or add nodes (ray start --address <head>)"
+    ]
+    gpus = config(tmp, model, data, **{**ask, "train.nodes": 2, "train.grad_accumulation": 2, "train.gpus_per_node": 1})
+    with pytest.raises(preflight.PreflightError, match=r"has 0 live node\(s\) with 1 CPU and 1 GPUs"):
+        preflight.check(gpus, ["train"])

@@ -2,7 +2,8 @@
 
 1. pi_ref is the base model, or (reference.sft_epochs > 0) the base model fine-tuned with the
    summed-token NLL  -sum_t log pi(y_t | x, y_<t)  on the training rows (chosen rows of preference
-   pairs), saved in transformers format as `pi_ref/` in this stage's output.
+   pairs), saved in transformers format as `pi_ref/` in this stage's output; in this process, or
+   (reference.sft_processes > 1) on processes the stage launches (stages.reference.sft_processes).
 2. Value targets: pi_ref decodes each distinct validation prompt greedily; the score stage's
    components score the outputs, giving R(x, y_ref).
 3. One pass over the train and validation rows, in batches of similar length under
@@ -49,6 +50,7 @@ from stages.reference.logprobs import logprob_pass, reference_logprobs, write_re
 from stages.reference.pairs import pairs_mode, write_pi_ref_responses
 from stages.reference.rows import EncodedRows, encode_rows
 from stages.reference.sft import fine_tune_reference
+from stages.reference.sft_processes import fine_tune_on_processes
 from stages.value_head import fit_value_head, predict_values, save_value_head
 
 __all__ = ["encode_rows", "fine_tune_reference", "reference_logprobs", "run"]
@@ -93,8 +95,10 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     rows = encode_rows(inputs["ingest"], tokenizer, ref)
     if not rows.ids:
         raise ValueError(f"{inputs['ingest'].dir}: the ingest output has no train or validation rows")
-    # On Ray without SFT the actors load pi_ref; this process only reads its config.
-    model = load_causal_lm(base_path).to(device) if mapper.in_process or ref.sft_epochs > 0 else None
+    # On Ray without SFT the actors load pi_ref, and an SFT on processes loads it there: this process only reads its config.
+    sft_on_processes = ref.sft_epochs > 0 and ref.sft_processes > 1
+    loads = (mapper.in_process or ref.sft_epochs > 0) and not sft_on_processes
+    model = load_causal_lm(base_path).to(device) if loads else None
     hidden = (model.config if model is not None else _model_config(base_path)).hidden_size
     if hidden % cfg.value.heads:
         raise ValueError(f"value.heads ({cfg.value.heads}) must divide the hidden size {hidden} of {base_path}")
@@ -104,7 +108,11 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     pi_ref_path = base_path
     if ref.sft_epochs > 0:
         clock = time.perf_counter()
-        sft_metrics = fine_tune_reference(model, rows, ref, cfg.run.seed)
+        if sft_on_processes:
+            model, sft_metrics = fine_tune_on_processes(base_path, rows, ref, cfg.run.seed)
+            model = model.to(device)
+        else:
+            sft_metrics = fine_tune_reference(model, rows, ref, cfg.run.seed)
         pi_ref_path = out.path(PI_REF_FOLDER)
         save_model_folder(model, tokenizer, pi_ref_path)
         timings["sft_seconds"] = time.perf_counter() - clock
