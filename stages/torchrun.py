@@ -6,6 +6,10 @@ One machine: `torchrun --standalone --nproc_per_node P -m MODULE ARGS`. Several 
 each: `torchrun --nnodes N --nproc_per_node P --rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id ID
 -m MODULE ARGS`, where HOST:PORT is on the first machine (its agent serves the rendezvous store there) and
 ID is the same on all of them.
+
+A worker that dies (killed, out of memory) makes torchrun stop the others and start them all again, up to
+RESTARTS times: training resumes from its last checkpoint (stages.train.resume), so the output is the
+same; the SFT of pi_ref starts again from the base model, the same steps again.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import sys
 from pathlib import Path
 
 log = logging.getLogger("alol.torchrun")
+
+RESTARTS = 2
+"""How often torchrun starts the workers again after one died, before the stage fails (--max-restarts)."""
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 """Where the launched processes start, and what goes first on their PYTHONPATH (this checkout's modules)."""
@@ -44,7 +51,7 @@ def torchrun_command(
             launcher += ["--local-addr", local_address]
         if serves_rendezvous is not None:
             launcher += ["--rdzv-conf", f"is_host={str(serves_rendezvous).lower()}"]
-    return [*launcher, "--nproc_per_node", str(processes), "-m", module, *arguments]
+    return [*launcher, "--nproc_per_node", str(processes), "--max-restarts", str(RESTARTS), "-m", module, *arguments]
 
 
 def launch_environment() -> dict[str, str]:

@@ -3,7 +3,8 @@
 machine (--standalone), on two "machines" meeting at a rendezvous endpoint (train.nodes with
 train.rendezvous, two launches here), or on two nodes of a real Ray cluster (train.nodes under run.executor
 ray: a head and a second node, 1 CPU each); a run killed with SIGKILL resumes from its last checkpoint to
-the same files (content hash) as an uninterrupted run."""
+the same files (content hash) as an uninterrupted run; workers killed under the stage's own torchrun are
+started again by it and resume to the same training."""
 
 from __future__ import annotations
 
@@ -169,6 +170,22 @@ def test_train_processes_2_launched_by_the_stage_equal_one_process(tiny, one_pro
     assert two.metrics.processes == 2 and two.metrics.rows_per_step == 4
     assert_same_training(one_process, two, rel=1e-4)
     assert execute_stage(cfg, "train", outputs) == (output, True), "then reused, as one process's output would be"
+
+
+def test_a_worker_killed_mid_training_is_restarted_and_resumes_to_the_one_process_result(tiny, one_process, monkeypatch):
+    """`train.processes: 2` through the runner with both workers killed (SIGKILL) after their third step: torchrun
+    starts them again (stages.torchrun.RESTARTS), they resume from the step-2 checkpoint, and the stage completes
+    with the training of one process, without a rerun."""
+    tmp, model, data, outputs = tiny
+    settings = {"train.grad_accumulation": 2, "train.checkpoint_every": 2, "run.name": "restarted"}
+    cfg = config(tmp, model, data, **settings, **{"train.processes": 2})
+    monkeypatch.setenv("ALOL_FAILPOINT", "train.step@3")
+    output, cached = execute_stage(cfg, "train", outputs)
+    assert not cached
+    restarted = StageReader(output.path)
+    assert restarted.metrics.processes == 2 and restarted.metrics.resumed_from_step == 2
+    assert restarted.metrics.steps == one_process.metrics.steps > 3
+    assert_same_training(one_process, restarted, rel=1e-4)
 
 
 def test_train_processes_must_divide_grad_accumulation(tiny):
