@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -29,8 +28,6 @@ log = logging.getLogger("alol.nodes")
 
 PLACEMENT_SECONDS = 120.0
 """How long the stage waits for the cluster to place one launcher per node before it fails."""
-LOG_TAIL = 3000
-"""Characters of a failed node's torchrun log in the error."""
 
 
 def launch_arguments(folder: Path, config_text: str, inputs_text: str) -> list[str]:
@@ -63,10 +60,8 @@ class _NodeLauncher:
                 rendezvous=rendezvous, rendezvous_id=rendezvous_id, local_address=host,
                 serves_rendezvous=serves_rendezvous,
             )
-            log_file = Path(folder) / "torchrun.log"
-            with open(log_file, "wb") as out:
-                status = run_torchrun(command, stdout=out, stderr=subprocess.STDOUT)
-            tail = "" if status == 0 else log_file.read_text(encoding="utf-8", errors="replace")[-LOG_TAIL:]
+            with open(Path(folder) / "torchrun.log", "wb") as out:
+                status, tail = run_torchrun(command, log_to=out)
         return host, status, tail
 
 

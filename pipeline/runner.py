@@ -29,7 +29,7 @@ from schemas.manifest import Producer, StageOutput
 from schemas.stages import STAGE_NAMES
 from stages import fs
 from stages.io import IntegrityError, StageReader, StageWriter
-from stages.torchrun import run_torchrun, torchrun_command
+from stages.torchrun import failure, run_torchrun, torchrun_command
 
 log = logging.getLogger("alol.runner")
 
@@ -295,9 +295,9 @@ def train_on_processes(cfg: AlolConfig, inputs: dict[str, StageOutput], key: str
                 "pipeline.launch", launch_arguments(Path(folder), config_text, inputs_text), train.processes,
                 nodes=train.nodes, rendezvous=train.rendezvous, rendezvous_id=key[:16],
             )
-            status = run_torchrun(command)
+            status, tail = run_torchrun(command)
         if status != 0:
-            raise RuntimeError(f"{what} failed (torchrun exited with {status}); its log is above")
+            raise failure(what, status, tail)
     output = reusable_output(store, "train", key)
     if output is None:
         raise RuntimeError(f"{what} committed no output under the key {key[:16]}; rerun the stage")

@@ -19,11 +19,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger("alol.torchrun")
 
 RESTARTS = 2
 """How often torchrun starts the workers again after one died, before the stage fails (--max-restarts)."""
+
+LOG_TAIL = 3000
+"""How much of the end of a failed launch's log its error carries (characters)."""
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 """Where the launched processes start, and what goes first on their PYTHONPATH (this checkout's modules)."""
@@ -61,8 +65,65 @@ def launch_environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
-def run_torchrun(command: list[str], **popen) -> int:
-    """Run a torchrun command from the project root in launch_environment(); its exit status. Its log goes to
-    this process's stdout and stderr unless `popen` redirects it."""
+def run_torchrun(command: list[str], log_to: BinaryIO | None = None) -> tuple[int, str]:
+    """Run a torchrun command from the project root in launch_environment(): (its exit status, the last
+    LOG_TAIL characters of its log when it failed, "" when it succeeded). Its log (stdout and stderr together,
+    torchrun's failure summary last) goes to `log_to` as it comes, this process's stderr by default, so that
+    the error a caller raises can name the cause instead of pointing at a log a wrapper may have cut."""
     log.info("torchrun %s", " ".join(command[3:]))
-    return subprocess.run(command, cwd=PROJECT_ROOT, env=launch_environment(), **popen).returncode
+    tail = bytearray()
+    process = subprocess.Popen(
+        command, cwd=PROJECT_ROOT, env=launch_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    with process:
+        assert process.stdout is not None
+        while chunk := process.stdout.read1(1 << 16):  # chunks, not lines: progress bars end with \r
+            if log_to is None:
+                os.write(sys.stderr.fileno() if _has_fileno(sys.stderr) else 2, chunk)
+            else:
+                log_to.write(chunk)
+                log_to.flush()
+            tail = (tail + chunk)[-LOG_TAIL:]
+        status = process.wait()
+    return status, "" if status == 0 else tail.decode("utf-8", errors="replace")
+
+
+def init_process_group() -> None:
+    """Join the process group of the torchrun launch this process is a worker of (gloo on CPU, NCCL on a GPU,
+    this worker's LOCAL_RANK made the current device); nothing outside a launch or when one is joined.
+
+    The group's keys go under a prefix naming this life of the workers (TORCHELASTIC_RESTART_COUNT): the
+    agent's store outlives a restart, and a restarted worker reading a dead one's address from it fails to
+    connect (gloo: "connectFullMesh failed ... Connection refused"), which on a busy machine used up the
+    restarts. Workers call it before accelerate, which then uses the group."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dist.is_initialized() or world == 1:
+        return
+    rank, cuda = int(os.environ["RANK"]), torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)  # else rank 0 serves the store
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=not agent_store and rank == 0,
+        timeout=dist.constants.default_pg_timeout,
+    )
+    life = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", store=dist.PrefixStore(f"alol/life-{life}", store), rank=rank, world_size=world
+    )
+
+
+def failure(what: str, status: int, tail: str) -> RuntimeError:
+    """The one error for a failed torchrun launch: what failed, torchrun's exit status, the end of its log."""
+    return RuntimeError(f"{what} failed (torchrun exited with {status}); the end of its log:\n{tail}")
+
+
+def _has_fileno(stream: object) -> bool:
+    try:
+        stream.fileno()  # type: ignore[attr-defined]
+        return True
+    except (AttributeError, OSError, ValueError):
+        return False

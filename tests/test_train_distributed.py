@@ -26,6 +26,7 @@ from pipeline.storage import RunStore
 from schemas.config import ConfigError, apply_overrides
 from stages import train
 from stages.io import StageReader, StageWriter
+from stages.torchrun import LOG_TAIL, failure, run_torchrun, torchrun_command
 from stages.train.resume import RESUME_FOLDER, resume_key
 from tests.support.ray import ray_two_nodes  # noqa: F401 (fixture)
 from tests.support.s3 import free_port
@@ -186,6 +187,17 @@ def test_a_worker_killed_mid_training_is_restarted_and_resumes_to_the_one_proces
     assert restarted.metrics.processes == 2 and restarted.metrics.resumed_from_step == 2
     assert restarted.metrics.steps == one_process.metrics.steps > 3
     assert_same_training(one_process, restarted, rel=1e-4)
+
+
+def test_a_launch_that_fails_in_every_life_raises_with_the_cause_from_its_log():
+    """A worker that fails on each of its RESTARTS + 1 lives: run_torchrun returns torchrun's status and the end of
+    its log, which the stage's error carries (so a cut log, as CI prints, still shows why)."""
+    status, tail = run_torchrun(torchrun_command("stages.no_such_module", [], 1))
+    assert status != 0
+    error = failure("train on 1 x 1 processes", status, tail)
+    assert str(error).startswith(f"train on 1 x 1 processes failed (torchrun exited with {status}); the end of its log:")
+    assert "No module named stages.no_such_module" in str(error) and len(tail) <= LOG_TAIL
+    assert run_torchrun(torchrun_command("json.tool", ["--help"], 1)) == (0, ""), "success: no tail"
 
 
 def test_train_processes_must_divide_grad_accumulation(tiny):

@@ -24,7 +24,7 @@ from typing import Any
 from schemas.reference import ReferenceConfig
 from stages.models.store import load_causal_lm
 from stages.reference.rows import EncodedRows
-from stages.torchrun import run_torchrun, torchrun_command
+from stages.torchrun import failure, run_torchrun, torchrun_command
 
 log = logging.getLogger("alol.reference")
 
@@ -41,11 +41,9 @@ def fine_tune_on_processes(base_path: Path, rows: EncodedRows, ref: ReferenceCon
             "response_ids": [rows.response_ids[i] for i in rows.sft_rows],
         }), encoding="utf-8")
         log.info("SFT of pi_ref: launching %d processes (torchrun --standalone)", ref.sft_processes)
-        status = run_torchrun(torchrun_command("stages.reference.sft_worker", [str(job)], ref.sft_processes))
+        status, tail = run_torchrun(torchrun_command("stages.reference.sft_worker", [str(job)], ref.sft_processes))
         if status != 0:
-            raise RuntimeError(
-                f"the SFT of pi_ref on {ref.sft_processes} processes failed (torchrun exited with {status}); its log is above"
-            )
+            raise failure(f"the SFT of pi_ref on {ref.sft_processes} processes", status, tail)
         model = load_causal_lm(job / MODEL_FOLDER)
         metrics = json.loads((job / METRICS_FILE).read_text(encoding="utf-8"))
     return model, metrics

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from stages.models.store import load_causal_lm
 from stages.reference.rows import EncodedRows
 from stages.reference.sft import fine_tune_reference
 from stages.reference.sft_processes import JOB_FILE, METRICS_FILE, MODEL_FOLDER
+from stages.torchrun import init_process_group
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -33,9 +33,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     spec = json.loads((job / JOB_FILE).read_text(encoding="utf-8"))
     cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    init_process_group()
     try:
         rank, processes = torch.distributed.get_rank(), torch.distributed.get_world_size()
         model = load_causal_lm(spec["model"]).to(torch.device("cuda") if cuda else torch.device("cpu"))

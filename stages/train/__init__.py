@@ -56,6 +56,7 @@ from stages.catalog import POLICY_FOLDER, load_scorer
 from stages.faults import failpoint
 from stages.io import StageReader, StageWriter
 from stages.models.store import save_model_folder
+from stages.torchrun import init_process_group
 from stages.train.policy import resolve_mixed_precision
 from stages.train.resume import RESUME_FOLDER, Progress, ResumeFolder, load_trainable, resume_key
 from stages.train.pairs import pair_table
@@ -71,6 +72,7 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
 
     train = cfg.train
     torch.manual_seed(train.seed_or(cfg.run.seed))
+    init_process_group()  # under torchrun: the group, its keys per life of the workers (stages.torchrun)
     # cpu=True on a machine without a GPU is what makes accelerate run several CPU processes (gloo).
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(train.mixed_precision), cpu=not torch.cuda.is_available()
