@@ -13,6 +13,7 @@ import os
 import platform
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
@@ -260,7 +261,25 @@ def execute_stage(
     except BaseException:
         writer.abort()
         raise
-    return StageReader(store.stage_dir(stage, key), verify=False).output(), False
+    return committed_output(store.stage_dir(stage, key)), False
+
+
+COMMIT_WAIT_SECONDS = 120.0
+"""How long a stage that just committed waits for another host committing the same key to finish."""
+
+
+def committed_output(location: str) -> StageOutput:
+    """The output just committed at `location`. In an object store another host may commit the same key at
+    the same time (same inputs, so the same files): its commit removes the manifest first and uploads it
+    last, so a missing manifest here means wait for that commit, up to COMMIT_WAIT_SECONDS."""
+    deadline = time.monotonic() + COMMIT_WAIT_SECONDS
+    while True:
+        try:
+            return StageReader(location, verify=False).output()
+        except IntegrityError:
+            if not fs.is_remote(location) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def upstream_from_run(store: RunStore, stage: str) -> StageOutput:
