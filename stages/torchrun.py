@@ -75,14 +75,12 @@ def run_torchrun(command: list[str], log_to: BinaryIO | None = None) -> tuple[in
     process = subprocess.Popen(
         command, cwd=PROJECT_ROOT, env=launch_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
+    sink = log_to or open(2, "wb", closefd=False)  # file descriptor 2, where the launch's log went before
     with process:
         assert process.stdout is not None
         while chunk := process.stdout.read1(1 << 16):  # chunks, not lines: progress bars end with \r
-            if log_to is None:
-                os.write(sys.stderr.fileno() if _has_fileno(sys.stderr) else 2, chunk)
-            else:
-                log_to.write(chunk)
-                log_to.flush()
+            sink.write(chunk)
+            sink.flush()
             tail = (tail + chunk)[-LOG_TAIL:]
         status = process.wait()
     return status, "" if status == 0 else tail.decode("utf-8", errors="replace")
@@ -120,10 +118,3 @@ def failure(what: str, status: int, tail: str) -> RuntimeError:
     """The one error for a failed torchrun launch: what failed, torchrun's exit status, the end of its log."""
     return RuntimeError(f"{what} failed (torchrun exited with {status}); the end of its log:\n{tail}")
 
-
-def _has_fileno(stream: object) -> bool:
-    try:
-        stream.fileno()  # type: ignore[attr-defined]
-        return True
-    except (AttributeError, OSError, ValueError):
-        return False
