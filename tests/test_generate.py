@@ -30,22 +30,68 @@ def tiny(tmp_path_factory):
     return load_tokenizer(folder), load_causal_lm(folder).eval()
 
 
-def test_greedy_loop_gives_the_tokens_of_transformers_generate_as_rows_finish(tiny):
+@pytest.mark.parametrize("slots", [2, 3, 7])
+def test_greedy_decode_gives_each_prompt_the_tokens_of_transformers_generate(tiny, slots):
+    """Continuous batching over fewer slots than prompts (rows admitted as others finish, prompts of
+    different lengths moving the shared columns, the batch shrinking at the tail) against `generate`
+    on each prompt alone."""
     tokenizer, model = tiny
-    prompts = [[{"role": "user", "content": " ".join(CORPUS[i % 8].split()[: 2 + i])}] for i in range(7)]
+    prompts = [[{"role": "user", "content": " ".join(CORPUS[i % 8].split()[: 2 + (5 * i) % 9])}] for i in range(7)]
     encoded = [encode_prompt(tokenizer, p, 64) for p in prompts]
-    input_ids, attention_mask = generate_module._left_padded(encoded, tokenizer.pad_token_id, model.device)
     max_new = 24
+    alone = [generate_module._left_padded([row], tokenizer.pad_token_id, model.device) for row in encoded]
     # A random model seldom says EOS: stop at a token it does say, mid-row, so rows finish at different steps.
-    free = hf_greedy(model, input_ids, attention_mask, eos_id=-1, pad_id=tokenizer.pad_token_id, max_new_tokens=max_new)
+    free = [hf_greedy(model, ids, mask, eos_id=-1, pad_id=tokenizer.pad_token_id, max_new_tokens=max_new)[0] for ids, mask in alone]
     stop = Counter(t for row in free for t in row[2:12]).most_common(1)[0][0]
+    theirs = [hf_greedy(model, ids, mask, eos_id=stop, pad_id=tokenizer.pad_token_id, max_new_tokens=max_new)[0] for ids, mask in alone]
 
-    ours = generate_module.greedy_batch(model, input_ids, attention_mask, eos_id=stop, max_new_tokens=max_new)
-    theirs = hf_greedy(model, input_ids, attention_mask, eos_id=stop, pad_id=tokenizer.pad_token_id, max_new_tokens=max_new)
+    finished = []
+    with torch.no_grad():
+        ours = generate_module.greedy_decode(
+            model, encoded, eos_id=stop, pad_id=tokenizer.pad_token_id, max_new_tokens=max_new, slots=slots,
+            on_finished=finished.append,
+        )
     assert ours == theirs
     lengths = {len(row) for row in ours}
-    assert len(lengths) > 1 and min(lengths) < max_new  # rows left the batch early (the pruning was exercised)
+    assert len(lengths) > 1 and min(lengths) < max_new  # rows ended early and freed their slots
     assert all(row[-1] == stop for row in ours if len(row) < max_new)
+    assert sorted(map(tuple, finished)) == sorted(map(tuple, ours))  # every row reported once, as it ended
+
+
+def test_slots_make_room_for_a_longer_prompt_and_compact_full_buffers(tiny):
+    """A prompt longer than the columns in use moves every row right; a full buffer drops the columns no
+    live row uses; the tokens stay those of `generate` on each prompt alone."""
+    tokenizer, model = tiny
+    short = encode_prompt(tokenizer, [{"role": "user", "content": "hi"}], 64)
+    long = encode_prompt(tokenizer, [{"role": "user", "content": " ".join(CORPUS[:3])}], 64)
+    assert len(long) > len(short) + 8
+    steps = 3 * len(long)
+    theirs = [hf_greedy(model, *generate_module._left_padded([row], tokenizer.pad_token_id, model.device), eos_id=-1,
+                        pad_id=tokenizer.pad_token_id, max_new_tokens=steps + 1)[0] for row in (short, long)]
+    rows: list[list[int]] = [[], []]
+    lengths = []
+    with torch.no_grad():
+        state = generate_module._Slots(model, 2, capacity=len(short) + 2)
+        first = state.admit([0], [0], [short], tokenizer.pad_token_id)
+        assert state.length == len(short)
+        second = state.admit([1], [1], [long], tokenizer.pad_token_id)  # longer than the columns in use
+        assert state.length == len(long)
+        assert state.mask[0].sum() == len(short) and state.mask[1].sum() == len(long)
+        tokens = torch.stack([first[0], second[0]])
+        rows[0].append(int(first[0]))
+        rows[1].append(int(second[0]))
+        for step in range(steps):
+            if step == 4:
+                state.release(1)  # the long row ends: its columns before the short row's are no longer used
+            tokens = state.step(tokens)
+            lengths.append(state.length)
+            rows[0].append(int(tokens[0]))
+            if step < 4:
+                rows[1].append(int(tokens[1]))
+    assert any(later < earlier for earlier, later in zip(lengths, lengths[1:]))  # a full buffer was compacted
+    assert state.capacity >= state.length
+    assert rows[0] == theirs[0]
+    assert rows[1] == theirs[1][: len(rows[1])]
 
 
 def test_generate_logs_progress_and_keeps_prompt_order(tiny, caplog):
