@@ -1,7 +1,8 @@
 """Benchmark of greedy decoding on SmolLM2-135M-Instruct, with its baseline in the same run.
 
-- ours: `stages.models.generate.generate` (greedy loop: finished rows leave the batch, logits at
-  the last position only, no per-step processors);
+- ours: `stages.models.generate.generate` (`greedy_decode`: continuous batching over length-sorted
+  prompts, keys and values in preallocated per-slot buffers written in place, logits at the last
+  position only, no per-step processors);
 - baseline: transformers' `generate(do_sample=False)` with default settings on the same batches
   (the same prompts, length-sorted, left-padded, the same batch size).
 
