@@ -2,7 +2,7 @@
 then warm reruns, all in this one run, and where the warm seconds go.
 
 - cold: `alol run --profile P` on an empty run root (converted models and score caches in
-  run.cache_dir are reused, as after `make setup`);
+  run.cache_dir are reused, as after `make setup`), and its `alol status` (seconds per stage);
 - warm: the same command again: every stage cached, recorded without Prefect (pipeline/cached_run.py);
 - warm through the flow: `run_alol` on the same run (what a warm rerun cost before: Prefect's
   temporary server, the flow, its cached tasks), for comparison;
@@ -67,6 +67,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="alol-bench-rerun-") as root:
         command = [sys.executable, "-m", "pipeline.cli", "run", "--profile", args.profile, "--set", f"run.root={root}"]
         cold, _ = timed(command)
+        status = [sys.executable, "-m", "pipeline.cli", "status", "--profile", args.profile, "--set", f"run.root={root}"]
+        print(f"cold run, {cold:.1f} s in all:\n{timed(status)[1]}", flush=True)
         warm, flow, parts = [], [], []
         interpreter, _ = timed([sys.executable, "-c", "pass"])
         for _ in range(args.rounds):
