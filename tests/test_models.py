@@ -14,7 +14,10 @@ import pytest
 import torch
 
 from stages.models.generate import generate
-from stages.models.logprobs import length_batches, response_logprobs_and_prompt_states, response_token_logprobs
+from stages.models import logprobs
+from stages.models.logprobs import (
+    length_batches, pack_rows, packs_rows, response_logprobs_and_prompt_states, response_token_logprobs,
+)
 from stages.models.store import build_once, load_causal_lm, load_tokenizer, resolve_model
 from stages.models.tokenize import encode_pair, encode_prompt, render_prompt, response_truncated, token_digest
 from tests.support.models import tiny_model_folder
@@ -68,6 +71,81 @@ def test_length_batches_cover_every_row_once_within_budget():
         assert len(batch) == 1 or widest * len(batch) <= 48
     assert batches[0] == [6]  # longer than the budget: alone, and first
     assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
+
+
+def _layout_cost(widths_and_bins, context_cost):
+    width, bins = widths_and_bins
+    return bins * width * (1 + width * context_cost)
+
+
+@pytest.mark.parametrize("context_cost", [1 / 3456, 1 / 60])
+def test_packed_layout_places_every_row_once_and_never_costs_more_than_padding(context_cost):
+    lengths = [51, 90, 12, 33, 33, 70, 2, 64, 45, 20, 88, 7]
+    layout = pack_rows(lengths, context_cost)
+    assert sorted(i for members in layout.bins for i in members) == list(range(len(lengths)))
+    for b, members in enumerate(layout.bins):
+        spans = sorted((layout.starts[i], layout.starts[i] + lengths[i]) for i in members)
+        assert spans[0][0] == 0 and all(end == start for (_, end), (start, _) in zip(spans, spans[1:]))  # end to end
+        assert spans[-1][1] <= layout.width and all(layout.bin_of[i] == b for i in members)
+    assert layout.width == max(sum(lengths[i] for i in members) for members in layout.bins)
+    packed = _layout_cost((layout.width, len(layout.bins)), context_cost)
+    assert packed <= _layout_cost((max(lengths), len(lengths)), context_cost)
+    assert packed <= _layout_cost((sum(lengths), 1), context_cost)  # nor more than one bin of every row
+    if context_cost < 1 / 1000:  # attention is cheap at these widths: next to no padding
+        assert len(layout.bins) * layout.width <= 1.1 * sum(lengths) < 0.6 * len(lengths) * max(lengths)
+    else:  # attention over a wide bin costs more than padding saves: several narrow bins
+        assert 1 < len(layout.bins) < len(lengths) and layout.width < 2 * max(lengths)
+
+
+def test_packed_forward_equals_the_padded_one(tiny):
+    """The tiny Llama keeps packed rows apart (its mask follows the position ids), so batches are packed; l_t and
+    the prompt states equal those of right-padded rows, and a row's neighbours in its bin do not leak into it."""
+    model, tokenizer = tiny
+    assert packs_rows(model)
+    prompts, responses = _encoded(tokenizer)
+    layout = pack_rows([len(p) + len(r) for p, r in zip(prompts, responses)], logprobs.context_cost(model.config))
+    shared = next(members for members in layout.bins if len(members) > 1)  # else the test would not test packing
+    first = min(shared, key=lambda i: layout.starts[i])
+    changed = list(responses)
+    changed[first] = [(t + 1) % model.config.vocab_size for t in changed[first]]  # what the later rows could see
+    with torch.no_grad():
+        packed, packed_states = response_logprobs_and_prompt_states(model, prompts, responses)
+        padded, padded_states = logprobs._forward(model, prompts, responses, None, True)
+        neighbour = response_token_logprobs(model, prompts, changed)
+    for i in range(len(prompts)):
+        torch.testing.assert_close(packed[i], padded[i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(packed_states[i], padded_states[i], atol=1e-5, rtol=0)
+        if i != first:
+            torch.testing.assert_close(neighbour[i], packed[i], atol=1e-5, rtol=0)
+    assert not torch.allclose(neighbour[first], packed[first])
+
+
+class _IgnoresPositions(torch.nn.Module):
+    """A causal LM whose forward drops position_ids: packed rows would see each other, so it must be padded."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def forward(self, position_ids=None, **kwargs):
+        return self.model(**kwargs)
+
+
+def test_a_model_that_ignores_position_ids_is_padded_not_packed(tmp_path):
+    model = load_causal_lm(tiny_model_folder(tmp_path / "model"))
+    tokenizer = load_tokenizer(tmp_path / "model")
+    wrapped = _IgnoresPositions(model)
+    assert not packs_rows(wrapped) and packs_rows(model)
+    prompts, responses = _encoded(tokenizer)
+    with torch.no_grad():
+        got = response_token_logprobs(wrapped, prompts, responses)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        torch.testing.assert_close(got[i].double(), _naive_logprobs(model, p, r), atol=1e-4, rtol=0)
 
 
 def test_prompt_left_truncated_response_gets_eos_then_right_truncated(tiny):
