@@ -30,7 +30,7 @@ kept; the share of it is 6 x parameters x tokens/s (forward and backward) over t
 
     .venv/bin/python bench/train.py [--steps 6] [--rounds 1] [--root data/bench-train] [--modes ...]
                                     [--device cpu|cuda] [--mixed-precision no|bf16] [--algorithm a_lol]
-                                    [--lora-rank 16]
+                                    [--lora-rank 16] [--lora-dropout 0]
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ from bench.memory import peak_rss_mb  # noqa: E402
 MODES = ("stage", "nll-loop", "alol-loop", "ref-loop", "trl-sft")
 
 
-def bench_config(root: Path, steps: int, algorithm: str = "a_lol", mixed_precision: str = "no", lora_rank: int | None = None):
+def bench_config(root: Path, steps: int, algorithm: str = "a_lol", mixed_precision: str = "no", lora_rank: int | None = None,
+                 lora_dropout: float | None = None):
     from schemas.config import load_config
 
     return load_config(
@@ -60,6 +61,7 @@ def bench_config(root: Path, steps: int, algorithm: str = "a_lol", mixed_precisi
         overrides={
             "run.root": str(root), "run.name": "bench", "run.cache_dir": str(ROOT / "data" / "cache"),
             "train.algorithm": algorithm, "train.mixed_precision": mixed_precision, "train.lora_rank": lora_rank,
+            **({} if lora_dropout is None else {"train.lora_dropout": lora_dropout}),
             "train.batch_size": 4, "train.grad_accumulation": 2,
             # steps x positive fraction = the A-LoL budget; steps is large enough that the budget covers --steps
             "train.steps": steps * 8, "train.eval_every": steps * 8, "train.schedule": "constant",
@@ -241,7 +243,7 @@ def child(mode: str, args, folders: dict[str, str]) -> None:
     from stages.io import StageReader
 
     torch.set_num_threads(args.threads)
-    cfg = bench_config(args.root, args.steps, args.algorithm, args.mixed_precision, args.lora_rank)
+    cfg = bench_config(args.root, args.steps, args.algorithm, args.mixed_precision, args.lora_rank, args.lora_dropout)
     inputs = {name: StageReader(folder) for name, folder in folders.items()}
     with tempfile.TemporaryDirectory() as tmp:
         if mode == "stage":
@@ -268,7 +270,8 @@ def measure(mode: str, args, folders: dict[str, str]) -> dict:
         [sys.executable, __file__, "--child", mode, "--root", str(args.root), "--steps", str(args.steps),
          "--device", args.device, "--mixed-precision", args.mixed_precision, "--algorithm", args.algorithm,
          "--threads", str(args.threads), "--inputs", json.dumps(folders)]
-        + (["--lora-rank", str(args.lora_rank)] if args.lora_rank else []),
+        + (["--lora-rank", str(args.lora_rank)] if args.lora_rank else [])
+        + (["--lora-dropout", str(args.lora_dropout)] if args.lora_dropout is not None else []),
         capture_output=True, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"},
     )
@@ -309,6 +312,8 @@ def main() -> None:
     parser.add_argument("--algorithm", default="a_lol", help="train.algorithm of the stage and the loops")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each measured process")
     parser.add_argument("--lora-rank", type=int, help="train.lora_rank: LoRA adapters (peft) in the stage and the loops; TRL trains every weight")
+    parser.add_argument("--lora-dropout", type=float, help="train.lora_dropout (default 0.05: the ratio algorithms then "
+                        "take their weights from a second, dropout-free forward; 0 needs none)")
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmuls of the peak (8192 on a GPU)")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
@@ -319,7 +324,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    cfg = bench_config(args.root, args.steps, args.algorithm, args.mixed_precision, args.lora_rank)
+    cfg = bench_config(args.root, args.steps, args.algorithm, args.mixed_precision, args.lora_rank, args.lora_dropout)
     # Built once here, so that no measured process runs an upstream stage.
     folders = {name: output.path for name, output in upstream(cfg).items()}
     params = parameters(cfg, folders)
