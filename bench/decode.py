@@ -11,6 +11,9 @@ are interleaved over `--rounds` rounds; medians of tokens/s are printed (tokens 
 and including each row's EOS), with the speed-up (target >= 1.5x) and whether every output is the
 same (it must be).
 
+Both sides run in one process, under alol's memory allocator as the `alol` command runs
+(pipeline/allocator.py: the script re-executes itself once); ALOL_ALLOCATOR=system measures under glibc's malloc.
+
     .venv/bin/python bench/decode.py [--prompts 32] [--batch-size 8] [--max-new-tokens 64] [--rounds 3] [--threads 2]
 """
 
@@ -28,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from pipeline.allocator import exec_with_allocator  # noqa: E402
 from pipeline.runner import execute_stage  # noqa: E402
 from schemas.config import load_config  # noqa: E402
 from stages.io import StageReader  # noqa: E402
@@ -82,6 +86,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-dir", default=str(ROOT / "data" / "cache"))
     args = parser.parse_args()
+    exec_with_allocator()  # after parsing: --help and argument errors need no second interpreter
     torch.set_num_threads(args.threads)
 
     path = resolve_model(SMOLLM2, args.cache_dir)

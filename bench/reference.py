@@ -14,6 +14,9 @@ The three measurements are interleaved over `--rounds` rounds and medians are re
 load from other processes on a shared machine hits all of them alike; the peak is the best matmul
 rate of any round, and the share is also given against the matmul rate of the same round.
 
+Both sides run in one process, under alol's memory allocator as the `alol` command runs
+(pipeline/allocator.py: the script re-executes itself once); ALOL_ALLOCATOR=system measures under glibc's malloc.
+
     .venv/bin/python bench/reference.py [--rows 64] [--naive-rows 32] [--rounds 3] [--threads 2] [--token-budget 4096]
                                 [--device cpu|cuda] [--precision fp32|bf16]
 """
@@ -33,6 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.matmul import DTYPES, matmul_flops  # noqa: E402
+from pipeline.allocator import exec_with_allocator  # noqa: E402
 from pipeline.runner import execute_stage  # noqa: E402
 from stages.io import StageReader  # noqa: E402
 from schemas.config import load_config  # noqa: E402
@@ -78,6 +82,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=tuple(DTYPES), default="fp32", help="weights' dtype, and the matmul peak's")
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmuls of the peak (8192 on a GPU)")
     args = parser.parse_args()
+    exec_with_allocator()  # after parsing: --help and argument errors need no second interpreter
     torch.set_num_threads(args.threads)
 
     path = resolve_model(SMOLLM2, args.cache_dir)

@@ -23,6 +23,10 @@ With --lora-rank the stage and the three loops train LoRA adapters (the stage's 
 pi_ref as a second model next to the adapted pi_theta, nll-loop is the plain LoRA loop); trl-sft stays full
 fine-tuning.
 
+Each process runs under alol's memory allocator (pipeline/allocator.py: mimalloc keeping freed pages), as the
+`alol` command does; `--allocators mimalloc system` measures every mode under both (rows `<mode>/system`: glibc's
+malloc, what a plain Python process gets) and prints the ratio.
+
 tokens/s counts prompt and response tokens per second of optimiser-step wall time, first step excluded;
 with --rounds N all modes run N times, interleaved, and each figure is the median over the rounds.
 The matmul peak (bench.matmul, in the run's precision) is measured before each process and its best is
@@ -30,7 +34,7 @@ kept; the share of it is 6 x parameters x tokens/s (forward and backward) over t
 
     .venv/bin/python bench/train.py [--steps 6] [--rounds 1] [--root data/bench-train] [--modes ...]
                                     [--device cpu|cuda] [--mixed-precision no|bf16] [--algorithm a_lol]
-                                    [--lora-rank 16] [--lora-dropout 0]
+                                    [--lora-rank 16] [--lora-dropout 0] [--allocators mimalloc system]
 """
 
 from __future__ import annotations
@@ -262,10 +266,13 @@ def child(mode: str, args, folders: dict[str, str]) -> None:
         "peak_rss_mb": peak_rss_mb(),
         "wall_seconds": sum(s for _, s, _ in measured),
         "cpu_seconds": cpu_seconds,
+        "mimalloc": sys.platform == "linux" and "libmimalloc" in Path("/proc/self/maps").read_text(),
     }))
 
 
-def measure(mode: str, args, folders: dict[str, str]) -> dict:
+def measure(mode: str, allocator: str, args, folders: dict[str, str]) -> dict:
+    from pipeline.allocator import allocator_environment
+
     done = subprocess.run(
         [sys.executable, __file__, "--child", mode, "--root", str(args.root), "--steps", str(args.steps),
          "--device", args.device, "--mixed-precision", args.mixed_precision, "--algorithm", args.algorithm,
@@ -273,18 +280,23 @@ def measure(mode: str, args, folders: dict[str, str]) -> dict:
         + (["--lora-rank", str(args.lora_rank)] if args.lora_rank else [])
         + (["--lora-dropout", str(args.lora_dropout)] if args.lora_dropout is not None else []),
         capture_output=True, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"},
+        env=allocator_environment(
+            {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}, allocator),
     )
     if done.returncode != 0:
         raise RuntimeError(f"{mode} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def run_name(mode: str, allocator: str) -> str:
+    return mode if allocator == "mimalloc" else f"{mode}/{allocator}"
+
+
 def median_result(runs: list[dict]) -> dict:
     """Each figure's median over the rounds (None stays None); peak RSS is the largest of any round."""
     import statistics
 
-    merged = {k: None if runs[0][k] is None else statistics.median(r[k] for r in runs) for k in runs[0]}
+    merged = {k: None if runs[0][k] is None else statistics.median(r[k] for r in runs) for k in runs[0] if k != "mimalloc"}
     merged["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
     merged["rounds_tokens_per_s"] = [round(r["tokens_per_s"], 1) for r in runs]
     return merged
@@ -314,6 +326,8 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, help="train.lora_rank: LoRA adapters (peft) in the stage and the loops; TRL trains every weight")
     parser.add_argument("--lora-dropout", type=float, help="train.lora_dropout (default 0.05: the ratio algorithms then "
                         "take their weights from a second, dropout-free forward; 0 needs none)")
+    parser.add_argument("--allocators", nargs="+", choices=("mimalloc", "system"), default=["mimalloc"],
+                        help="memory allocators of the measured processes (pipeline/allocator.py); rows of the second are <mode>/system")
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmuls of the peak (8192 on a GPU)")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
@@ -333,23 +347,27 @@ def main() -> None:
           f"{cfg.train.batch_size} x {cfg.train.grad_accumulation} rows each; {args.algorithm}, {args.device}, "
           f"{precision}, {args.threads} threads, {params / 1e6:.1f} M parameters"
           + (f", LoRA rank {args.lora_rank}" if args.lora_rank else ""))
-    rounds: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+    runs = [(mode, allocator) for mode in args.modes for allocator in args.allocators]
+    rounds: dict[str, list[dict]] = {run_name(mode, allocator): [] for mode, allocator in runs}
     peaks = []
     for _ in range(args.rounds):  # interleaved: load that comes and goes hits every mode alike
-        for mode in args.modes:  # the peak before each process, so that load changes hit it as they hit the runs
+        for mode, allocator in runs:  # the peak before each process, so that load changes hit it as they hit the runs
             peaks.append(matmul_flops(args.matmul_size, device=args.device, precision=precision))
-            rounds[mode].append(measure(mode, args, folders))
+            rounds[run_name(mode, allocator)].append(measure(mode, allocator, args, folders))
     results = {mode: median_result(runs) for mode, runs in rounds.items()}
+    for (mode, allocator), name in zip(runs, rounds):  # the preload took: every round of a mimalloc run has it mapped
+        if allocator == "mimalloc" and not all(r["mimalloc"] for r in rounds[name]):
+            print(f"{name}: mimalloc is not loaded (cmeel-mimalloc missing, or not Linux): it ran under the system malloc")
     peak = max(peaks)
     print(f"{precision} matmul ({args.matmul_size}^2): {peak / 1e9:.1f} GFLOP/s peak (before each run: "
           f"{[round(f / 1e9, 1) for f in peaks]})")
-    print(f"{'run':>10} {'tokens/s':>9} {'tokens/CPU s':>13} {'timed tokens':>13} {'peak RSS MB':>12} {'% of peak':>10} "
+    print(f"{'run':>17} {'tokens/s':>9} {'tokens/CPU s':>13} {'timed tokens':>13} {'peak RSS MB':>12} {'% of peak':>10} "
           f"{'wall s':>7} {'CPU s':>7}")
     for mode, r in results.items():
         share = 100 * 6 * params * r["tokens_per_s"] / peak
         per_cpu = "-" if r["tokens_per_cpu_s"] is None else f"{r['tokens_per_cpu_s']:.1f}"
         cpu = "-" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.1f}"
-        print(f"{mode:>10} {r['tokens_per_s']:>9.1f} {per_cpu:>13} {int(r['tokens']):>13} {r['peak_rss_mb']:>12.0f} {share:>9.0f}% "
+        print(f"{mode:>17} {r['tokens_per_s']:>9.1f} {per_cpu:>13} {int(r['tokens']):>13} {r['peak_rss_mb']:>12.0f} {share:>9.0f}% "
               f"{r['wall_seconds']:>7.1f} {cpu:>7}")
     if args.rounds > 1:
         print("tokens/s by round: " + "; ".join(f"{m} {r['rounds_tokens_per_s']}" for m, r in results.items()))
@@ -365,9 +383,12 @@ def main() -> None:
         ("peak RSS, stage / ref-loop", "stage", "ref-loop", "peak_rss_mb", ""),
     ]
     ratios += [("tokens/CPU s, alol-loop / trl-sft", "alol-loop", "trl-sft", "tokens_per_cpu_s", "")]
+    ratios += [(f"tokens/s, {mode} / {mode}/system", mode, f"{mode}/system", "tokens_per_s", "") for mode in args.modes]
+    ratios += [("tokens/s, alol-loop / trl-sft/system", "alol-loop", "trl-sft/system", "tokens_per_s", "(TRL as a plain process runs)"),
+               ("tokens/s, alol-loop/system / trl-sft/system", "alol-loop/system", "trl-sft/system", "tokens_per_s", "")]
     for label, a, b, key, target in ratios:
         if a in results and b in results:
-            print(f"{label + ':':<36} {results[a][key] / results[b][key]:.3f} {target}")
+            print(f"{label + ':':<46} {results[a][key] / results[b][key]:.3f} {target}")
 
 
 if __name__ == "__main__":

@@ -294,5 +294,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `alol` command: main() under alol's memory allocator (pipeline.allocator re-executes the process
+    once to put it in place)."""
+    from pipeline.allocator import exec_with_allocator
+
+    exec_with_allocator()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
