@@ -3,8 +3,8 @@
 A training or SFT step frees and reallocates the same large tensors every micro-batch (SmolLM2's tied
 embedding gets a dense 113 MB gradient; logits, activations and their gradients are tens of MB). glibc's
 malloc serves every block over 32 MB, and at first every block over 128 kB, from a fresh mmap and unmaps it
-on free, so each step faults all those pages in again: on a 2-core AMD EPYC a third of the train step's
-CPU time was in the kernel. mimalloc (the `cmeel-mimalloc` wheel) with `MIMALLOC_PURGE_DELAY=-1` keeps freed
+on free, so each step faults all those pages in again: on a 2-core AMD EPYC a train benchmark process spent
+26 of its 90 CPU seconds in the kernel. mimalloc (the `cmeel-mimalloc` wheel) with `MIMALLOC_PURGE_DELAY=-1` keeps freed
 pages for reuse; `bench/train.py --allocators mimalloc system` measures both in one run.
 
 The `alol` command applies it by re-executing itself once with mimalloc in `LD_PRELOAD` (the allocator has
