@@ -136,11 +136,22 @@ class _IgnoresPositions(torch.nn.Module):
         return self.model(**kwargs)
 
 
-def test_a_model_that_ignores_position_ids_is_padded_not_packed(tmp_path):
+class _RefusesPositions(_IgnoresPositions):
+    """A causal LM whose forward does not take position_ids at all."""
+
+    def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0, use_cache=False):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep, use_cache=use_cache)
+
+
+def test_a_model_that_ignores_position_ids_is_padded_not_packed(tmp_path, caplog):
     model = load_causal_lm(tiny_model_folder(tmp_path / "model"))
     tokenizer = load_tokenizer(tmp_path / "model")
     wrapped = _IgnoresPositions(model)
-    assert not packs_rows(wrapped) and packs_rows(model)
+    with caplog.at_level("WARNING", logger="alol.models"):
+        assert not packs_rows(wrapped) and packs_rows(model)
+        assert not packs_rows(_RefusesPositions(model))
+    assert "_IgnoresPositions does not keep packed rows apart" in caplog.text
+    assert "_RefusesPositions failed the packed-rows check (TypeError:" in caplog.text
     prompts, responses = _encoded(tokenizer)
     with torch.no_grad():
         got = response_token_logprobs(wrapped, prompts, responses)

@@ -10,11 +10,14 @@ ids (packs_rows checks it once) gets right-padded rows instead.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+log = logging.getLogger("alol.models")
 
 
 def length_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -203,7 +206,12 @@ def packs_rows(model: Any) -> bool:
             layout = PackedRows(bins=[[0, 1]], starts=[0, 4], bin_of=[0, 0], width=8)
             packed, _ = _forward(model, prompts, responses, layout, False)
         ok = all(torch.allclose(a, b, atol=1e-3, rtol=0) for a, b in zip(padded, packed))
-    except Exception:  # noqa: BLE001 (a model whose forward does not take position_ids pads)
+        if not ok:
+            log.warning("%s does not keep packed rows apart (its mask ignores position ids): its batches are "
+                        "right-padded", type(model).__name__)
+    except Exception as exc:  # noqa: BLE001 (a model whose forward does not take position_ids pads)
+        log.warning("%s failed the packed-rows check (%s: %s): its batches are right-padded",
+                    type(model).__name__, type(exc).__name__, exc)
         ok = False
     finally:
         model.train(training)
