@@ -285,7 +285,10 @@ def measure(mode: str, allocator: str, args, folders: dict[str, str]) -> dict:
     )
     if done.returncode != 0:
         raise RuntimeError(f"{mode} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if not result.pop("mimalloc") and allocator == "mimalloc":  # the preload took, or the row says it did not
+        print(f"{mode}: mimalloc is not loaded (cmeel-mimalloc missing, or not Linux): it ran under the system malloc")
+    return result
 
 
 def run_name(mode: str, allocator: str) -> str:
@@ -296,7 +299,7 @@ def median_result(runs: list[dict]) -> dict:
     """Each figure's median over the rounds (None stays None); peak RSS is the largest of any round."""
     import statistics
 
-    merged = {k: None if runs[0][k] is None else statistics.median(r[k] for r in runs) for k in runs[0] if k != "mimalloc"}
+    merged = {k: None if runs[0][k] is None else statistics.median(r[k] for r in runs) for k in runs[0]}
     merged["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
     merged["rounds_tokens_per_s"] = [round(r["tokens_per_s"], 1) for r in runs]
     return merged
@@ -355,9 +358,6 @@ def main() -> None:
             peaks.append(matmul_flops(args.matmul_size, device=args.device, precision=precision))
             rounds[run_name(mode, allocator)].append(measure(mode, allocator, args, folders))
     results = {mode: median_result(runs) for mode, runs in rounds.items()}
-    for (mode, allocator), name in zip(runs, rounds):  # the preload took: every round of a mimalloc run has it mapped
-        if allocator == "mimalloc" and not all(r["mimalloc"] for r in rounds[name]):
-            print(f"{name}: mimalloc is not loaded (cmeel-mimalloc missing, or not Linux): it ran under the system malloc")
     peak = max(peaks)
     print(f"{precision} matmul ({args.matmul_size}^2): {peak / 1e9:.1f} GFLOP/s peak (before each run: "
           f"{[round(f / 1e9, 1) for f in peaks]})")

@@ -39,13 +39,6 @@ def mimalloc_library() -> str | None:
     return None
 
 
-def chosen_allocator(env: Mapping[str, str]) -> str:
-    choice = env.get(VARIABLE, "mimalloc") or "mimalloc"
-    if choice not in CHOICES:
-        raise ValueError(f"{VARIABLE}={choice!r}: expected one of {', '.join(CHOICES)}")
-    return choice
-
-
 def allocator_environment(env: Mapping[str, str], allocator: str | None = None) -> dict[str, str]:
     """`env` for a process that runs with `allocator` (default: `ALOL_ALLOCATOR` in `env`, else mimalloc).
 
@@ -54,11 +47,11 @@ def allocator_environment(env: Mapping[str, str], allocator: str | None = None) 
     out of LD_PRELOAD and ALOL_ALLOCATOR=system, so that processes started from it keep the C library's malloc.
     """
     out = dict(env)
-    allocator = allocator or chosen_allocator(env)
+    allocator = allocator or env.get(VARIABLE) or "mimalloc"
     if allocator not in CHOICES:
-        raise ValueError(f"allocator {allocator!r}: expected one of {', '.join(CHOICES)}")
+        raise ValueError(f"{VARIABLE}={allocator!r}: expected one of {', '.join(CHOICES)}")
     library = mimalloc_library() if sys.platform == "linux" else None
-    preloads = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p]
+    preloads = env.get("LD_PRELOAD", "").replace(":", " ").split()
     if allocator == "system":
         kept = [p for p in preloads if p != library]
         if kept:
