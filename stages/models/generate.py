@@ -6,7 +6,9 @@ batching (a row that has produced EOS frees its slot for the next prompt, so ste
 batches), keys and values in preallocated buffers written in place (no copy of the cache per
 step), logits at the last position only, and no logits-processor or stopping-criteria machinery
 per step. Each row's tokens are those `generate(do_sample=False)` gives it (tests/test_generate.py
-checks it on a tiny model, bench/decode.py on SmolLM2). Sampling goes through `generate`.
+checks it on a tiny model, bench/decode.py on SmolLM2). Sampling goes through `generate`. On the
+CPU, `generate` below runs either path with the linear layers' weights packed once for MKL's GEMM
+(stages.models.packed), whose sums round differently in the last bits.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from stages.models.packed import packed_linears
 from stages.models.tokenize import Messages, encode_prompt
 
 PROGRESS_LOG_SECONDS = 10.0
@@ -318,7 +321,7 @@ def generate(
     devices = [] if model.device.type == "cpu" else None
     bar = _Progress(progress, len(encoded))
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), packed_linears(model, rows=batch_size):
             torch.manual_seed(seed)
             if not do_sample and slots_supported(model):
                 decoded = greedy_decode(
