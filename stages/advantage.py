@@ -34,7 +34,9 @@ log = logging.getLogger("alol.advantage")
 ADVANTAGE_SQL = """
 SELECT
     id::VARCHAR                                AS id,
-    split::VARCHAR                             AS split,
+    -- split: 'train' on every row (the WHERE below), so it stays out of the sort; written nullable like
+    -- the reference column it stands for (DuckDB writes a bare constant as a required column: other bytes).
+    (CASE WHEN id IS NULL THEN NULL ELSE 'train' END)::VARCHAR AS split,
     reward::DOUBLE                             AS reward,
     value::DOUBLE                              AS value,
     (reward - value)::DOUBLE                   AS advantage,         -- A = R - V
@@ -43,9 +45,10 @@ SELECT
     greatest(reward, 0)::DOUBLE                AS weight_reward,     -- R (clipped at 0: a probability weight)
     1.0::DOUBLE                                AS weight_uniform
 FROM (
-    -- Only the four input columns go through the sort; the derived ones are computed on the sorted rows
-    -- (the same values and bytes, a narrower sort: about 15% less CPU on 10M rows).
-    SELECT r.id, r.split, s.reward, {value} AS value
+    -- Only the three input columns go through the sort; the derived ones (and the constant split) are
+    -- computed on the sorted rows: the same values and bytes, a narrower sort (on 10M rows about 15%
+    -- less CPU without the derived columns, and 0.5-0.9 s less wall without split).
+    SELECT r.id, s.reward, {value} AS value
     FROM {reference} AS r
     LEFT JOIN (SELECT id, reward FROM {score}) AS s USING (id)
     WHERE r.split = 'train' AND ({all_rows} OR r.preference IS DISTINCT FROM 'rejected')
