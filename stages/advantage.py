@@ -34,9 +34,7 @@ log = logging.getLogger("alol.advantage")
 ADVANTAGE_SQL = """
 SELECT
     id::VARCHAR                                AS id,
-    -- split: 'train' on every row (the WHERE below), so it stays out of the sort; written nullable like
-    -- the reference column it stands for (DuckDB writes a bare constant as a required column: other bytes).
-    (CASE WHEN id IS NULL THEN NULL ELSE 'train' END)::VARCHAR AS split,
+    'train'::VARCHAR                           AS split,             -- the WHERE below: no need to sort it
     reward::DOUBLE                             AS reward,
     value::DOUBLE                              AS value,
     (reward - value)::DOUBLE                   AS advantage,         -- A = R - V

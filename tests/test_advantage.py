@@ -5,6 +5,7 @@ import math
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.runner import cache_key
@@ -185,9 +186,13 @@ def test_narrow_sort_writes_the_bytes_of_the_one_step_query(tmp_path):
                1.0::DOUBLE AS weight_uniform
         FROM reference AS r LEFT JOIN score AS s USING (id)
         WHERE r.split = 'train' AND r.preference IS DISTINCT FROM 'rejected' ORDER BY id"""
+    # From Parquet files, as the stage reads them: DuckDB infers which columns are non-null (and writes them
+    # as required) from its source, so registered Arrow tables would test other bytes.
+    pq.write_table(reference, tmp_path / "reference.parquet")
+    pq.write_table(score, tmp_path / "score.parquet")
     con = duckdb.connect(config={"threads": 2})
-    con.register("reference", reference)
-    con.register("score", score)
+    con.execute(f"CREATE VIEW reference AS SELECT * FROM read_parquet('{tmp_path / 'reference.parquet'}')")
+    con.execute(f"CREATE VIEW score AS SELECT * FROM read_parquet('{tmp_path / 'score.parquet'}')")
     advantage.write_advantage(con, "score", "reference", tmp_path / "narrow.parquet")
     con.execute(f"COPY ({plain}) TO '{tmp_path / 'plain.parquet'}' (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1)")
     assert (tmp_path / "narrow.parquet").read_bytes() == (tmp_path / "plain.parquet").read_bytes()
