@@ -2,7 +2,8 @@
 
 - ours: `stages.models.generate.generate` (`greedy_decode`: continuous batching over length-sorted
   prompts, keys and values in preallocated per-slot buffers written in place, logits at the last
-  position only, no per-step processors);
+  position only, no per-step processors; on the CPU the linear layers' weights packed once for MKL's
+  GEMM, stages.models.packed);
 - baseline: transformers' `generate(do_sample=False)` with default settings on the same batches
   (the same prompts, length-sorted, left-padded, the same batch size).
 
