@@ -69,10 +69,13 @@ class StageSpec:
     upstream: tuple[str, ...]
     accelerator: bool = False
     unkeyed: tuple[str, ...] = ()
+    external: str | None = None
+    """`module:function` of the config giving what the stage reads from outside the run (its data
+    files' digests), for the cache key."""
 
 
 STAGES: dict[str, StageSpec] = {
-    "ingest": StageSpec("stages.ingest:run", ("data",), ()),
+    "ingest": StageSpec("stages.ingest:run", ("data",), (), external="stages.ingest:external_inputs"),
     "score": StageSpec("stages.score:run", ("score",), ("ingest",), unkeyed=CACHES + EXECUTION),
     "reference": StageSpec(
         "stages.reference:run", ("reference", "value", "score", "run.seed"), ("ingest", "score"), True,
@@ -187,7 +190,8 @@ def stage_fingerprints(cfg: AlolConfig, stage: str) -> dict[str, str]:
 
 
 def cache_key(cfg: AlolConfig, stage: str, inputs: dict[str, StageOutput]) -> str:
-    """sha256 of (stage, the fingerprints of the config it reads, its inputs' content hashes, code version)."""
+    """sha256 of (stage, the fingerprints of the config it reads, its inputs' content hashes, what it reads
+    from outside the run (StageSpec.external), code version)."""
     missing = set(STAGES[stage].upstream) - set(inputs)
     if missing:
         raise MissingUpstreamError(f"stage {stage!r} needs the output of {sorted(missing)}")
@@ -197,6 +201,10 @@ def cache_key(cfg: AlolConfig, stage: str, inputs: dict[str, StageOutput]) -> st
         "inputs": {name: inputs[name].content_hash for name in STAGES[stage].upstream},
         "code": code_version(),
     }
+    external = STAGES[stage].external
+    if external is not None:
+        module, _, func = external.partition(":")
+        payload["external"] = getattr(importlib.import_module(module), func)(cfg)
     return sha256_text(canonical_json(payload))
 
 

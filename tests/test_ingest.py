@@ -398,3 +398,30 @@ def test_final_split_is_carved_from_test_alone_and_leaves_train_and_validation_a
     assert set(test_prompts(after, "final")[0]) <= final and set(test_prompts(after, "test")[0]) <= new_test
     with pytest.raises(ValueError, match="data.final_fraction > 0 makes one"):
         test_prompts(before, "final")
+
+
+# --- the cache key covers the data files --------------------------------------------------------
+
+
+def test_an_edited_data_file_is_ingested_again_and_an_untouched_one_is_reused(tmp_path):
+    """The ingest cache key holds the data file's sha256: the same settings over other bytes at the same
+    path are a new key (fresh rows), the same bytes again the old one (reused, whatever the mtime)."""
+    import os
+
+    from pipeline.runner import cache_key, execute_stage
+    from stages.ingest.sources import source_fingerprint
+
+    path = write_jsonl(tmp_path / "data.jsonl", [{"prompt": f"p{i}", "response": "r"} for i in range(20)])
+    cfg = load_config(profile=None, overrides={"data.source": "file", "data.path": str(path), "run.root": str(tmp_path / "runs")})
+    first, reused = execute_stage(cfg, "ingest", {})
+    assert not reused and first.rows == {"ingest": 20, "ingest_rejected": 0}
+    assert execute_stage(cfg, "ingest", {})[1]
+    os.utime(path, ns=(1, 1))  # touched, same bytes: the same key
+    assert execute_stage(cfg, "ingest", {})[1]
+
+    write_jsonl(path, [{"prompt": f"p{i}", "response": "r"} for i in range(25)])
+    assert list(source_fingerprint(cfg.data)) == ["data.jsonl"]
+    second, reused = execute_stage(cfg, "ingest", {})
+    assert not reused and second.rows["ingest"] == 25
+    assert second.cache_key == cache_key(cfg, "ingest", {}) != first.cache_key
+    assert source_fingerprint(load_config(profile=None, overrides={"data.source": "chatterbot"}).data)  # the corpus files

@@ -31,10 +31,15 @@ from schemas.config import AlolConfig
 from schemas.ingest import INGEST_SCHEMA, REJECTED_SCHEMA
 from schemas.manifest import StageResult
 from stages.ingest.ingestor import Ingestor, TableBuffer
-from stages.ingest.sources import SourceRecord, open_source
+from stages.ingest.sources import SourceRecord, open_source, source_fingerprint
 from stages.io import StageReader, StageWriter
 
 log = logging.getLogger("alol.ingest")
+
+
+def external_inputs(cfg: AlolConfig) -> dict[str, str]:
+    """The data files' digests, for the ingest cache key (pipeline.runner.STAGES)."""
+    return source_fingerprint(cfg.data)
 
 
 def batches(records: Iterator[SourceRecord], size: int) -> Iterator[list[SourceRecord]]:

@@ -27,6 +27,7 @@ from schemas.ingest import ColumnMapping, DataConfig
 from stages.ingest.errors import IngestError
 from stages.ingest.formats import Problem
 from stages.ingest.ids import SPLIT_ALIASES
+from stages.io import file_digest
 
 FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -78,6 +79,24 @@ def open_source(data: DataConfig) -> Source:
     if data.source == "file":
         return open_file(Path(data.path), data.batch_rows)
     return open_datasets(data)
+
+
+def source_fingerprint(data: DataConfig) -> dict[str, str]:
+    """The sha256 of every local file the source reads, by name: what the ingest cache key covers beyond the
+    `data` settings, so an edited data file at the same path is ingested again. The chatterbot corpus
+    files, the `file`, or every file of a saved `datasets` folder; a hub dataset gives none (its name
+    and `dataset_config` stand for it; which revision `datasets` loads is its own cache's business).
+    A path that is not there gives none either: ingest itself reports it."""
+    if data.source == "chatterbot":
+        files = chatterbot_files()
+        root = files[0].parent if files else Path()
+    else:
+        path = Path(data.path or "")
+        if data.source == "file":
+            files, root = ([path] if path.is_file() else []), path.parent
+        else:
+            files, root = (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []), path
+    return {f.relative_to(root).as_posix(): file_digest(f) for f in files}
 
 
 def chatterbot_files() -> list[Path]:

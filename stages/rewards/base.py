@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from schemas.base import Section, canonical_json
-from stages.io import file_sha256
+from stages.io import file_digest
 
 Prompt = list[dict[str, str]]
 
@@ -91,18 +91,6 @@ class RewardComponent:
 
     def _score(self, prompts: list[Prompt], responses: list[str]) -> Any:
         raise NotImplementedError
-
-
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file, remembered per (path, size, mtime) so each model file is hashed once per process."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = file_sha256(path)
-    return _DIGESTS[key]
 
 
 def package_dir(module: str, pip_spec: str, no_deps: bool = False) -> Path:
