@@ -16,7 +16,7 @@ from schemas.stages import STAGE_NAMES
 
 FINAL_HELP = (
     "evaluate on the locked final split (evaluate.split=final; needs data.final_fraction > 0); every read is "
-    "counted in <run.root>/final_split_reads.json"
+    "counted in <run.root>/final_split_reads/ (one file per read)"
 )
 
 

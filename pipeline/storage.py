@@ -14,6 +14,7 @@ strings, run.json and LATEST single objects (one PUT each, so a reader sees a wh
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,10 @@ from schemas.manifest import StageOutput
 from stages import fs
 from stages.io import IntegrityError, StageReader, atomic_write_text
 
-FINAL_READS_FILE = "final_split_reads.json"
-"""Under run.root: every time a run used an evaluation of the locked final split (evaluate.split: final)."""
+FINAL_READS_DIR = "final_split_reads"
+"""Under run.root: one JSON object per time a run used an evaluation of the locked final split
+(evaluate.split: final). One object each, never a shared file rewritten, so runs recording at once lose
+no count (on an object store as well, where nothing can be locked)."""
 
 
 class RunStore:
@@ -98,24 +101,25 @@ class RunStore:
             self._count_final_read(output, cached)
 
     @property
-    def final_reads_path(self) -> fs.Location:
-        return fs.join(self.root, FINAL_READS_FILE)
+    def final_reads_dir(self) -> fs.Location:
+        return fs.join(self.root, FINAL_READS_DIR)
 
     def final_split_reads(self) -> list[dict[str, Any]]:
         """Every recorded use of an evaluation of the final split under this run root, oldest first."""
-        try:
-            text = fs.read_text(self.final_reads_path)
-        except (FileNotFoundError, IsADirectoryError):
-            return []
-        return json.loads(text)["reads"]
+        folder = self.final_reads_dir
+        if fs.is_remote(folder):
+            texts = [fs.read_text(fs.join(folder, name)) for name in fs.listing(folder) if name.endswith(".json")]
+        else:
+            texts = [path.read_text(encoding="utf-8") for path in folder.glob("*.json")] if folder.is_dir() else []
+        return sorted((json.loads(text) for text in texts), key=lambda read: (read["recorded"], read["id"]))
 
     def _count_final_read(self, output: StageOutput, cached: bool) -> None:
         """The final split is read only when asked; each time it is (computed or cached, by any run under this
         root) is kept, so that a result on it can say how often it was looked at."""
-        reads = self.final_split_reads()
-        reads.append({"run": self.name, "evaluate": self.portable(output).path, "cached": cached,
-                      "recorded": datetime.now(timezone.utc).isoformat()})
-        atomic_write_text(self.final_reads_path, json.dumps({"reads": reads}, indent=2))
+        read_id = uuid.uuid4().hex
+        read = {"run": self.name, "evaluate": self.portable(output).path, "cached": cached,
+                "recorded": datetime.now(timezone.utc).isoformat(), "id": read_id}
+        atomic_write_text(fs.join(self.final_reads_dir, f"{read_id}.json"), json.dumps(read, indent=2))
 
     def current(self, stage: str) -> StageOutput | None:
         """The output run.json records for `stage`, with an absolute path; None when there is none."""

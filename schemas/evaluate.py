@@ -86,7 +86,7 @@ class EvaluateConfig(Section):
         "test",
         description="Which ingest split to evaluate on: `test` (looked at while profiles are tuned), or the locked "
         "`final` split (data.final_fraction > 0), read only when asked (`alol run --final`); every read of it "
-        "is counted in <run.root>/final_split_reads.json.",
+        "is counted in <run.root>/final_split_reads/ (one file per read).",
     )
     max_new_tokens: int = Field(48, gt=0, description="New tokens per generation (paper: 128).")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding (paper: greedy).")

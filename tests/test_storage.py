@@ -188,7 +188,7 @@ def test_every_use_of_an_evaluation_of_the_final_split_is_counted_across_runs(tm
     first, second = RunStore(tmp_path, "first"), RunStore(tmp_path, "second")
     on_test = commit_output(first.stage_dir("evaluate", "t" * 64), "evaluate", metrics_model=metrics("evaluate"))
     first.record(on_test.output(), cached=False, seconds=1.0)
-    assert first.final_split_reads() == [] and not first.final_reads_path.exists()
+    assert first.final_split_reads() == [] and not first.final_reads_dir.exists()
     on_final = commit_output(first.stage_dir("evaluate", "f" * 64), "evaluate", metrics_model=metrics("evaluate", split="final"))
     first.record(on_final.output(), cached=False, seconds=1.0)
     first.record(on_final.output(), cached=True, seconds=0.1)
@@ -197,3 +197,29 @@ def test_every_use_of_an_evaluation_of_the_final_split_is_counted_across_runs(tm
     assert [(r["run"], r["cached"]) for r in reads] == [("first", False), ("first", True), ("second", True)]
     assert reads[0]["evaluate"] == f"first/evaluate/{'f' * 16}", "relative to the run root"
     assert first.final_split_reads() == reads, "one count per run root"
+
+
+def _record_final_reads(root: str, name: str, count: int) -> None:
+    from pipeline.storage import RunStore
+    from stages.io import StageReader
+
+    store = RunStore(root, name)
+    output = StageReader(store.stage_dir("evaluate", "f" * 64), verify=False).output()
+    for _ in range(count):
+        store.record(output, cached=True, seconds=0.1)
+
+
+def test_runs_recording_final_reads_at_once_lose_none(tmp_path):
+    """Four processes record 25 reads each at the same time: all 100 are counted (a shared file rewritten
+    by each would lose the reads of whoever wrote in between)."""
+    from multiprocessing import get_context
+
+    from pipeline.storage import RunStore
+    from tests.support.outputs import commit_output
+
+    commit_output(RunStore(tmp_path, "first").stage_dir("evaluate", "f" * 64), "evaluate", metrics_model=metrics("evaluate", split="final"))
+    with get_context("spawn").Pool(4) as pool:
+        pool.starmap(_record_final_reads, [(str(tmp_path), "first", 25)] * 4)
+    reads = RunStore(tmp_path, "other").final_split_reads()
+    assert len(reads) == 100 and len({r["id"] for r in reads}) == 100
+    assert [r["recorded"] for r in reads] == sorted(r["recorded"] for r in reads)
