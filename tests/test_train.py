@@ -289,3 +289,13 @@ def test_no_drawable_row_is_an_error_naming_the_advantage_table(tiny, tmp_path):
     with pytest.raises(TrainError, match=r"advantage/\*\.parquet: none of the 32 training rows has a positive"):
         load_train_rows("a_lol", inputs)
     assert len(load_train_rows("nll", inputs).weight) == 32
+
+
+def test_training_goes_on_after_validations_mid_run(tiny):
+    """Validation decodes with pi_theta under inference mode and packed weights (stages.models.generate)
+    between optimiser steps: the steps after each one still train (no inference tensor left in the
+    model, every layer back on its own forward)."""
+    _, result, out = run_train(tiny, "validate-often", **{"train.eval_every": 2})
+    rows = out.read("train_log").to_pylist()
+    assert [r["validation_reward"] is not None for r in rows] == [False, True] * (len(rows) // 2) and len(rows) >= 4
+    assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)

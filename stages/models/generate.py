@@ -321,7 +321,7 @@ def generate(
     devices = [] if model.device.type == "cpu" else None
     bar = _Progress(progress, len(encoded))
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), packed_linears(model, rows=batch_size):
+        with torch.random.fork_rng(devices=devices), torch.inference_mode(), packed_linears(model, rows=batch_size):
             torch.manual_seed(seed)
             if not do_sample and slots_supported(model):
                 decoded = greedy_decode(
