@@ -10,6 +10,7 @@ commit, a damaged object, the flow with Prefect's records in the bucket, and the
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -149,11 +150,18 @@ def test_two_hosts_writing_the_same_key_at_once_end_with_one_intact_output(s3, l
     children = [
         subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True, env={
             **s3.environment(), fs.LOCAL_CACHE_VARIABLE: str(tmp_path / f"host-{i}"), "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
+            "PYTHONFAULTHANDLER": "1",
         })
         for i in range(2)
     ]
     for child in children:
-        assert child.wait(timeout=120) == 0, child.stderr.read()[-3000:]
+        try:
+            _, stderr = child.communicate(timeout=120)  # drains stderr while waiting: a child never blocks on a full pipe
+        except subprocess.TimeoutExpired:
+            child.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER: the child prints where each of its threads is
+            _, stderr = child.communicate()
+            pytest.fail(f"a writer still ran after 120 s; where it was:\n{stderr[-6000:]}")
+        assert child.returncode == 0, stderr[-3000:]
     reader = StageReader(RunStore.of(cfg).stage_dir("ingest", cache_key(cfg, "ingest", {})))
     assert reader.content_hash == local_run[3]["ingest"]
 
