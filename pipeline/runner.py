@@ -203,14 +203,18 @@ def cache_key(cfg: AlolConfig, stage: str, inputs: dict[str, StageOutput]) -> st
     }
     external = STAGES[stage].external
     if external is not None:
-        module, _, func = external.partition(":")
-        payload["external"] = getattr(importlib.import_module(module), func)(cfg)
+        payload["external"] = _imported(external)(cfg)
     return sha256_text(canonical_json(payload))
 
 
-def load_stage_function(stage: str):
-    module, _, func = STAGES[stage].function.partition(":")
+def _imported(reference: str):
+    """The function a `module:function` reference of STAGES names."""
+    module, _, func = reference.partition(":")
     return getattr(importlib.import_module(module), func)
+
+
+def load_stage_function(stage: str):
+    return _imported(STAGES[stage].function)
 
 
 def reusable_output(store: RunStore, stage: str, key: str) -> StageOutput | None:

@@ -23,7 +23,7 @@ import torch
 
 @functools.cache
 def mkl_packing_available() -> bool:
-    """torch was built with MKL and has the packed-GEMM linear ops (x86 builds; not aarch64, not macOS arm)."""
+    """torch was built with MKL and has the packed-GEMM linear ops (checked once per process)."""
     if not torch.backends.mkl.is_available():
         return False
     try:
