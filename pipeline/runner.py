@@ -70,8 +70,9 @@ class StageSpec:
     accelerator: bool = False
     unkeyed: tuple[str, ...] = ()
     external: str | None = None
-    """`module:function` of the config giving what the stage reads from outside the run (its data
-    files' digests), for the cache key."""
+    """`module:function` of the config giving what the stage reads from outside the run (ingest: its data
+    files' digests; reference, train and evaluate: a local
+    reference.model folder's, which they load when pi_ref is the base model), for the cache key."""
 
 
 STAGES: dict[str, StageSpec] = {
@@ -79,16 +80,18 @@ STAGES: dict[str, StageSpec] = {
     "score": StageSpec("stages.score:run", ("score",), ("ingest",), unkeyed=CACHES + EXECUTION),
     "reference": StageSpec(
         "stages.reference:run", ("reference", "value", "score", "run.seed"), ("ingest", "score"), True,
-        CACHES + EXECUTION + SFT_PROCESSES,
+        CACHES + EXECUTION + SFT_PROCESSES, external="stages.catalog:reference_model_inputs",
     ),
     "advantage": StageSpec("stages.advantage:run", ("advantage",), ("score", "reference")),
     "train": StageSpec(
         "stages.train:run", ("train", "reference", "score", "run.seed"),
         ("ingest", "score", "reference", "advantage"), True, CACHES + PROCESSES + SFT_PROCESSES,
+        external="stages.catalog:reference_model_inputs",
     ),
     "evaluate": StageSpec(
         "stages.evaluate:run", ("evaluate", "reference", "score", "run.seed"),
         ("ingest", "score", "reference", "advantage", "train"), True, CACHES + EXECUTION + SFT_PROCESSES,
+        external="stages.catalog:reference_model_inputs",
     ),
 }
 

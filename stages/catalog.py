@@ -14,7 +14,7 @@ from pathlib import Path
 from schemas.base import canonical_json, sha256_text
 from schemas.config import AlolConfig
 from stages.io import StageReader
-from stages.models.store import ModelNotFoundError, resolve_model
+from stages.models.store import ModelNotFoundError, model_fingerprint, resolve_model
 from stages.rewards import COMPONENTS
 from stages.rewards.scorer import Scorer
 
@@ -52,6 +52,13 @@ def reference_model_path(cfg: AlolConfig, reference: StageReader) -> Path:
             raise ModelNotFoundError(f"{folder}: the reference output says pi_ref was fine-tuned but holds no model")
         return folder
     return resolve_model(cfg.reference.model, cfg.run.cache_dir)
+
+
+def reference_model_inputs(cfg: AlolConfig) -> dict[str, str]:
+    """The digest of reference.model's files when it is a local folder (stages.models.store.model_fingerprint),
+    for the cache keys of reference, train and evaluate (pipeline.runner.STAGES: the latter two load it as
+    pi_ref when reference.sft_epochs is 0)."""
+    return model_fingerprint(cfg.reference.model)
 
 
 def policy_is_reference(train: StageReader) -> bool:

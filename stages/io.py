@@ -77,6 +77,21 @@ def file_digest(path: str | Path) -> str:
     return _DIGESTS[key]
 
 
+def folder_files(folder: Path) -> list[Path]:
+    """Every file of a model folder (sorted), for fingerprints of hub or local models."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts)
+
+
+def folder_digest(folder: str | Path) -> str:
+    """sha256 over every file of `folder` (folder_files): its path inside the folder and its `file_digest`."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in folder_files(folder):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\x00")
+        digest.update(file_digest(path).encode())
+    return digest.hexdigest()
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary name in the folder of `path` to write to; renamed over `path` when the block ends

@@ -177,3 +177,31 @@ def test_sft_fine_tunes_pi_ref_on_the_training_rows(tiny_run, tmp_path):
 
     # Fine-tuned on the training responses, pi_ref assigns them a clearly higher likelihood.
     assert train_mean(reference) > train_mean(base_reference) + 1.0
+
+
+def test_a_local_model_folder_rewritten_in_place_is_not_taken_for_the_cached_one(tmp_path):
+    """reference.model is a local folder: its files' bytes are in the reference, train and evaluate keys, so new
+    weights at the same path recompute the reference stage; touching the files or another path's copy does not."""
+    import os
+    import shutil
+
+    from pipeline.runner import STAGES, cache_key
+
+    torch.set_num_threads(2)
+    model = tiny_model_folder(tmp_path / "tiny", seed=0)
+    cfg = tiny_config(tmp_path, model)
+    ingest, _ = execute_stage(cfg, "ingest", {})
+    score, _ = execute_stage(cfg, "score", {"ingest": ingest})
+    upstream = {"ingest": ingest, "score": score}
+    first, reused = execute_stage(cfg, "reference", upstream)
+    assert not reused
+    for path in model.rglob("*"):
+        os.utime(path, ns=(1, 1))
+    assert execute_stage(cfg, "reference", upstream)[1], "the same bytes, touched: still cached"
+
+    shutil.rmtree(model)
+    tiny_model_folder(model, seed=1)  # other weights under the same path
+    second, reused = execute_stage(cfg, "reference", upstream)
+    assert not reused and second.cache_key == cache_key(cfg, "reference", upstream) != first.cache_key
+    assert StageReader(second.path).read("reference").column("ref_logprob") != StageReader(first.path).read("reference").column("ref_logprob")
+    assert all(STAGES[s].external == STAGES["reference"].external for s in ("train", "evaluate"))

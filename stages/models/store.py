@@ -17,9 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from stages import fs, remote
+from stages.io import folder_digest
 
 log = logging.getLogger("alol.models")
 
@@ -54,12 +53,28 @@ def resolve_model(name: str, cache_dir: str | Path) -> Path:
         return build_once(Path(cache_dir).resolve() / "models" / SMOLLM2, convert_smollm2_gguf)
     if name == GEMMA3:
         return build_once(Path(cache_dir).resolve() / "models" / GEMMA3, convert_gemma3_gguf)
-    local = Path(name).expanduser()
-    if local.is_dir():
+    local = local_model_folder(name)
+    if local is not None:
         if not (local / "config.json").is_file():
             raise ModelNotFoundError(f"{local}: model folder has no config.json; give a transformers model folder")
         return local
     return _download_from_hub(name, hub_folder(cache_dir))
+
+
+def local_model_folder(name: str) -> Path | None:
+    """The folder `name` points to when it is a local folder (resolve_model loads it as is), else None."""
+    if name in (SMOLLM2, GEMMA3):
+        return None
+    local = Path(name).expanduser()
+    return local if local.is_dir() else None
+
+
+def model_fingerprint(name: str) -> dict[str, str]:
+    """What a cache key needs beyond the name: for a local folder, the digest of its files (stages.io.folder_digest),
+    so that weights rewritten in place are not mistaken for the cached ones. A built-in name follows from its
+    pinned package and the conversion code; a hub name is keyed by the name alone (as hub datasets are)."""
+    local = local_model_folder(name)
+    return {} if local is None else {"model_files": folder_digest(local)}
 
 
 def hub_folder(cache_dir: str | Path) -> Path:
@@ -169,6 +184,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     A GGUF-loaded model refuses `save_pretrained`, so its state dict is copied into a model built
     from the same config without `quantization_config`.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s into %s (once; about 20-60 s)", gguf, target)
@@ -224,9 +240,10 @@ def load_tokenizer(path: str | Path) -> Any:
     return tokenizer
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> Any:
-    """A causal LM from safetensors only, in eval mode."""
+def load_causal_lm(path: str | Path, dtype: Any = None) -> Any:
+    """A causal LM from safetensors only, in eval mode, in `dtype` (a torch dtype; float32 when None)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True)
     return model.eval()

@@ -109,11 +109,6 @@ def require_files(paths: list[Path], pip_spec: str) -> list[Path]:
     return paths
 
 
-def folder_files(folder: Path) -> list[Path]:
-    """Every file of a model folder (sorted), for fingerprints of hub or local models."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts)
-
-
 def last_user_turn(prompt: Prompt) -> str:
     """The content of the last `user` message; the last message of any role when there is no user turn."""
     for message in reversed(prompt):

@@ -20,11 +20,12 @@ import numpy as np
 import torch
 
 from schemas.evaluate import FluencyOptions
+from stages.io import folder_files
 from stages.models import logprobs, tokenize
 from stages.models.logprobs import length_batches, response_token_logprobs
 from stages.models.store import GEMMA3, gemma3_gguf_module, load_causal_lm, load_tokenizer, resolve_model
 from stages.models.tokenize import encode_pair
-from stages.rewards.base import Prompt, RewardComponent, folder_files
+from stages.rewards.base import Prompt, RewardComponent
 
 log = logging.getLogger("alol.evaluate")
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.io import folder_files
 from stages.rewards.base import (
     ComponentLoadError,
     Prompt,
     RewardComponent,
-    folder_files,
     last_user_turn,
     transcript,
 )
