@@ -327,8 +327,8 @@ def main() -> None:
     parser.add_argument("--algorithm", default="a_lol", help="train.algorithm of the stage and the loops")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each measured process")
     parser.add_argument("--lora-rank", type=int, help="train.lora_rank: LoRA adapters (peft) in the stage and the loops; TRL trains every weight")
-    parser.add_argument("--lora-dropout", type=float, help="train.lora_dropout (default 0.05: the ratio algorithms then "
-                        "take their weights from a second, dropout-free forward; 0 needs none)")
+    parser.add_argument("--lora-dropout", type=float, help="train.lora_dropout (default 0; above 0 the ratio algorithms "
+                        "take their weights from a second, dropout-free forward)")
     parser.add_argument("--allocators", nargs="+", choices=("mimalloc", "system"), default=["mimalloc"],
                         help="memory allocators of the measured processes (pipeline/allocator.py); rows of the second are <mode>/system")
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmuls of the peak (8192 on a GPU)")

@@ -37,7 +37,12 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip (paper: 1.0; 0.3 for QLoRA).")
     lora_rank: int | None = Field(None, gt=0, description="LoRA rank through peft; full fine-tuning when unset (paper HHA: QLoRA).")
     lora_alpha: float | None = Field(None, gt=0, description="LoRA scaling alpha; 2 x lora_rank when unset.")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    lora_dropout: float = Field(
+        0.0, ge=0, lt=1,
+        description="Dropout on the LoRA branch. 0 by default: with dropout the ratio losses (r_lol, a_lol, a_lol_seq) "
+        "take their weights from a second, dropout-free forward (about 1.5x the step), and dpo refuses it; 0.05 is "
+        "QLoRA's value.",
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute each decoder layer's activations in the backward pass (transformers' gradient "
         "checkpointing, non-reentrant): less activation memory for about one more forward per step; the gradients are "

@@ -117,7 +117,7 @@ def test_dpo_refuses_dropout_in_pi_theta(tmp_path):
     from tests.support.train import with_attention_dropout
 
     with pytest.raises(ConfigError, match=r"set train\.lora_dropout: 0"):
-        load_config("smoke", overrides=["train.algorithm=dpo", "reference.pairs=built", "train.lora_rank=4"])
+        load_config("smoke", overrides=["train.algorithm=dpo", "reference.pairs=built", "train.lora_rank=4", "train.lora_dropout=0.05"])
     model, data = tiny_setup(tmp_path)
     cfg = config(tmp_path, with_attention_dropout(model, 0.1), data, **{"train.algorithm": "dpo", "reference.pairs": "built"})
     with pytest.raises(TrainError, match="has active dropout"):
