@@ -104,10 +104,11 @@ def test_advantage_matches_numpy_for_train_rows_in_any_order(tmp_path):
 
 
 def test_training_row_without_score_names_the_row(tmp_path):
-    ids = ["a", "b", "c"]
+    """The first id (in id order) of the rows without a reward, and how many there are."""
+    ids = ["d", "a", "b", "c"]
     score = score_table(["a", "c"], [1.0, 1.0])
-    with pytest.raises(advantage.AdvantageError, match=r"training row id b has no finite `reward`"):
-        run_advantage(tmp_path, score, reference_table(ids, ["train"] * 3, [0.1, 0.2, 0.3]))
+    with pytest.raises(advantage.AdvantageError, match=r"training row id b has no finite `reward` .*2 rows in all"):
+        run_advantage(tmp_path, score, reference_table(ids, ["train"] * 4, [0.1, 0.2, 0.3, 0.4]))
 
 
 def test_nan_value_names_the_row_and_the_reference_table(tmp_path):
