@@ -37,7 +37,7 @@ TESTED_BY: dict[tuple[str, frozenset[str]], str] = {
     ("compare", frozenset({"--seeds", "--value-ablation"})): WALKTHROUGH,
     ("compare", frozenset({"--final"})): WALKTHROUGH,
     ("compare", frozenset({"--set", "--algorithms", "--seeds"})): WALKTHROUGH,
-    ("compare", frozenset({"--profile", "--algorithms", "--seeds"})): WALKTHROUGH,
+    ("compare", frozenset({"--profile", "--set", "--algorithms", "--seeds"})): WALKTHROUGH,
     ("compare", frozenset({"--set", "--algorithms", "--seeds", "--value-ablation"})): WALKTHROUGH,
     ("run", frozenset({"--final"})): WALKTHROUGH,
     ("export", frozenset()): "tests/test_export.py::test_export_refuses_a_folder_in_the_way_and_leaves_it",
