@@ -23,11 +23,19 @@ With --lora-rank the stage and the three loops train LoRA adapters (the stage's 
 pi_ref as a second model next to the adapted pi_theta, nll-loop is the plain LoRA loop); trl-sft stays full
 fine-tuning.
 
+With --shape 1.7b the loops and TRL train a model of SmolLM2-1.7B's architecture instead of pi_ref (random weights
+from a fixed seed, SmolLM2's tokenizer and vocabulary, so the rows tokenise as the reference table's; built once
+under --root): a size where the weights, not the interpreter, torch and the activations, are most of a process's
+memory, as they are for the 7B models the LoRA memory target is about. The loss values mean nothing there (the
+cached pi_ref log-probs are SmolLM2-135M's); the work and the memory per step are those of that model.
+
 Each process runs under alol's memory allocator (pipeline/allocator.py: mimalloc keeping freed pages), as the
 `alol` command does; `--allocators mimalloc system` measures every mode under both (rows `<mode>/system`: glibc's
 malloc, what a plain Python process gets) and prints the ratio.
 
-tokens/s counts prompt and response tokens per second of optimiser-step wall time, first step excluded;
+tokens/s counts prompt and response tokens per second of optimiser-step wall time, the first --warmup steps
+excluded (default 1; the warm-up column gives their seconds: the first steps fault in the optimiser state and
+the step's working set, which on a VM costs seconds of kernel time);
 with --rounds N all modes run N times, interleaved, and each figure is the median over the rounds.
 The matmul peak (bench.matmul, in the run's precision) is measured before each process and its best is
 kept; the share of it is 6 x parameters x tokens/s (forward and backward) over that peak.
@@ -35,6 +43,7 @@ kept; the share of it is 6 x parameters x tokens/s (forward and backward) over t
     .venv/bin/python bench/train.py [--steps 6] [--rounds 1] [--root data/bench-train] [--modes ...]
                                     [--device cpu|cuda] [--mixed-precision no|bf16] [--algorithm a_lol]
                                     [--lora-rank 16] [--lora-dropout 0] [--allocators mimalloc system]
+                                    [--warmup 1] [--shape 1.7b]
 """
 
 from __future__ import annotations
@@ -54,6 +63,11 @@ sys.path.insert(0, str(ROOT))
 from bench.memory import peak_rss_mb  # noqa: E402
 
 MODES = ("stage", "nll-loop", "alol-loop", "ref-loop", "trl-sft")
+# Config fields of a larger model of pi_ref's family (Llama blocks, tied embeddings, SmolLM2's vocabulary).
+SHAPES = {
+    "1.7b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 32,
+             "num_key_value_heads": 32, "head_dim": 64},
+}
 
 
 def bench_config(root: Path, steps: int, algorithm: str = "a_lol", mixed_precision: str = "no", lora_rank: int | None = None,
@@ -82,6 +96,31 @@ def upstream(cfg) -> dict:
     for stage, deps in needs.items():
         outputs[stage], _ = execute_stage(cfg, stage, {d: outputs[d] for d in deps})
     return outputs
+
+
+def model_folder(cfg, inputs, shape: str | None, root: Path) -> Path:
+    """The model the loops train: pi_ref, or (--shape) a model of that shape with random weights, built once
+    under `root` from pi_ref's config and tokenizer."""
+    from stages.catalog import reference_model_path
+    from stages.models.store import build_once
+
+    path = reference_model_path(cfg, inputs["reference"])
+    if shape is None:
+        return path
+
+    def build(folder: Path) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from stages.models.store import load_tokenizer, save_model_folder
+
+        config = AutoConfig.from_pretrained(path)
+        for name, value in SHAPES[shape].items():
+            setattr(config, name, value)
+        torch.manual_seed(0)
+        save_model_folder(AutoModelForCausalLM.from_config(config, dtype=torch.float32), load_tokenizer(path), folder)
+
+    return build_once(root / f"random-{shape}", build)
 
 
 def run_stage(cfg, inputs, steps: int) -> list[tuple[int, float, None]]:
@@ -128,12 +167,11 @@ def drawn_batches(cfg, inputs, tokenizer, steps: int):
                for k in range(t.grad_accumulation)]
 
 
-def run_loop(mode: str, cfg, inputs, steps: int, device: str) -> list[tuple[int, float, float]]:
+def run_loop(mode: str, cfg, inputs, steps: int, device: str, path: Path) -> list[tuple[int, float, float]]:
     """(tokens, wall seconds, process CPU seconds) per optimiser step."""
     import torch
     from accelerate import Accelerator
 
-    from stages.catalog import reference_model_path
     from stages.losses import loss_function
     from stages.models.logprobs import response_token_logprobs
     from stages.models.store import load_causal_lm, load_tokenizer
@@ -142,7 +180,6 @@ def run_loop(mode: str, cfg, inputs, steps: int, device: str) -> list[tuple[int,
     from stages.train.step import PolicyForward, backward_micro_batches, has_active_dropout
 
     t = cfg.train
-    path = reference_model_path(cfg, inputs["reference"])
     # pi_theta as the stage builds it (LoRA adapters under --lora-rank), and its importance weights alike: from a
     # second, dropout-free forward when the model has active dropout (LoRA's)
     tokenizer, model = load_tokenizer(path), build_policy(path, t, cfg.run.seed).to(device)
@@ -182,16 +219,14 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_trl_sft(cfg, inputs, steps: int, device: str, output_dir: Path) -> list[tuple[int, float, float]]:
+def run_trl_sft(cfg, inputs, steps: int, device: str, output_dir: Path, path: Path) -> list[tuple[int, float, float]]:
     import trl
     from datasets import Dataset
     from transformers import TrainerCallback
 
-    from stages.catalog import reference_model_path
     from stages.models.store import load_causal_lm, load_tokenizer
 
     t = cfg.train
-    path = reference_model_path(cfg, inputs["reference"])
     tokenizer = load_tokenizer(path)
     rows = [{"input_ids": p + r, "completion_mask": [0] * len(p) + [1] * len(r)}
             for batches in drawn_batches(cfg, inputs, tokenizer, steps) for b in batches
@@ -252,11 +287,13 @@ def child(mode: str, args, folders: dict[str, str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if mode == "stage":
             timings = run_stage(cfg, inputs, args.steps)
-        elif mode == "trl-sft":
-            timings = run_trl_sft(cfg, inputs, args.steps, args.device, Path(tmp))
         else:
-            timings = run_loop(mode, cfg, inputs, args.steps, args.device)
-    measured = timings[1:]
+            path = model_folder(cfg, inputs, args.shape, args.root)
+            if mode == "trl-sft":
+                timings = run_trl_sft(cfg, inputs, args.steps, args.device, Path(tmp), path)
+            else:
+                timings = run_loop(mode, cfg, inputs, args.steps, args.device, path)
+    measured = timings[args.warmup:]
     cpu_seconds = None if measured[0][2] is None else sum(c for _, _, c in measured)
     print(json.dumps({
         "tokens_per_s": sum(n for n, _, _ in measured) / sum(s for _, s, _ in measured),
@@ -265,6 +302,8 @@ def child(mode: str, args, folders: dict[str, str]) -> None:
         "tokens": sum(n for n, _, _ in measured),
         "peak_rss_mb": peak_rss_mb(),
         "wall_seconds": sum(s for _, s, _ in measured),
+        "warmup_seconds": sum(s for _, s, _ in timings[: args.warmup]),
+        "step_seconds": [round(s, 2) for _, s, _ in timings],
         "cpu_seconds": cpu_seconds,
         "mimalloc": sys.platform == "linux" and "libmimalloc" in Path("/proc/self/maps").read_text(),
     }))
@@ -276,7 +315,8 @@ def measure(mode: str, allocator: str, args, folders: dict[str, str]) -> dict:
     done = subprocess.run(
         [sys.executable, __file__, "--child", mode, "--root", str(args.root), "--steps", str(args.steps),
          "--device", args.device, "--mixed-precision", args.mixed_precision, "--algorithm", args.algorithm,
-         "--threads", str(args.threads), "--inputs", json.dumps(folders)]
+         "--threads", str(args.threads), "--warmup", str(args.warmup), "--inputs", json.dumps(folders)]
+        + (["--shape", args.shape] if args.shape else [])
         + (["--lora-rank", str(args.lora_rank)] if args.lora_rank else [])
         + (["--lora-dropout", str(args.lora_dropout)] if args.lora_dropout is not None else []),
         capture_output=True, text=True,
@@ -299,26 +339,27 @@ def median_result(runs: list[dict]) -> dict:
     """Each figure's median over the rounds (None stays None); peak RSS is the largest of any round."""
     import statistics
 
-    merged = {k: None if runs[0][k] is None else statistics.median(r[k] for r in runs) for k in runs[0]}
+    merged = {k: None if runs[0][k] is None else statistics.median(r[k] for r in runs) for k in runs[0] if k != "step_seconds"}
+    merged["step_seconds"] = [r["step_seconds"] for r in runs]
     merged["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
     merged["rounds_tokens_per_s"] = [round(r["tokens_per_s"], 1) for r in runs]
     return merged
 
 
-def parameters(cfg, folders: dict[str, str]) -> int:
-    from stages.catalog import reference_model_path
-    from stages.io import StageReader
+def parameters(path: Path) -> int:
     from stages.models.store import load_causal_lm
 
-    model = load_causal_lm(reference_model_path(cfg, StageReader(folders["reference"])))
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in load_causal_lm(path).parameters())
 
 
 def main() -> None:
     from bench.matmul import matmul_flops
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=6, help="optimiser steps per measurement (the first is not timed)")
+    parser.add_argument("--steps", type=int, default=6, help="optimiser steps per measurement (the first --warmup are not timed)")
+    parser.add_argument("--warmup", type=int, default=1, help="first steps of each measurement not timed (their seconds are printed)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="train a random-weight model of this size instead of pi_ref "
+                        "(the loops and TRL; not the stage)")
     parser.add_argument("--root", type=Path, default=ROOT / "data" / "bench-train", help="run root for the upstream stages")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of all modes, interleaved; medians are printed")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="measurements to run, in this order")
@@ -343,13 +384,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = bench_config(args.root, args.steps, args.algorithm, args.mixed_precision, args.lora_rank, args.lora_dropout)
     # Built once here, so that no measured process runs an upstream stage.
+    from stages.io import StageReader
+
+    if not 0 <= args.warmup < args.steps:
+        parser.error(f"--warmup {args.warmup} must be at least 0 and less than --steps {args.steps}")
+    if args.shape and "stage" in args.modes:
+        parser.error("--shape applies to the loops and TRL; the stage trains pi_ref (leave out --modes stage)")
     folders = {name: output.path for name, output in upstream(cfg).items()}
-    params = parameters(cfg, folders)
+    params = parameters(model_folder(cfg, {"reference": StageReader(folders["reference"])}, args.shape, args.root))
     precision = "bf16" if args.mixed_precision == "bf16" else "fp32"
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; {args.steps} steps of "
           f"{cfg.train.batch_size} x {cfg.train.grad_accumulation} rows each; {args.algorithm}, {args.device}, "
           f"{precision}, {args.threads} threads, {params / 1e6:.1f} M parameters"
-          + (f", LoRA rank {args.lora_rank}" if args.lora_rank else ""))
+          + (f", LoRA rank {args.lora_rank}" if args.lora_rank else "")
+          + (f", random weights of shape {args.shape}" if args.shape else "") + f"; {args.warmup} warm-up step(s) not timed")
     runs = [(mode, allocator) for mode in args.modes for allocator in args.allocators]
     rounds: dict[str, list[dict]] = {run_name(mode, allocator): [] for mode, allocator in runs}
     peaks = []
@@ -362,18 +410,23 @@ def main() -> None:
     print(f"{precision} matmul ({args.matmul_size}^2): {peak / 1e9:.1f} GFLOP/s peak (before each run: "
           f"{[round(f / 1e9, 1) for f in peaks]})")
     print(f"{'run':>17} {'tokens/s':>9} {'tokens/CPU s':>13} {'timed tokens':>13} {'peak RSS MB':>12} {'% of peak':>10} "
-          f"{'wall s':>7} {'CPU s':>7}")
+          f"{'wall s':>7} {'CPU s':>7} {'warm-up s':>10}")
     for mode, r in results.items():
         share = 100 * 6 * params * r["tokens_per_s"] / peak
         per_cpu = "-" if r["tokens_per_cpu_s"] is None else f"{r['tokens_per_cpu_s']:.1f}"
         cpu = "-" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.1f}"
         print(f"{mode:>17} {r['tokens_per_s']:>9.1f} {per_cpu:>13} {int(r['tokens']):>13} {r['peak_rss_mb']:>12.0f} {share:>9.0f}% "
-              f"{r['wall_seconds']:>7.1f} {cpu:>7}")
+              f"{r['wall_seconds']:>7.1f} {cpu:>7} {r['warmup_seconds']:>10.1f}")
+    print("seconds of each step (warm-up included), by round: "
+          + "; ".join(f"{m} {r['step_seconds']}" for m, r in results.items()))
     if args.rounds > 1:
         print("tokens/s by round: " + "; ".join(f"{m} {r['rounds_tokens_per_s']}" for m, r in results.items()))
-    print("medians over the rounds; timed steps only (the first excluded); % of peak: 6 x parameters x tokens/s over the peak; CPU s: the "
+    print("medians over the rounds; timed steps only (the warm-up excluded); % of peak: 6 x parameters x tokens/s over the peak; CPU s: the "
           "process's CPU time over those steps (all its threads; the stage reports none), which other load on the "
           "machine inflates less than wall time")
+    if args.lora_rank:
+        print("with LoRA the frozen weights get no gradient, so a step does about 4 (not 6) x parameters x tokens: "
+              "% of peak overstates the work by about 1.5x (trl-sft trains every weight)")
     ratios = [
         ("tokens/s, stage / nll-loop", "stage", "nll-loop", "tokens_per_s", "(target >= 0.95)"),
         ("tokens/s, alol-loop / nll-loop", "alol-loop", "nll-loop", "tokens_per_s", ""),
