@@ -105,3 +105,21 @@ def test_generate_logs_progress_and_keeps_prompt_order(tiny, caplog):
                   for p in prompts]
     assert together == one_by_one
     assert any("greedy decoding: 5/5 rows" in r.getMessage() and "ETA" in r.getMessage() for r in caplog.records)
+
+
+def test_greedy_decode_under_cpu_autocast_gives_the_tokens_of_generate_under_it(tiny):
+    """train.mixed_precision bf16: accelerate runs the model's forward in bf16 autocast, so the validation decodes
+    get bf16 keys and values (and packed fp32 layers bf16 inputs); the slots take the keys' dtype."""
+    tokenizer, model = tiny
+    prompts = [[{"role": "user", "content": " ".join(CORPUS[i % 8].split()[: 2 + (3 * i) % 7])}] for i in range(5)]
+    encoded = [encode_prompt(tokenizer, p, 64) for p in prompts]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs = [hf_greedy(model, *generate_module._left_padded([row], tokenizer.pad_token_id, model.device), eos_id=-1,
+                            pad_id=tokenizer.pad_token_id, max_new_tokens=12)[0] for row in encoded]
+        with torch.no_grad(), generate_module.packed_linears(model, rows=2):
+            ours = generate_module.greedy_decode(model, encoded, eos_id=-1, pad_id=tokenizer.pad_token_id, max_new_tokens=12,
+                                                 slots=2)
+    assert ours == theirs
+    with torch.no_grad():
+        fp32 = generate_module.greedy_decode(model, encoded, eos_id=-1, pad_id=tokenizer.pad_token_id, max_new_tokens=12, slots=2)
+    assert fp32 != ours  # the bf16 decodes are of bf16 activations, not a silent fp32 run

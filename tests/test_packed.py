@@ -66,3 +66,16 @@ def test_layers_are_restored_when_the_block_fails(model):
         with torch.no_grad(), packed_linears(model, rows=2):
             raise ValueError("inside")
     assert all("forward" not in m.__dict__ for m in plain_linears(model))
+
+
+@needs_mkl
+def test_under_cpu_autocast_the_layers_compute_as_autocast_does(model):
+    """Under bf16 autocast (train.mixed_precision bf16: accelerate runs the model's forward in it, validation
+    decoding included) a packed fp32 layer would get bf16 inputs; the layers then run as autocast runs them."""
+    ids = torch.randint(5, 300, (3, 11))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(input_ids=ids).logits
+        with packed_linears(model, rows=3):
+            inside = model(input_ids=ids).logits
+    assert inside.dtype == plain.dtype
+    assert torch.equal(inside, plain)

@@ -299,3 +299,41 @@ def test_training_goes_on_after_validations_mid_run(tiny):
     rows = out.read("train_log").to_pylist()
     assert [r["validation_reward"] is not None for r in rows] == [False, True] * (len(rows) // 2) and len(rows) >= 4
     assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+
+
+def test_mixed_precision_bf16_trains_and_validates_on_the_cpu(tiny, tmp_path):
+    """train.mixed_precision bf16 on the CPU: accelerate runs the model's forward in bf16 autocast, the validation
+    decodes included (packed fp32 layers and fp32 key/value slots used to fail there). In a process of its own,
+    since accelerate keeps one precision per process."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tmp, model, data, outputs = tiny
+    target = tmp_path / "bf16"
+    script = "\n".join([
+        "import json, sys",
+        "from pathlib import Path",
+        "from stages import train",
+        "from stages.io import StageReader, StageWriter",
+        "from tests.support.train import config",
+        "args = json.loads(sys.argv[1])",
+        "cfg = config(Path(args['tmp']), Path(args['model']), Path(args['data']), **args['overrides'])",
+        "inputs = {name: StageReader(path) for name, path in args['inputs'].items()}",
+        "import pyarrow.parquet as pq",
+        "out = StageWriter(Path(args['target']))",
+        "steps = train.run(cfg, inputs, out).metrics.steps",
+        "log = pq.read_table(out.dir / 'train_log').to_pylist()",
+        "print(json.dumps({'steps': steps, 'validated': [r['validation_reward'] is not None for r in log]}))",
+    ])
+    args = {
+        "tmp": str(tmp), "model": str(model), "data": str(data), "target": str(target),
+        "inputs": {name: str(outputs[name].path) for name in UPSTREAM},
+        "overrides": {"train.algorithm": "nll", "train.mixed_precision": "bf16", "train.steps": 4, "train.eval_every": 2},
+    }
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(args)], capture_output=True, text=True, cwd=root,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"steps": 4, "validated": [False, True, False, True]}

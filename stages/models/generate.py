@@ -171,6 +171,14 @@ class _Slots:
         self.mask = mask
         self._set_columns(kbufs, vbufs, shift + kept)
 
+    def _adopt_dtypes(self, keys: torch.dtype, values: torch.dtype) -> None:
+        """Buffers in the dtypes the model's keys and values come in: the weights' dtype, or under autocast
+        (train.mixed_precision bf16: accelerate runs the model's forward in it, validation decoding included)
+        bf16 values and keys in the rotary embedding's precision."""
+        if (self.layers[0].kbuf.dtype, self.layers[0].vbuf.dtype) != (keys, values):
+            self._set_columns([layer.kbuf.to(keys) for layer in self.layers], [layer.vbuf.to(values) for layer in self.layers],
+                              self.length)
+
     def admit(self, slots: list[int], rows: list[int], prompts: list[list[int]], pad_id: int) -> torch.Tensor:
         """Prefill `prompts` (of prompt `rows`) into free `slots`; their first greedy tokens."""
         from transformers import DynamicCache
@@ -183,6 +191,7 @@ class _Slots:
             logits_to_keep=1,
         ).logits
         width = input_ids.shape[1]
+        self._adopt_dtypes(prefill.layers[0].keys.dtype, prefill.layers[0].values.dtype)
         self._prompt_columns(width)
         index = torch.tensor(slots, device=self.model.device)
         for layer, new in zip(self.layers, prefill.layers):

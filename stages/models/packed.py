@@ -35,6 +35,10 @@ def mkl_packing_available() -> bool:
 
 
 def _packed_forward(packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, x: torch.Tensor) -> torch.Tensor:
+    # Under CPU autocast (train.mixed_precision bf16 runs the model's forward in it, validation decoding
+    # included) the layer computes as autocast computes a linear layer; the packed op is fp32 only.
+    if torch.is_autocast_enabled("cpu") or x.dtype != weight.dtype:
+        return torch.nn.functional.linear(x, weight, bias)
     return torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
 
 
@@ -43,7 +47,8 @@ def packed_linears(model: Any, rows: int) -> Iterator[int]:
     """While the block runs, every float32 `torch.nn.Linear` of `model` held on the CPU multiplies through
     a copy of its weight packed once for MKL's GEMM, tuned for inputs of `rows` rows (the decoding slots;
     other row counts are computed correctly too). Yields how many layers were packed: none when torch
-    lacks MKL, the model is elsewhere or in another precision. Results equal the plain layers' up to
+    lacks MKL, the model is elsewhere or in another precision. Under CPU autocast the layers compute as
+    they would unpacked (autocast's precision), since the packed op is fp32 only. Results equal the plain layers' up to
     float rounding (the summation order differs).
 
     Gradients must be off (the packed copy neither follows weight updates nor carries gradients); the
