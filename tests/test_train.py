@@ -306,6 +306,7 @@ def test_mixed_precision_bf16_trains_and_validates_on_the_cpu(tiny, tmp_path):
     decodes included (packed fp32 layers and fp32 key/value slots used to fail there). In a process of its own,
     since accelerate keeps one precision per process."""
     import json
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -334,6 +335,6 @@ def test_mixed_precision_bf16_trains_and_validates_on_the_cpu(tiny, tmp_path):
     }
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run([sys.executable, "-c", script, json.dumps(args)], capture_output=True, text=True, cwd=root,
-                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+                          env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"steps": 4, "validated": [False, True, False, True]}
