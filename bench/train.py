@@ -382,14 +382,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    cfg = bench_config(args.root, args.steps, args.algorithm, args.mixed_precision, args.lora_rank, args.lora_dropout)
-    # Built once here, so that no measured process runs an upstream stage.
-    from stages.io import StageReader
-
     if not 0 <= args.warmup < args.steps:
         parser.error(f"--warmup {args.warmup} must be at least 0 and less than --steps {args.steps}")
     if args.shape and "stage" in args.modes:
         parser.error("--shape applies to the loops and TRL; the stage trains pi_ref (leave out --modes stage)")
+    from stages.io import StageReader
+
+    cfg = bench_config(args.root, args.steps, args.algorithm, args.mixed_precision, args.lora_rank, args.lora_dropout)
+    # Built once here (the upstream stages and a --shape model), so that no measured process builds them.
     folders = {name: output.path for name, output in upstream(cfg).items()}
     params = parameters(model_folder(cfg, {"reference": StageReader(folders["reference"])}, args.shape, args.root))
     precision = "bf16" if args.mixed_precision == "bf16" else "fp32"

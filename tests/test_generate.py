@@ -109,7 +109,8 @@ def test_generate_logs_progress_and_keeps_prompt_order(tiny, caplog):
 
 def test_greedy_decode_under_cpu_autocast_gives_the_tokens_of_generate_under_it(tiny):
     """train.mixed_precision bf16: accelerate runs the model's forward in bf16 autocast, so the validation decodes
-    get bf16 keys and values (and packed fp32 layers bf16 inputs); the slots take the keys' dtype."""
+    get bf16 values and fp32 keys (after the rotary embedding), and packed fp32 layers bf16 inputs; the slots
+    take the dtypes the keys and values come in."""
     tokenizer, model = tiny
     prompts = [[{"role": "user", "content": " ".join(CORPUS[i % 8].split()[: 2 + (3 * i) % 7])}] for i in range(5)]
     encoded = [encode_prompt(tokenizer, p, 64) for p in prompts]
