@@ -94,6 +94,40 @@ def test_slots_make_room_for_a_longer_prompt_and_compact_full_buffers(tiny):
     assert rows[1] == theirs[1][: len(rows[1])]
 
 
+def test_a_shared_prefix_is_computed_once_and_the_tokens_stay_those_of_generate(tiny):
+    """Prompts that open alike (a system prompt and the role header): its keys and values are computed once,
+    the prefills see only what follows it, and every row still gets `generate`'s tokens on its prompt alone."""
+    tokenizer, model = tiny
+    system = {"role": "system", "content": " ".join(CORPUS[5].split()[:12])}
+    prompts = [[system, {"role": "user", "content": " ".join(CORPUS[i % 8].split()[: 1 + (3 * i) % 7])}] for i in range(6)]
+    encoded = [encode_prompt(tokenizer, p, 64) for p in prompts]
+    prefix = generate_module.shared_prefix(encoded)
+    assert len(prefix) > 10 and all(row[: len(prefix)] == prefix for row in encoded)
+    theirs = [hf_greedy(model, *generate_module._left_padded([row], tokenizer.pad_token_id, model.device), eos_id=-1,
+                        pad_id=tokenizer.pad_token_id, max_new_tokens=10)[0] for row in encoded]
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    try:
+        with torch.no_grad():
+            ours = generate_module.greedy_decode(model, encoded, eos_id=-1, pad_id=tokenizer.pad_token_id, max_new_tokens=10,
+                                                 slots=4)
+    finally:
+        hook.remove()
+    assert ours == theirs
+    prefills = [shape for shape in seen if shape[1] > 1]
+    assert prefills[0] == (1, len(prefix))  # the prefix, once
+    longest_rest = max(len(row) for row in encoded) - len(prefix)
+    assert all(shape[1] <= longest_rest for shape in prefills[1:]) and len(prefills) >= 2
+
+
+def test_the_shared_prefix_leaves_every_prompt_a_token_of_its_own():
+    assert generate_module.shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == [1, 2, 3]
+    assert generate_module.shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == [1, 2]  # the shortest keeps its last token
+    assert generate_module.shared_prefix([[1, 2], [7, 2]]) == []
+    assert generate_module.shared_prefix([[4, 5, 6]]) == [4, 5]
+    assert generate_module.shared_prefix([]) == []
+
+
 def test_generate_logs_progress_and_keeps_prompt_order(tiny, caplog):
     tokenizer, model = tiny
     prompts = [[{"role": "user", "content": text}] for text in CORPUS[:5]]

@@ -4,7 +4,8 @@ batches of similar prompt length, greedy or seeded sampling.
 Greedy decoding is our own loop (`greedy_decode`), not transformers' `generate`: continuous
 batching (a row that has produced EOS frees its slot for the next prompt, so steps run on full
 batches), keys and values in preallocated buffers written in place (no copy of the cache per
-step), logits at the last position only, and no logits-processor or stopping-criteria machinery
+step), the prompts' shared prefix (a chat template's system prompt and role header) computed once,
+logits at the last position only, and no logits-processor or stopping-criteria machinery
 per step. Each row's tokens are those `generate(do_sample=False)` gives it (tests/test_generate.py
 checks it on a tiny model, bench/decode.py on SmolLM2). Sampling goes through `generate`. On the
 CPU, `generate` below runs either path with the linear layers' weights packed once for MKL's GEMM
@@ -118,6 +119,7 @@ class _Slots:
         self.mask = torch.zeros((slots, 0), dtype=torch.long, device=model.device)
         self.position = torch.zeros((slots, 1), dtype=torch.long, device=model.device)
         self.row: list[int | None] = [None] * slots  # the prompt decoded in each slot, None when free
+        self.prefix, self.prefix_length = None, 0  # share_prefix
 
     @property
     def length(self) -> int:
@@ -179,18 +181,41 @@ class _Slots:
             self._set_columns([layer.kbuf.to(keys) for layer in self.layers], [layer.vbuf.to(values) for layer in self.layers],
                               self.length)
 
-    def admit(self, slots: list[int], rows: list[int], prompts: list[list[int]], pad_id: int) -> torch.Tensor:
-        """Prefill `prompts` (of prompt `rows`) into free `slots`; their first greedy tokens."""
+    def share_prefix(self, prefix: list[int]) -> None:
+        """Keys and values of `prefix`, the tokens every prompt to come starts with (a chat template's system
+        prompt and role header), computed once here; `admit` then prefills only what follows it."""
         from transformers import DynamicCache
 
-        input_ids, attention_mask = _left_padded(prompts, pad_id, self.model.device)
-        positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        prefill = DynamicCache(config=self.model.config)
+        self.prefix = DynamicCache(config=self.model.config)
+        if prefix:
+            ids = torch.tensor([prefix], dtype=torch.long, device=self.model.device)
+            self.model(input_ids=ids, position_ids=torch.arange(len(prefix), device=self.model.device)[None],
+                       cache=self.prefix, use_cache=True, logits_to_keep=1)
+        self.prefix_length = len(prefix)
+
+    def _prefill_cache(self, rows: int) -> Any:
+        """A cache holding the shared prefix for `rows` prompts, which the prefill appends to."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for index, layer in enumerate(self.prefix.layers if self.prefix_length else []):
+            cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), index)
+        return cache
+
+    def admit(self, slots: list[int], rows: list[int], prompts: list[list[int]], pad_id: int) -> torch.Tensor:
+        """Prefill `prompts` (of prompt `rows`) into free `slots`; their first greedy tokens. Each prompt starts
+        with the shared prefix (`share_prefix`): only the rest is prefilled, left-padded, after the prefix's
+        columns, so a row's columns are its prefix, the padding (masked), then the rest of its prompt."""
+        skip = self.prefix_length
+        input_ids, suffix_mask = _left_padded([p[skip:] for p in prompts], pad_id, self.model.device)
+        positions = (skip + suffix_mask.cumsum(-1) - 1).masked_fill(suffix_mask == 0, 0)
+        attention_mask = torch.cat([suffix_mask.new_ones((len(prompts), skip)), suffix_mask], dim=-1)
+        prefill = self._prefill_cache(len(prompts))
         logits = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=prefill, use_cache=True,
             logits_to_keep=1,
         ).logits
-        width = input_ids.shape[1]
+        width = attention_mask.shape[1]
         self._adopt_dtypes(prefill.layers[0].keys.dtype, prefill.layers[0].values.dtype)
         self._prompt_columns(width)
         index = torch.tensor(slots, device=self.model.device)
@@ -231,6 +256,18 @@ class _Slots:
         self._set_columns(kbufs, vbufs, self.length)
 
 
+def shared_prefix(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """The tokens every prompt starts with (with a chat template: its system prompt and role header), short of
+    the shortest prompt's last token, whose logits each row's first token comes from."""
+    if not prompts:
+        return []
+    first, shortest = prompts[0], min(len(p) for p in prompts)
+    length = 0
+    while length < shortest - 1 and all(p[length] == first[length] for p in prompts):
+        length += 1
+    return list(first[:length])
+
+
 def greedy_decode(
     model: Any, prompts: Sequence[Sequence[int]], *, eos_id: int, pad_id: int, max_new_tokens: int, slots: int,
     on_finished: Any = None,
@@ -243,6 +280,7 @@ def greedy_decode(
     tokens: list[list[int]] = [[] for _ in prompts]
     longest = max((len(p) for p in prompts), default=0)
     state = _Slots(model, min(slots, len(prompts)), capacity=2 * (longest + max_new_tokens))
+    state.share_prefix(shared_prefix(prompts))
     batch_tokens = torch.full((state.shape[0],), pad_id, dtype=torch.long, device=model.device)
     admit_at = max(1, state.shape[0] // 4)
 
