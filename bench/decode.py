@@ -13,7 +13,9 @@ and including each row's EOS), with the speed-up (target >= 1.5x) and whether ev
 same (it must be).
 
 Both sides run in one process, under alol's memory allocator as the `alol` command runs
-(pipeline/allocator.py: the script re-executes itself once); ALOL_ALLOCATOR=system measures under glibc's malloc.
+(pipeline/allocator.py: the script re-executes itself once), and on an AMD CPU with MKL's kernels chosen by the
+CPU's features (pipeline/mkl_dispatch.py); ALOL_ALLOCATOR=system measures under glibc's malloc,
+ALOL_MKL_DISPATCH=vendor under MKL's own kernel choice.
 
     .venv/bin/python bench/decode.py [--prompts 32] [--batch-size 8] [--max-new-tokens 64] [--rounds 3] [--threads 2]
 """
@@ -33,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from pipeline.allocator import exec_with_allocator  # noqa: E402
+from pipeline.mkl_dispatch import describe  # noqa: E402
 from pipeline.runner import execute_stage  # noqa: E402
 from schemas.config import load_config  # noqa: E402
 from stages.io import StageReader  # noqa: E402
@@ -111,6 +114,7 @@ def main() -> None:
     rates = {name: statistics.median(tokens[name] / s for s in seconds[name]) for name in sides}
     print(f"SmolLM2-135M-Instruct, fp32, {args.threads} threads, {len(prompts)} validation prompts, batch size "
           f"{args.batch_size}, at most {args.max_new_tokens} new tokens, medians of {args.rounds} interleaved rounds")
+    print(describe())
     for name in sides:
         print(f"{name:>22}: {rates[name]:7.1f} tokens/s ({tokens[name]} tokens, median {statistics.median(seconds[name]):.1f} s)")
     print(f"speed-up: {rates['ours'] / rates['transformers generate']:.2f}x (target >= 1.5x); identical outputs: {same}")

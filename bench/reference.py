@@ -15,7 +15,9 @@ load from other processes on a shared machine hits all of them alike; the peak i
 rate of any round, and the share is also given against the matmul rate of the same round.
 
 Both sides run in one process, under alol's memory allocator as the `alol` command runs
-(pipeline/allocator.py: the script re-executes itself once); ALOL_ALLOCATOR=system measures under glibc's malloc.
+(pipeline/allocator.py: the script re-executes itself once), and on an AMD CPU with MKL's kernels chosen by the
+CPU's features (pipeline/mkl_dispatch.py); ALOL_ALLOCATOR=system measures under glibc's malloc,
+ALOL_MKL_DISPATCH=vendor under MKL's own kernel choice.
 
     .venv/bin/python bench/reference.py [--rows 64] [--naive-rows 32] [--rounds 3] [--threads 2] [--token-budget 4096]
                                 [--device cpu|cuda] [--precision fp32|bf16]
@@ -37,6 +39,7 @@ import torch  # noqa: E402
 
 from bench.matmul import DTYPES, matmul_flops  # noqa: E402
 from pipeline.allocator import exec_with_allocator  # noqa: E402
+from pipeline.mkl_dispatch import describe  # noqa: E402
 from pipeline.runner import execute_stage  # noqa: E402
 from stages.io import StageReader  # noqa: E402
 from schemas.config import load_config  # noqa: E402
@@ -107,6 +110,7 @@ def main() -> None:
     peak = matmul.max()
 
     print(f"SmolLM2-135M-Instruct, {params / 1e6:.1f} M parameters, {args.threads} threads, {args.precision}, {args.device}, {args.rounds} rounds")
+    print(describe())
     print(f"rows: {len(prompts)} ({sum(tokens)} prompt+response tokens, mean {np.mean(tokens):.1f}); token budget {args.token_budget}")
     print(f"batched log-prob pass:  {np.median(batched_tps):8.1f} tokens/s  (rounds: {np.round(batched_tps, 1).tolist()})")
     print(f"naive one-row loop:     {np.median(naive_tps):8.1f} tokens/s  (rounds: {np.round(naive_tps, 1).tolist()}, {n} rows)")

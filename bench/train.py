@@ -31,7 +31,8 @@ cached pi_ref log-probs are SmolLM2-135M's); the work and the memory per step ar
 
 Each process runs under alol's memory allocator (pipeline/allocator.py: mimalloc keeping freed pages), as the
 `alol` command does; `--allocators mimalloc system` measures every mode under both (rows `<mode>/system`: glibc's
-malloc, what a plain Python process gets) and prints the ratio.
+malloc, what a plain Python process gets) and prints the ratio. On an AMD CPU every process, TRL's too, also
+runs with MKL's kernels chosen by the CPU's features (pipeline/mkl_dispatch.py; ALOL_MKL_DISPATCH=vendor: MKL's own choice).
 
 tokens/s counts prompt and response tokens per second of optimiser-step wall time, the first --warmup steps
 excluded (default 1; the warm-up column gives their seconds: the first steps fault in the optimiser state and
@@ -398,6 +399,10 @@ def main() -> None:
           f"{precision}, {args.threads} threads, {params / 1e6:.1f} M parameters"
           + (f", LoRA rank {args.lora_rank}" if args.lora_rank else "")
           + (f", random weights of shape {args.shape}" if args.shape else "") + f"; {args.warmup} warm-up step(s) not timed")
+    from pipeline.allocator import allocator_environment
+    from pipeline.mkl_dispatch import describe
+
+    print(describe(allocator_environment(os.environ)))  # the measured processes' environment
     runs = [(mode, allocator) for mode in args.modes for allocator in args.allocators]
     rounds: dict[str, list[dict]] = {run_name(mode, allocator): [] for mode, allocator in runs}
     peaks = []

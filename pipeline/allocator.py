@@ -10,7 +10,8 @@ pages for reuse; `bench/train.py --allocators mimalloc system` measures both in 
 The `alol` command applies it by re-executing itself once with mimalloc in `LD_PRELOAD` (the allocator has
 to be there before the interpreter starts), so every process it starts (stage runs, torchrun workers, the
 Prefect server and workers of `alol up`, a local Ray cluster) inherits it. `ALOL_ALLOCATOR=system` keeps
-the C library's malloc. Elsewhere than Linux, or without the wheel, nothing changes.
+the C library's malloc. Elsewhere than Linux, or without the wheel, nothing changes. The same re-execution
+preloads, on an AMD CPU, the library that lets MKL choose its kernels by the CPU's features (pipeline.mkl_dispatch).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import os
 import sys
 from collections.abc import Mapping
 from importlib import metadata
+
+from pipeline.mkl_dispatch import preload_environment
 
 VARIABLE = "ALOL_ALLOCATOR"
 CHOICES = ("mimalloc", "system")
@@ -40,12 +43,17 @@ def mimalloc_library() -> str | None:
 
 
 def allocator_environment(env: Mapping[str, str], allocator: str | None = None) -> dict[str, str]:
-    """`env` for a process that runs with `allocator` (default: `ALOL_ALLOCATOR` in `env`, else mimalloc).
+    """`env` for a process that runs with `allocator` (default: `ALOL_ALLOCATOR` in `env`, else mimalloc), and
+    on an AMD CPU with MKL's code paths chosen by the CPU's features (pipeline.mkl_dispatch.preload_environment).
 
     mimalloc: its library first in LD_PRELOAD (other preloads kept) and MIMALLOC_SETTINGS unless `env` sets
     them; on a platform other than Linux, or without the wheel, `env` unchanged. system: our library taken
     out of LD_PRELOAD and ALOL_ALLOCATOR=system, so that processes started from it keep the C library's malloc.
     """
+    return preload_environment(_with_allocator(env, allocator))
+
+
+def _with_allocator(env: Mapping[str, str], allocator: str | None) -> dict[str, str]:
     out = dict(env)
     allocator = allocator or env.get(VARIABLE) or "mimalloc"
     if allocator not in CHOICES:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.allocator import VARIABLE, allocator_environment, mimalloc_library
+from pipeline.mkl_dispatch import VARIABLE as DISPATCH
 
 REPO = Path(__file__).resolve().parent.parent
 LIBRARY = mimalloc_library()
@@ -22,22 +23,27 @@ def test_the_wheel_is_there_where_pyproject_installs_it():
         assert LIBRARY is not None and os.path.isfile(LIBRARY) and os.path.basename(LIBRARY) == "libmimalloc.so"
 
 
+# MKL's own code path choice (pipeline.mkl_dispatch, tested in test_mkl_dispatch.py): LD_PRELOAD holds the allocator only.
+VENDOR = {DISPATCH: "vendor"}
+
+
 @needs_mimalloc
 def test_environment_puts_mimalloc_first_and_keeps_what_the_user_set():
-    env = allocator_environment({"LD_PRELOAD": "/opt/other.so", "MIMALLOC_PURGE_DELAY": "5", "PATH": "/bin"})
+    env = allocator_environment({"LD_PRELOAD": "/opt/other.so", "MIMALLOC_PURGE_DELAY": "5", "PATH": "/bin", **VENDOR})
     assert env["LD_PRELOAD"] == f"{LIBRARY} /opt/other.so"
     assert env["MIMALLOC_PURGE_DELAY"] == "5" and env["PATH"] == "/bin"
-    fresh = allocator_environment({})
+    fresh = allocator_environment(VENDOR)
     assert fresh["LD_PRELOAD"] == LIBRARY and fresh["MIMALLOC_PURGE_DELAY"] == "-1"
     assert allocator_environment(fresh) == fresh  # applied once: the re-executed process finds nothing to change
+    assert allocator_environment(allocator_environment({})) == allocator_environment({})  # with the MKL library too
 
 
 @needs_mimalloc
 def test_system_takes_only_mimalloc_out():
-    env = allocator_environment({"LD_PRELOAD": f"{LIBRARY}:/opt/other.so"}, "system")
+    env = allocator_environment({"LD_PRELOAD": f"{LIBRARY}:/opt/other.so", **VENDOR}, "system")
     assert env["LD_PRELOAD"] == "/opt/other.so" and env[VARIABLE] == "system"
-    assert "LD_PRELOAD" not in allocator_environment({"LD_PRELOAD": LIBRARY}, "system")
-    assert allocator_environment({VARIABLE: "system"}) == {VARIABLE: "system"}
+    assert "LD_PRELOAD" not in allocator_environment({"LD_PRELOAD": LIBRARY, **VENDOR}, "system")
+    assert allocator_environment({VARIABLE: "system", **VENDOR}) == {VARIABLE: "system", **VENDOR}
 
 
 def test_an_unknown_choice_is_refused():
@@ -58,7 +64,7 @@ print(f"pid={os.getpid()} mapped={mapped()} child={child}")
 
 
 def _probe(**env: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", VARIABLE, "MIMALLOC_PURGE_DELAY")}
+    clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", VARIABLE, "MIMALLOC_PURGE_DELAY", DISPATCH)}
     return subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=REPO,
                           env={**clean, "PYTHONPATH": str(REPO), **env}, timeout=120)
 
@@ -74,7 +80,7 @@ def test_the_process_re_executes_once_under_mimalloc_and_its_children_inherit_it
 
 @needs_mimalloc
 def test_system_keeps_glibc_malloc_in_the_process_and_its_children():
-    done = _probe(**{VARIABLE: "system"})
+    done = _probe(**{VARIABLE: "system", **VENDOR})  # nothing to preload: no re-execution
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines.count("started") == 1 and lines[-1].endswith("mapped=False child=False")
