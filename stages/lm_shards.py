@@ -27,7 +27,7 @@ import pyarrow as pa
 import torch
 
 from stages.executor import ShardFunction, ShardMapper
-from stages.models.generate import generate
+from stages.models.generate import generate, shared_prefix
 from stages.models.store import load_causal_lm, load_tokenizer
 from stages.models.tokenize import Messages, encode_prompt
 
@@ -89,10 +89,12 @@ def decode(
 
     `settings` are generate's keyword arguments (max_prompt_tokens, max_new_tokens, batch_size, and
     do_sample, temperature, top_p, seed when given); `tokenizer` encodes the prompts to order them."""
-    lengths = [len(encode_prompt(tokenizer, p, settings["max_prompt_tokens"])) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
+    encoded = [encode_prompt(tokenizer, p, settings["max_prompt_tokens"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
     table = pa.table({"prompt": pa.array([json.dumps(prompts[i]) for i in order], pa.string())})
     model_batch = [len(prompts)] if settings.get("do_sample") and prompts else settings["batch_size"]
+    # Every shard computes the prefix all the prompts share, so that a row decodes the same in any shard.
+    settings = {**settings, "prefix_length": len(shared_prefix(encoded))}
     responses = mapper.map_shards(name, table, DecodeShards(model, settings, logger), model_batch).column("response")
     texts = [""] * len(prompts)
     for i, text in zip(order, responses.to_pylist()):

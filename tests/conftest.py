@@ -1,6 +1,12 @@
-"""Shared fixtures. A Prefect backend is started only for tests that ask for it."""
+"""Shared fixtures. A Prefect backend is started only for tests that ask for it.
+
+On an AMD CPU the test process re-executes itself once with the library that lets MKL pick its kernels by the
+CPU's features (pipeline.mkl_dispatch), as every `alol` process does: what a test computes in-process then has the
+bits of what the `alol` commands, Ray workers and torchrun workers it starts compute.
+"""
 
 import os
+import sys
 import tempfile
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -10,6 +16,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
+
+from pipeline.mkl_dispatch import preload_environment  # noqa: E402
+
+
+def pytest_configure(config):
+    preloaded = preload_environment(os.environ)
+    if preloaded != dict(os.environ):
+        capture = config.pluginmanager.getplugin("capturemanager")
+        if capture is not None:
+            capture.stop_global_capturing()  # the re-executed process writes to the terminal, not to a capture file
+        os.execve(sys.executable, sys.orig_argv, preloaded)
 
 
 @pytest.fixture(scope="session")

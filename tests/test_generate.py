@@ -120,6 +120,24 @@ def test_a_shared_prefix_is_computed_once_and_the_tokens_stay_those_of_generate(
     assert all(shape[1] <= longest_rest for shape in prefills[1:]) and len(prefills) >= 2
 
 
+def test_a_shard_decodes_each_row_as_the_whole_does_given_the_whole_sets_prefix(tiny):
+    """Two prompts of a shard may share more than all prompts do, and a longer prefix changes the last bits of
+    their logits: with the whole set's prefix_length, the shard's rows equal the whole decode's."""
+    tokenizer, model = tiny
+    opening = " ".join(CORPUS[2].split()[:6])
+    contents = [opening + " one", opening + " two", "hello there", " ".join(CORPUS[4].split()[:5])]
+    encoded = [encode_prompt(tokenizer, [{"role": "user", "content": c}], 64) for c in contents]
+    whole_prefix = len(generate_module.shared_prefix(encoded))
+    assert len(generate_module.shared_prefix(encoded[:2])) > whole_prefix + 4  # the shard alone would share more
+    settings = {"eos_id": -1, "pad_id": tokenizer.pad_token_id, "max_new_tokens": 8, "slots": 2}
+    with torch.no_grad():
+        whole = generate_module.greedy_decode(model, encoded, **settings)
+        shard = generate_module.greedy_decode(model, encoded[:2], prefix_length=whole_prefix, **settings)
+        with pytest.raises(ValueError, match="prefix_length 40: not a prefix"):
+            generate_module.greedy_decode(model, encoded, prefix_length=40, **settings)
+    assert shard == whole[:2]
+
+
 def test_the_shared_prefix_leaves_every_prompt_a_token_of_its_own():
     assert generate_module.shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == [1, 2, 3]
     assert generate_module.shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == [1, 2]  # the shortest keeps its last token

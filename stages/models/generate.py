@@ -270,17 +270,28 @@ def shared_prefix(prompts: Sequence[Sequence[int]]) -> list[int]:
 
 def greedy_decode(
     model: Any, prompts: Sequence[Sequence[int]], *, eos_id: int, pad_id: int, max_new_tokens: int, slots: int,
-    on_finished: Any = None,
+    on_finished: Any = None, prefix_length: int | None = None,
 ) -> list[list[int]]:
     """The greedy continuation of each prompt (token ids), up to and including its first EOS (at most
     `max_new_tokens` tokens), by continuous batching over `slots` rows (`_Slots`), prompts admitted in
     the order given. Prompts wait until a quarter of the slots is free (a prefill per freed row would
-    cost a forward pass each). `on_finished(tokens)` is called as each row ends."""
+    cost a forward pass each). `on_finished(tokens)` is called as each row ends.
+
+    The first `prefix_length` tokens, the same in every prompt, are computed once (default: the
+    `shared_prefix` of `prompts`). A row's logits differ in the last bits with the prefix's length (its
+    keys and values come from a forward of that length), so a decode split in shards passes the length
+    shared by all its prompts, and every shard decodes each row as the whole would."""
     waiting = list(range(len(prompts)))[::-1]  # popped from the end: the order given
     tokens: list[list[int]] = [[] for _ in prompts]
     longest = max((len(p) for p in prompts), default=0)
     state = _Slots(model, min(slots, len(prompts)), capacity=2 * (longest + max_new_tokens))
-    state.share_prefix(shared_prefix(prompts))
+    if prefix_length is None:
+        prefix = shared_prefix(prompts)
+    else:
+        prefix = list(prompts[0][:prefix_length]) if prompts else []
+        if any(len(p) <= prefix_length or list(p[:prefix_length]) != prefix for p in prompts):
+            raise ValueError(f"prefix_length {prefix_length}: not a prefix that every prompt has and goes on after")
+    state.share_prefix(prefix)
     batch_tokens = torch.full((state.shape[0],), pad_id, dtype=torch.long, device=model.device)
     admit_at = max(1, state.shape[0] // 4)
 
@@ -351,6 +362,7 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     progress: logging.Logger | None = None,
+    prefix_length: int | None = None,
 ) -> list[str]:
     """Responses to `prompts`, in order, longest prompts first, left padding, stop at EOS.
 
@@ -359,6 +371,7 @@ def generate(
     length; sampling goes through `generate` and uses `seed` (the global RNG is restored afterwards).
     The decoded text drops special tokens and surrounding whitespace. `progress`: the stage's logger,
     for a progress bar and a log line every few seconds (rows, tokens, tokens/s, ETA); None for quiet.
+    `prefix_length`: greedy_decode's (a decode split in shards: the prefix all its prompts share).
     """
     from transformers import GenerationConfig
 
@@ -374,6 +387,7 @@ def generate(
                 decoded = greedy_decode(
                     model, [encoded[i] for i in order], eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                     max_new_tokens=max_new_tokens, slots=batch_size, on_finished=lambda row: bar.update(1, len(row)),
+                    prefix_length=prefix_length,
                 )
                 for i, row in zip(order, decoded):
                     new_tokens[i] = row
