@@ -21,7 +21,7 @@ import sys
 from collections.abc import Mapping
 from importlib import metadata
 
-from pipeline.mkl_dispatch import preload_environment
+from pipeline.mkl_dispatch import preload_environment, preloads, with_preloads
 
 VARIABLE = "ALOL_ALLOCATOR"
 CHOICES = ("mimalloc", "system")
@@ -54,23 +54,16 @@ def allocator_environment(env: Mapping[str, str], allocator: str | None = None) 
 
 
 def _with_allocator(env: Mapping[str, str], allocator: str | None) -> dict[str, str]:
-    out = dict(env)
     allocator = allocator or env.get(VARIABLE) or "mimalloc"
     if allocator not in CHOICES:
         raise ValueError(f"{VARIABLE}={allocator!r}: expected one of {', '.join(CHOICES)}")
     library = mimalloc_library() if sys.platform == "linux" else None
-    preloads = env.get("LD_PRELOAD", "").replace(":", " ").split()
+    others = [p for p in preloads(env) if p != library]
     if allocator == "system":
-        kept = [p for p in preloads if p != library]
-        if kept:
-            out["LD_PRELOAD"] = " ".join(kept)
-        else:
-            out.pop("LD_PRELOAD", None)
-        out[VARIABLE] = "system"
-        return out
+        return {**with_preloads(env, others), VARIABLE: "system"}
     if library is None:
-        return out
-    out["LD_PRELOAD"] = " ".join([library, *(p for p in preloads if p != library)])
+        return dict(env)
+    out = with_preloads(env, [library, *others])
     for name, value in MIMALLOC_SETTINGS.items():
         out.setdefault(name, value)
     return out

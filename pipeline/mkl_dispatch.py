@@ -37,6 +37,21 @@ int mkl_serv_intel_cpu_true(void) { return 1; }
 """
 
 
+def preloads(env: Mapping[str, str]) -> list[str]:
+    """The libraries in `env`'s LD_PRELOAD (separated by spaces or colons, as the dynamic loader reads it)."""
+    return env.get("LD_PRELOAD", "").replace(":", " ").split()
+
+
+def with_preloads(env: Mapping[str, str], libraries: list[str]) -> dict[str, str]:
+    """`env` with LD_PRELOAD holding `libraries`, or without LD_PRELOAD when there are none."""
+    out = dict(env)
+    if libraries:
+        out["LD_PRELOAD"] = " ".join(libraries)
+    else:
+        out.pop("LD_PRELOAD", None)
+    return out
+
+
 def library_path(prefix: str | None = None) -> Path:
     """Where `build` puts the library: the environment's lib folder (sys.prefix: the .venv)."""
     return Path(prefix or sys.prefix) / "lib" / "alol" / LIBRARY_NAME
@@ -75,30 +90,20 @@ def build(target: Path | None = None, compiler: str | None = None) -> Path | Non
 def preload_environment(env: Mapping[str, str], vendor: str | None = None, library: Path | None = None) -> dict[str, str]:
     """`env` with the library appended to LD_PRELOAD where it applies: Linux, an AMD CPU (`vendor`, default
     /proc/cpuinfo's), the library built, and ALOL_MKL_DISPATCH not `vendor`. Otherwise `env` unchanged."""
-    out = dict(env)
     choice = env.get(VARIABLE) or "features"
     if choice not in CHOICES:
         raise ValueError(f"{VARIABLE}={choice!r}: expected one of {', '.join(CHOICES)}")
-    library = library or library_path()
-    preloads = env.get("LD_PRELOAD", "").replace(":", " ").split()
+    library, present = str(library or library_path()), preloads(env)
     if choice == "vendor":
-        kept = [p for p in preloads if p != str(library)]
-        if kept:
-            out["LD_PRELOAD"] = " ".join(kept)
-        else:
-            out.pop("LD_PRELOAD", None)
-        return out
-    if sys.platform != "linux" or (vendor or cpu_vendor()) != "AuthenticAMD" or not library.is_file():
-        return out
-    if str(library) not in preloads:
-        out["LD_PRELOAD"] = " ".join([*preloads, str(library)])
-    return out
+        return with_preloads(env, [p for p in present if p != library])
+    if sys.platform != "linux" or (vendor or cpu_vendor()) != "AuthenticAMD" or not Path(library).is_file():
+        return dict(env)
+    return with_preloads(env, present if library in present else [*present, library])
 
 
 def describe(env: Mapping[str, str] | None = None) -> str:
     """How this process's MKL picks its kernels, for benchmark headers."""
-    preloads = (os.environ if env is None else env).get("LD_PRELOAD", "").replace(":", " ").split()
-    if any(Path(p).name == LIBRARY_NAME for p in preloads):
+    if any(Path(p).name == LIBRARY_NAME for p in preloads(os.environ if env is None else env)):
         return f"MKL kernels by the CPU's features ({LIBRARY_NAME} preloaded, {cpu_vendor()})"
     return f"MKL's own kernel choice ({cpu_vendor()})"
 

@@ -186,19 +186,19 @@ class _Slots:
         prompt and role header), computed once here; `admit` then prefills only what follows it."""
         from transformers import DynamicCache
 
-        self.prefix = DynamicCache(config=self.model.config)
+        self.prefix, self.prefix_length = None, len(prefix)
         if prefix:
+            self.prefix = DynamicCache(config=self.model.config)
             ids = torch.tensor([prefix], dtype=torch.long, device=self.model.device)
             self.model(input_ids=ids, position_ids=torch.arange(len(prefix), device=self.model.device)[None],
                        cache=self.prefix, use_cache=True, logits_to_keep=1)
-        self.prefix_length = len(prefix)
 
     def _prefill_cache(self, rows: int) -> Any:
         """A cache holding the shared prefix for `rows` prompts, which the prefill appends to."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        for index, layer in enumerate(self.prefix.layers if self.prefix_length else []):
+        for index, layer in enumerate(self.prefix.layers if self.prefix is not None else []):
             cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), index)
         return cache
 
