@@ -34,12 +34,15 @@ Each process runs under alol's memory allocator (pipeline/allocator.py: mimalloc
 malloc, what a plain Python process gets) and prints the ratio. On an AMD CPU every process, TRL's too, also
 runs with MKL's kernels chosen by the CPU's features (pipeline/mkl_dispatch.py; ALOL_MKL_DISPATCH=vendor: MKL's own choice).
 
-tokens/s counts prompt and response tokens per second of optimiser-step wall time, the first --warmup steps
-excluded (default 1; the warm-up column gives their seconds: the first steps fault in the optimiser state and
+tokens/s counts the rows' prompt and response tokens per second of optimiser-step wall time, the first --warmup
+steps excluded (default 1; the warm-up column gives their seconds: the first steps fault in the optimiser state and
 the step's working set, which on a VM costs seconds of kernel time);
 with --rounds N all modes run N times, interleaved, and each figure is the median over the rounds.
 The matmul peak (bench.matmul, in the run's precision) is measured before each process and its best is
-kept; the share of it is 6 x parameters x tokens/s (forward and backward) over that peak.
+kept; the share of it is 6 x parameters x positions/s (forward and backward) over that peak, counting the positions
+pi_theta's forwards computed: padding included, and a chat template's prompt prefix once per packed sequence where
+our step shares it (stages.models.logprobs), so that the share measures how well the work done uses the machine
+and tokens/s how fast the rows are trained on.
 
     .venv/bin/python bench/train.py [--steps 6] [--rounds 1] [--root data/bench-train] [--modes ...]
                                     [--device cpu|cuda] [--mixed-precision no|bf16] [--algorithm a_lol]
@@ -124,8 +127,15 @@ def model_folder(cfg, inputs, shape: str | None, root: Path) -> Path:
     return build_once(root / f"random-{shape}", build)
 
 
-def run_stage(cfg, inputs, steps: int) -> list[tuple[int, float, None]]:
-    """(tokens, wall seconds, None) per step: the stage reports no CPU time per step."""
+def count_positions(model) -> list[int]:
+    """A one-element list that adds up the positions (padding included) of every forward of `model` from now on."""
+    total = [0]
+    model.get_input_embeddings().register_forward_hook(lambda _module, args, _out: total.__setitem__(0, total[0] + args[0].numel()))
+    return total
+
+
+def run_stage(cfg, inputs, steps: int) -> list[tuple[int, float, None, None]]:
+    """(tokens, wall seconds, None, None) per step: the stage reports no CPU time or positions per step."""
     import tempfile
 
     from stages import train
@@ -144,7 +154,7 @@ def run_stage(cfg, inputs, steps: int) -> list[tuple[int, float, None]]:
         finally:
             out.abort()
     # Wall-clock figures are in the metrics, not in the train_log table (the output stays reproducible).
-    return [(r["tokens"], r["tokens"] / speed, None) for r, speed in zip(log, result.metrics.step_tokens_per_s, strict=True)]
+    return [(r["tokens"], r["tokens"] / speed, None, None) for r, speed in zip(log, result.metrics.step_tokens_per_s, strict=True)]
 
 
 def _read_log(folder: Path) -> list[dict]:
@@ -157,19 +167,21 @@ def drawn_batches(cfg, inputs, tokenizer, steps: int):
     """Each step's micro-batches, as the loops draw and tokenise them (same sampler, seed and order)."""
     from stages.sampler import PrioritySampler
     from stages.train.rows import load_train_rows
+    from stages.models.tokenize import template_prefix
     from stages.train.step import encode_micro_batch
 
     t = cfg.train
+    prefix = template_prefix(tokenizer)
     rows = load_train_rows(t.algorithm, inputs)
     sampler = PrioritySampler(rows.weight, seed=cfg.run.seed)
     for _ in range(steps):
         drawn = rows.take(sampler.draw(t.batch_size * t.grad_accumulation))
-        yield [encode_micro_batch(drawn[k * t.batch_size : (k + 1) * t.batch_size], tokenizer, cfg)
+        yield [encode_micro_batch(drawn[k * t.batch_size : (k + 1) * t.batch_size], tokenizer, cfg, shared_prefix=prefix)
                for k in range(t.grad_accumulation)]
 
 
-def run_loop(mode: str, cfg, inputs, steps: int, device: str, path: Path) -> list[tuple[int, float, float]]:
-    """(tokens, wall seconds, process CPU seconds) per optimiser step."""
+def run_loop(mode: str, cfg, inputs, steps: int, device: str, path: Path) -> list[tuple[int, float, float, int]]:
+    """(tokens, wall seconds, process CPU seconds, positions pi_theta's forwards computed) per optimiser step."""
     import torch
     from accelerate import Accelerator
 
@@ -190,9 +202,10 @@ def run_loop(mode: str, cfg, inputs, steps: int, device: str, path: Path) -> lis
     prepared, optimizer = accelerator.prepare(model, build_optimizer(model, t))
     policy, loss_fn = PolicyForward(prepared, model), loss_function(t)
     timings = []
+    positions = count_positions(model)
     batches_of_steps = drawn_batches(cfg, inputs, tokenizer, steps)
     for _ in range(steps):
-        clock, cpu_clock = time.perf_counter(), time.process_time()
+        clock, cpu_clock, before = time.perf_counter(), time.process_time(), positions[0]
         batches = next(batches_of_steps)
         if mode == "nll-loop":
             for batch in batches:
@@ -201,7 +214,7 @@ def run_loop(mode: str, cfg, inputs, steps: int, device: str, path: Path) -> lis
             if pi_ref is not None:
                 for batch in batches:
                     with torch.no_grad():
-                        ref = response_token_logprobs(pi_ref, batch.prompt_ids, batch.response_ids)
+                        ref = response_token_logprobs(pi_ref, batch.prompt_ids, batch.response_ids, batch.shared_prefix)
                     batch.ref_token_logprobs = ref
                     batch.ref_logprob = torch.stack([r.sum() for r in ref])
             backward_micro_batches(accelerator, prepared, policy, batches, loss_fn, weight_forward)
@@ -209,7 +222,8 @@ def run_loop(mode: str, cfg, inputs, steps: int, device: str, path: Path) -> lis
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
-        timings.append((sum(b.tokens for b in batches), time.perf_counter() - clock, time.process_time() - cpu_clock))
+        timings.append((sum(b.tokens for b in batches), time.perf_counter() - clock, time.process_time() - cpu_clock,
+                        positions[0] - before))
     return timings
 
 
@@ -220,7 +234,7 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_trl_sft(cfg, inputs, steps: int, device: str, output_dir: Path, path: Path) -> list[tuple[int, float, float]]:
+def run_trl_sft(cfg, inputs, steps: int, device: str, output_dir: Path, path: Path) -> list[tuple[int, float, float, int]]:
     import trl
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -242,16 +256,18 @@ def run_trl_sft(cfg, inputs, steps: int, device: str, output_dir: Path, path: Pa
     )
     trainer = trl.SFTTrainer(model=load_causal_lm(path), args=args, processing_class=tokenizer,
                              train_dataset=Dataset.from_list(rows))
-    timings: list[tuple[int, float]] = []
+    timings: list[tuple[int, float, float, int]] = []
+    positions = count_positions(trainer.model)
 
     class StepClock(TrainerCallback):
         def on_step_begin(self, _args, state, *_rest, **_kwargs):
             self.clock, self.cpu_clock, self.tokens = time.perf_counter(), time.process_time(), state.num_input_tokens_seen
+            self.positions = positions[0]
 
         def on_step_end(self, _args, state, *_rest, **_kwargs):
             synchronize(device)
             timings.append((state.num_input_tokens_seen - self.tokens, time.perf_counter() - self.clock,
-                            time.process_time() - self.cpu_clock))
+                            time.process_time() - self.cpu_clock, positions[0] - self.positions))
 
     trainer.add_callback(StepClock())
     trainer.train()
@@ -295,16 +311,18 @@ def child(mode: str, args, folders: dict[str, str]) -> None:
             else:
                 timings = run_loop(mode, cfg, inputs, args.steps, args.device, path)
     measured = timings[args.warmup:]
-    cpu_seconds = None if measured[0][2] is None else sum(c for _, _, c in measured)
+    cpu_seconds = None if measured[0][2] is None else sum(c for _, _, c, _ in measured)
+    wall_seconds = sum(s for _, s, _, _ in measured)
     print(json.dumps({
-        "tokens_per_s": sum(n for n, _, _ in measured) / sum(s for _, s, _ in measured),
-        "tokens_per_cpu_s": None if cpu_seconds is None else sum(n for n, _, _ in measured) / cpu_seconds,
+        "tokens_per_s": sum(n for n, _, _, _ in measured) / wall_seconds,
+        "tokens_per_cpu_s": None if cpu_seconds is None else sum(n for n, _, _, _ in measured) / cpu_seconds,
+        "positions_per_s": None if measured[0][3] is None else sum(p for _, _, _, p in measured) / wall_seconds,
         "steps": len(timings),
-        "tokens": sum(n for n, _, _ in measured),
+        "tokens": sum(n for n, _, _, _ in measured),
         "peak_rss_mb": peak_rss_mb(),
-        "wall_seconds": sum(s for _, s, _ in measured),
-        "warmup_seconds": sum(s for _, s, _ in timings[: args.warmup]),
-        "step_seconds": [round(s, 2) for _, s, _ in timings],
+        "wall_seconds": wall_seconds,
+        "warmup_seconds": sum(s for _, s, _, _ in timings[: args.warmup]),
+        "step_seconds": [round(s, 2) for _, s, _, _ in timings],
         "cpu_seconds": cpu_seconds,
         "mimalloc": sys.platform == "linux" and "libmimalloc" in Path("/proc/self/maps").read_text(),
     }))
@@ -417,7 +435,7 @@ def main() -> None:
     print(f"{'run':>17} {'tokens/s':>9} {'tokens/CPU s':>13} {'timed tokens':>13} {'peak RSS MB':>12} {'% of peak':>10} "
           f"{'wall s':>7} {'CPU s':>7} {'warm-up s':>10}")
     for mode, r in results.items():
-        share = 100 * 6 * params * r["tokens_per_s"] / peak
+        share = 100 * 6 * params * (r["positions_per_s"] or r["tokens_per_s"]) / peak
         per_cpu = "-" if r["tokens_per_cpu_s"] is None else f"{r['tokens_per_cpu_s']:.1f}"
         cpu = "-" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.1f}"
         print(f"{mode:>17} {r['tokens_per_s']:>9.1f} {per_cpu:>13} {int(r['tokens']):>13} {r['peak_rss_mb']:>12.0f} {share:>9.0f}% "
@@ -426,7 +444,9 @@ def main() -> None:
           + "; ".join(f"{m} {r['step_seconds']}" for m, r in results.items()))
     if args.rounds > 1:
         print("tokens/s by round: " + "; ".join(f"{m} {r['rounds_tokens_per_s']}" for m, r in results.items()))
-    print("medians over the rounds; timed steps only (the warm-up excluded); % of peak: 6 x parameters x tokens/s over the peak; CPU s: the "
+    print("medians over the rounds; timed steps only (the warm-up excluded); tokens: the rows' prompt and response tokens; "
+          "% of peak: 6 x parameters x the positions pi_theta's forwards computed per second (padding included; a prompt "
+          "prefix shared by a packed sequence once; the stage: its tokens) over the peak; CPU s: the "
           "process's CPU time over those steps (all its threads; the stage reports none), which other load on the "
           "machine inflates less than wall time")
     if args.lora_rank:

@@ -17,9 +17,12 @@ from stages.models.generate import generate
 from stages.models import logprobs
 from stages.models.logprobs import (
     length_batches, pack_rows, packs_rows, response_logprobs_and_prompt_states, response_token_logprobs,
+    shares_prefixes,
 )
 from stages.models.store import build_once, load_causal_lm, load_tokenizer, resolve_model
-from stages.models.tokenize import encode_pair, encode_prompt, render_prompt, response_truncated, token_digest
+from stages.models.tokenize import (
+    encode_pair, encode_prompt, render_prompt, response_truncated, template_prefix, token_digest,
+)
 from tests.support.models import tiny_model_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -155,6 +158,105 @@ def test_a_model_that_ignores_position_ids_is_padded_not_packed(tmp_path, caplog
     prompts, responses = _encoded(tokenizer)
     with torch.no_grad():
         got = response_token_logprobs(wrapped, prompts, responses)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        torch.testing.assert_close(got[i].double(), _naive_logprobs(model, p, r), atol=1e-4, rtol=0)
+
+
+def test_template_prefix_is_what_one_message_prompts_start_with(tiny, tmp_path):
+    _, tokenizer = tiny
+    prefix = template_prefix(tokenizer)
+    assert tokenizer.decode(prefix) == "<|im_start|>user\n"  # the tiny ChatML template has no system prompt
+    prompts, _ = _encoded(tokenizer)
+    assert [p[: len(prefix)] == prefix for p in prompts] == [True, True, False, True, True]  # row 2: own system message
+    plain = load_tokenizer(tiny_model_folder(tmp_path / "plain", chat_template=False))
+    assert plain.decode(template_prefix(plain)).startswith("user")
+
+
+def test_pack_rows_with_a_shared_prefix_lays_out_only_the_rest(tiny):
+    lengths, shares = [9, 30, 4, 12, 7], [True, True, False, True, True]
+    layout = pack_rows(lengths, 1 / 256, prefix=5, shares=shares)
+    laid = [n - 5 if s else n for n, s in zip(lengths, shares)]
+    assert sorted(i for members in layout.bins for i in members) == list(range(5))
+    for b, members in enumerate(layout.bins):
+        spans = sorted((layout.starts[i], layout.starts[i] + laid[i]) for i in members)
+        assert spans[0][0] == 5 and all(end == start for (_, end), (start, _) in zip(spans, spans[1:]))
+        assert spans[-1][1] <= layout.width
+    assert layout.width == 5 + max(sum(laid[i] for i in members) for members in layout.bins)
+    assert [layout.skipped(i) for i in range(5)] == [5, 5, 0, 5, 5]
+    with pytest.raises(ValueError, match="ends within it"):
+        pack_rows([5, 9], 0.0, prefix=5, shares=[True, True])
+
+
+def _positions_seen(model):
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].numel()))
+    return seen, handle
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_shared_prefix_is_computed_once_per_packed_sequence_and_changes_no_row(tmp_path, attention):
+    """Rows that start with the template prefix lay out only what follows it, attending to their bin's copy:
+    l_t, prompt states and gradients are those of right-padded rows, the row with its own system message included,
+    no row sees another, and the forward takes fewer positions than the rows have tokens."""
+    model = load_causal_lm(tiny_model_folder(tmp_path / "model"))
+    tokenizer = load_tokenizer(tmp_path / "model")
+    model.set_attn_implementation(attention)
+    prompts, responses = _encoded(tokenizer)
+    prefix = template_prefix(tokenizer)
+    assert shares_prefixes(model)
+    seen, handle = _positions_seen(model)
+    try:
+        with torch.no_grad():
+            shared, shared_states = response_logprobs_and_prompt_states(model, prompts, responses, prefix)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        padded, padded_states = logprobs._forward(model, prompts, responses, None, True)
+    assert seen[0] < sum(len(p) + len(r) for p, r in zip(prompts, responses)) - 2 * len(prefix)
+    for i in range(len(prompts)):
+        torch.testing.assert_close(shared[i], padded[i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(shared_states[i], padded_states[i], atol=1e-5, rtol=0)
+    changed = [list(p) for p in prompts]
+    changed[0][len(prefix)] = (changed[0][len(prefix)] + 1) % model.config.vocab_size  # after the shared prefix
+    with torch.no_grad():
+        neighbour = response_token_logprobs(model, changed, responses, prefix)
+    assert not torch.allclose(neighbour[0], shared[0])
+    for i in range(1, len(prompts)):
+        torch.testing.assert_close(neighbour[i], shared[i], atol=1e-5, rtol=0)
+    with torch.no_grad():  # one row alone lays out its prefix as a bin of its own, as in a batch
+        alone = response_token_logprobs(model, prompts[:1], responses[:1], prefix)
+    torch.testing.assert_close(alone[0], shared[0], atol=1e-5, rtol=0)
+
+    def gradient(rows):
+        model.zero_grad(set_to_none=True)
+        (-torch.stack([r.sum() for r in rows]).sum()).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    with_prefix = gradient(response_token_logprobs(model, prompts, responses, prefix))
+    without = gradient(logprobs._forward(model, prompts, responses, None, False)[0])
+    torch.testing.assert_close(with_prefix, without, atol=1e-5, rtol=1e-4)
+    assert with_prefix.abs().sum() > 0
+
+
+class _IgnoresMask(_IgnoresPositions):
+    """A causal LM whose forward drops a 4D attention mask: rows would see the rows before them in their bin."""
+
+    def forward(self, attention_mask=None, **kwargs):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = None
+        return self.model(attention_mask=attention_mask, **kwargs)
+
+
+def test_a_model_that_ignores_the_prefix_mask_computes_the_prefix_per_row(tmp_path, caplog):
+    model = load_causal_lm(tiny_model_folder(tmp_path / "model"))
+    tokenizer = load_tokenizer(tmp_path / "model")
+    wrapped = _IgnoresMask(model)
+    with caplog.at_level("WARNING", logger="alol.models"):
+        assert not shares_prefixes(wrapped) and packs_rows(wrapped)
+    assert "_IgnoresMask does not follow an explicit attention mask" in caplog.text
+    prompts, responses = _encoded(tokenizer)
+    with torch.no_grad():
+        got = response_token_logprobs(wrapped, prompts, responses, template_prefix(tokenizer))
     for i, (p, r) in enumerate(zip(prompts, responses)):
         torch.testing.assert_close(got[i].double(), _naive_logprobs(model, p, r), atol=1e-4, rtol=0)
 

@@ -53,8 +53,11 @@ def test_sft_on_two_processes_equals_one_process(upstream):
     assert first.keys() == second.keys()
     moved = max((first[name] - base[name]).abs().max().item() for name in first if name in base)
     assert moved > 1e-3, "the SFT changed the weights"
+    # Each process computes the chat template's prompt prefix once for its share of a batch (stages.models.logprobs),
+    # so the prefix's gradient is summed in other groups than on one process: up to 2e-5 apart after 14 AdamW steps
+    # at lr 1e-3 (a process that drops a row of its share fails the losses' check above).
     for name in first:
-        torch.testing.assert_close(second[name], first[name], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(second[name], first[name], rtol=0, atol=5e-5, msg=name)
 
     a, b = one.read("reference"), two.read("reference")
     assert a.column("id").to_pylist() == b.column("id").to_pylist()

@@ -35,6 +35,23 @@ def encode_prompt(tokenizer: Any, prompt_messages: Messages, max_prompt_tokens: 
     return list(ids[-max_prompt_tokens:])
 
 
+# User messages of different first characters: the tokens before them in every rendering are the template's.
+PROBE_MESSAGES = ("Hi", "what?", "0 1", " x", "\u00e9t\u00e9")
+
+
+def template_prefix(tokenizer: Any) -> list[int]:
+    """The token ids that every prompt of one user message starts with: with a chat template, its system
+    prompt and the user's role header (24 tokens for SmolLM2-Instruct); without one, what the plain rendering
+    puts first (a BOS token, `user:`). The common start of encode_prompt over PROBE_MESSAGES; a prompt shares
+    it only if its own ids start with it (a prompt truncated from the left, or with its own system message,
+    does not)."""
+    probes = [encode_prompt(tokenizer, [{"role": "user", "content": text}], 1 << 30) for text in PROBE_MESSAGES]
+    common = 0
+    while all(len(ids) > common and ids[common] == probes[0][common] for ids in probes):
+        common += 1
+    return probes[0][:common]
+
+
 def encode_response(tokenizer: Any, response: str, max_response_tokens: int) -> list[int]:
     """Response ids with EOS appended, then truncated from the right to `max_response_tokens`: a response
     of max_response_tokens tokens or more keeps its first max_response_tokens tokens and no EOS."""

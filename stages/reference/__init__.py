@@ -129,7 +129,7 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     first_pass = logprob_pass(
         mapper, "reference log-probs and value features (validation)", pi_ref,
         [rows.prompt_ids[i] for i in validation], [rows.response_ids[i] for i in validation],
-        ref.token_budget, keep_prompt_states=True,
+        ref.token_budget, keep_prompt_states=True, shared_prefix=rows.shared_prefix,
     )
     position = {row: k for k, row in enumerate(validation)}
     target_states = [first_pass.prompt_states[position[rows.validation_first_row[key]]] for key in keys]
@@ -163,6 +163,7 @@ def run(cfg: AlolConfig, inputs: dict[str, StageReader], out: StageWriter) -> St
     second_pass = logprob_pass(
         mapper, "reference log-probs and V(x) (train)", pi_ref,
         [rows.prompt_ids[i] for i in train], [rows.response_ids[i] for i in train], ref.token_budget, head=fit.head,
+        shared_prefix=rows.shared_prefix,
     )
     token_logprobs: list[np.ndarray] = [np.zeros(0, np.float32)] * len(rows.ids)
     values = np.full(len(rows.ids), np.nan)

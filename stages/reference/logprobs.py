@@ -52,11 +52,13 @@ def reference_logprobs(
     head: AttentionPoolingValueHead | None = None,
     keep_prompt_states: bool = False,
     progress: bool = True,
+    shared_prefix: Sequence[int] = (),
 ) -> ReferencePass:
     """l_t of every response token in length-sorted batches under `token_budget`, no grad.
 
     With `head`, V(x) from the prompt positions of the same forward; with `keep_prompt_states`, those
-    states themselves (P_i x hidden, float32, CPU).
+    states themselves (P_i x hidden, float32, CPU). `shared_prefix`: computed once per packed sequence
+    (stages.models.logprobs).
     """
     n = len(prompt_ids)
     token_logprobs: list[np.ndarray | None] = [None] * n
@@ -68,9 +70,9 @@ def reference_logprobs(
         for batch in tqdm(length_batches(lengths, token_budget), desc="reference log-probs", unit="batch", disable=not progress):
             prompts, responses = [prompt_ids[i] for i in batch], [response_ids[i] for i in batch]
             if head is None and kept is None:
-                rows = response_token_logprobs(model, prompts, responses)
+                rows = response_token_logprobs(model, prompts, responses, shared_prefix)
             else:
-                rows, states = response_logprobs_and_prompt_states(model, prompts, responses)
+                rows, states = response_logprobs_and_prompt_states(model, prompts, responses, shared_prefix)
                 if head is not None:
                     values[batch] = predict_values(head, states).cpu().numpy()
                 if kept is not None:
@@ -91,6 +93,7 @@ class LogprobShards:
     token_budget: int
     head: AttentionPoolingValueHead | None = None
     keep_prompt_states: bool = False
+    shared_prefix: tuple[int, ...] = ()
 
     def __call__(self) -> ShardFunction:
         model, _ = self.model.load()
@@ -99,7 +102,7 @@ class LogprobShards:
         def logprobs_shard(shard: pa.Table) -> pa.Table:
             result = reference_logprobs(
                 model, shard.column("prompt_ids").to_pylist(), shard.column("response_ids").to_pylist(), self.token_budget,
-                head=head, keep_prompt_states=self.keep_prompt_states, progress=False,
+                head=head, keep_prompt_states=self.keep_prompt_states, progress=False, shared_prefix=self.shared_prefix,
             )
             columns = {"token_logprobs": pa.array(result.token_logprobs, pa.list_(pa.float32()))}
             if result.values is not None:
@@ -122,6 +125,7 @@ def _ragged(column: pa.ChunkedArray) -> list[np.ndarray]:
 def logprob_pass(
     mapper: ShardMapper, name: str, model: ShardModel, prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]],
     token_budget: int, head: AttentionPoolingValueHead | None = None, keep_prompt_states: bool = False,
+    shared_prefix: Sequence[int] = (),
 ) -> ReferencePass:
     """`reference_logprobs` over the rows through `mapper`, in row order; `seconds` is the map's wall time."""
     lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
@@ -132,7 +136,7 @@ def logprob_pass(
         "response_ids": pa.array([response_ids[i] for i in order], pa.list_(pa.int64())),
     })
     started = time.perf_counter()
-    output = mapper.map_shards(name, table, LogprobShards(model, token_budget, head, keep_prompt_states), [len(b) for b in batches])
+    output = mapper.map_shards(name, table, LogprobShards(model, token_budget, head, keep_prompt_states, tuple(shared_prefix)), [len(b) for b in batches])
     seconds = time.perf_counter() - started
     n = len(order)
     token_logprobs: list[np.ndarray] = [np.zeros(0, np.float32)] * n

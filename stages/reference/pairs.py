@@ -86,7 +86,8 @@ def write_pi_ref_responses(
     prompt_ids = [rows.prompt_ids[first_row[k]] for k in keys]
     response_ids = [encode_response(tokenizer, text, ref.max_response_tokens) for text in texts]
     token_logprobs = logprob_pass(
-        mapper, "reference log-probs (pi_ref responses)", pi_ref, prompt_ids, response_ids, ref.token_budget
+        mapper, "reference log-probs (pi_ref responses)", pi_ref, prompt_ids, response_ids, ref.token_budget,
+        shared_prefix=rows.shared_prefix,
     ).token_logprobs
     position = {key: k for k, key in enumerate(keys)}
     at = [position[key] for key in rows.sft_prompt_keys]

@@ -10,7 +10,7 @@ import pyarrow.dataset as pads
 from schemas.reference import ReferenceConfig
 from stages.catalog import prompt_key
 from stages.io import StageReader
-from stages.models.tokenize import encode_pair, response_truncated
+from stages.models.tokenize import encode_pair, response_truncated, template_prefix
 
 SPLITS = ("train", "validation")
 
@@ -33,11 +33,12 @@ class EncodedRows:
     sft_prompts: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     prompts_at_token_limit: int = 0
     responses_at_token_limit: int = 0
+    shared_prefix: list[int] = field(default_factory=list)  # the tokenizer's template_prefix: computed once per batch
 
 
 def encode_rows(ingest: StageReader, tokenizer: Any, ref: ReferenceConfig, batch_rows: int = 4096) -> EncodedRows:
     """Stream the train and validation rows of the `ingest` table and tokenise them (stages.models.tokenize.encode_pair)."""
-    rows = EncodedRows()
+    rows = EncodedRows(shared_prefix=template_prefix(tokenizer))
     wanted = pads.field("split").isin(list(SPLITS))
     columns = ["id", "split", "prompt", "response", "preference"]
     for batch in ingest.dataset("ingest").to_batches(columns=columns, filter=wanted, batch_size=batch_rows):

@@ -44,7 +44,7 @@ def fine_tune_reference(
             loss = torch.zeros((), device=model.device)
             if mine:
                 logprobs = response_token_logprobs(
-                    model, [rows.prompt_ids[i] for i in mine], [rows.response_ids[i] for i in mine]
+                    model, [rows.prompt_ids[i] for i in mine], [rows.response_ids[i] for i in mine], rows.shared_prefix
                 )
                 loss = nll(nll_batch(logprobs)).loss * (len(mine) / len(batch))
                 loss.backward()

@@ -38,7 +38,7 @@ def fine_tune_on_processes(base_path: Path, rows: EncodedRows, ref: ReferenceCon
         (job / JOB_FILE).write_text(json.dumps({
             "model": str(base_path), "seed": seed, "reference": ref.model_dump(mode="json"),
             "prompt_ids": [rows.prompt_ids[i] for i in rows.sft_rows],
-            "response_ids": [rows.response_ids[i] for i in rows.sft_rows],
+            "response_ids": [rows.response_ids[i] for i in rows.sft_rows], "shared_prefix": rows.shared_prefix,
         }), encoding="utf-8")
         log.info("SFT of pi_ref: launching %d processes (torchrun --standalone)", ref.sft_processes)
         status, tail = run_torchrun(torchrun_command("stages.reference.sft_worker", [str(job)], ref.sft_processes))

@@ -38,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         rank, processes = torch.distributed.get_rank(), torch.distributed.get_world_size()
         model = load_causal_lm(spec["model"]).to(torch.device("cuda") if cuda else torch.device("cpu"))
         count = len(spec["prompt_ids"])
-        rows = EncodedRows(prompt_ids=spec["prompt_ids"], response_ids=spec["response_ids"], sft_rows=list(range(count)))
+        rows = EncodedRows(prompt_ids=spec["prompt_ids"], response_ids=spec["response_ids"], sft_rows=list(range(count)),
+                           shared_prefix=spec["shared_prefix"])
         metrics = fine_tune_reference(
             model, rows, ReferenceConfig.model_validate(spec["reference"]), spec["seed"], rank=rank, processes=processes
         )

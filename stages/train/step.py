@@ -17,7 +17,7 @@ of processes. Then gradient-norm clip, AdamW and the schedule (stages.train.poli
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from stages.io import StageReader
 from stages.losses import LossBatch, LossOutput, loss_function, pad_rows
 from stages.models.logprobs import response_token_logprobs
 from stages.models.store import load_tokenizer
-from stages.models.tokenize import encode_pair, token_digest
+from stages.models.tokenize import encode_pair, template_prefix, token_digest
 from stages.sampler import PrioritySampler
 from stages.train.errors import TrainError
 from stages.train.pairs import load_pairs
@@ -49,15 +49,19 @@ class MicroBatch:
     reward: torch.Tensor
     advantage: torch.Tensor
     group_size: int = 1  # rows per ranked group (2 for pairs: chosen, rejected); LossBatch.group_size
+    shared_prefix: list[int] = field(default_factory=list)  # the tokenizer's template_prefix: once per packed sequence
 
     @property
     def tokens(self) -> int:
         return sum(len(p) + len(r) for p, r in zip(self.prompt_ids, self.response_ids))
 
 
-def encode_micro_batch(rows: list[dict[str, Any]], tokenizer: Any, cfg: AlolConfig, group_size: int = 1) -> MicroBatch:
+def encode_micro_batch(
+    rows: list[dict[str, Any]], tokenizer: Any, cfg: AlolConfig, group_size: int = 1, shared_prefix: list[int] | None = None,
+) -> MicroBatch:
     """Tokenise as the reference stage did (stages.models.tokenize.encode_pair): the prompt and response ids
-    must hash to the reference table's `token_hash`, else pi_ref's cached log-probs are of other tokens."""
+    must hash to the reference table's `token_hash`, else pi_ref's cached log-probs are of other tokens.
+    `shared_prefix`: the tokenizer's template_prefix (computed here when not given)."""
     prompt_ids, response_ids = [], []
     for row in rows:
         p, r = encode_pair(
@@ -80,6 +84,7 @@ def encode_micro_batch(rows: list[dict[str, Any]], tokenizer: Any, cfg: AlolConf
         reward=torch.tensor([row["reward"] for row in rows], dtype=torch.float32),
         advantage=torch.tensor([row["advantage"] for row in rows], dtype=torch.float32),
         group_size=group_size,
+        shared_prefix=template_prefix(tokenizer) if shared_prefix is None else shared_prefix,
     )
 
 
@@ -115,7 +120,7 @@ def dropout_free_logprobs(model: Any, batch: MicroBatch) -> list[torch.Tensor]:
     model.eval()
     try:
         with torch.no_grad():
-            return response_token_logprobs(model, batch.prompt_ids, batch.response_ids)
+            return response_token_logprobs(model, batch.prompt_ids, batch.response_ids, batch.shared_prefix)
     finally:
         model.train()
 
@@ -124,7 +129,7 @@ def micro_batch_loss(policy: Any, batch: MicroBatch, loss_fn: Any, weight_forwar
     """One forward of pi_theta over the micro-batch, then the algorithm's loss. `weight_forward`: the
     importance weight's log-probs come from a second, dropout-free forward (dropout_free_logprobs)."""
     device = policy.device
-    token_logprobs, mask = pad_rows(response_token_logprobs(policy, batch.prompt_ids, batch.response_ids))
+    token_logprobs, mask = pad_rows(response_token_logprobs(policy, batch.prompt_ids, batch.response_ids, batch.shared_prefix))
     ref_token_logprobs, _ = pad_rows(batch.ref_token_logprobs, width=token_logprobs.shape[1])
     weight_token_logprobs = None
     if weight_forward:
@@ -239,6 +244,7 @@ class Trainer:
         self.total_steps = step_budget(train, self.rows.positive_rows, self.rows.train_rows)
         path = reference_model_path(cfg, inputs["reference"])
         self.tokenizer = load_tokenizer(path)
+        self.shared_prefix = template_prefix(self.tokenizer)
         self.model = build_policy(path, train, train.seed_or(cfg.run.seed))
         optimizer = build_optimizer(self.model, train)
         # Stepped here once per optimiser step (accelerate's prepared scheduler would step once per process).
@@ -266,7 +272,7 @@ class Trainer:
         mine = range(acc.process_index * self.micro_batches, (acc.process_index + 1) * self.micro_batches)
         batches = [
             encode_micro_batch(self.rows.take(drawn[k * train.batch_size : (k + 1) * train.batch_size]),
-                               self.tokenizer, self.cfg, self.rows.group_size)
+                               self.tokenizer, self.cfg, self.rows.group_size, self.shared_prefix)
             for k in mine
         ]
         sums = backward_micro_batches(
