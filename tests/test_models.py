@@ -185,6 +185,8 @@ def test_pack_rows_with_a_shared_prefix_lays_out_only_the_rest(tiny):
     assert [layout.skipped(i) for i in range(5)] == [5, 5, 0, 5, 5]
     with pytest.raises(ValueError, match="ends within it"):
         pack_rows([5, 9], 0.0, prefix=5, shares=[True, True])
+    with pytest.raises(ValueError, match="none shares the prefix"):
+        pack_rows([7, 9], 0.0, prefix=5, shares=[False, False])
 
 
 def _positions_seen(model):

@@ -86,8 +86,10 @@ def pack_rows(lengths: Sequence[int], context_cost: float, prefix: int = 0, shar
     """
     if not lengths:
         raise ValueError("no rows to pack")
-    if prefix and (len(shares) != len(lengths) or any(s and n <= prefix for n, s in zip(lengths, shares))):
-        raise ValueError(f"{len(shares)} shares flags for {len(lengths)} rows, or a row sharing the prefix ends within it")
+    if prefix and (len(shares) != len(lengths) or not any(shares)
+                   or any(s and n <= prefix for n, s in zip(lengths, shares))):
+        raise ValueError(f"{len(shares)} shares flags for {len(lengths)} rows: none shares the prefix, or a row "
+                         "sharing it ends within it")
     laid = [n - prefix if prefix and shares[i] else n for i, n in enumerate(lengths)]
     longest, total = max(laid), sum(laid)
     order = sorted(range(len(laid)), key=lambda i: (-laid[i], i))
@@ -329,7 +331,7 @@ def _response_forward(
     apart (packs_rows), so no position is spent on padding, else right-padded. Either way every real
     token has the positions and attention of an unpadded forward of its row alone. The rows that start with
     `shared_prefix` and go on after it share one copy of it per packed sequence when the model allows
-    (shares_prefixes), a single row too, so that a row's l_t do not depend on what else is in its batch."""
+    (shares_prefixes), a single row too, so that how a row is laid out does not depend on what else is in its batch."""
     if len(prompt_ids) != len(response_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):

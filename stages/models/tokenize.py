@@ -42,7 +42,7 @@ PROBE_MESSAGES = ("Hi", "what?", "0 1", " x", "\u00e9t\u00e9")
 def template_prefix(tokenizer: Any) -> list[int]:
     """The token ids that every prompt of one user message starts with: with a chat template, its system
     prompt and the user's role header (24 tokens for SmolLM2-Instruct); without one, what the plain rendering
-    puts first (a BOS token, `user:`). The common start of encode_prompt over PROBE_MESSAGES; a prompt shares
+    puts first (`user:`, after a BOS token where the tokenizer adds one). The common start of encode_prompt over PROBE_MESSAGES; a prompt shares
     it only if its own ids start with it (a prompt truncated from the left, or with its own system message,
     does not)."""
     probes = [encode_prompt(tokenizer, [{"role": "user", "content": text}], 1 << 30) for text in PROBE_MESSAGES]
