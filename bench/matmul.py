@@ -25,3 +25,12 @@ def matmul_flops(size: int = 2048, seconds: float = 1.5, device: str = "cpu", pr
         sync()
         best = max(best, 2 * size**3 / (time.perf_counter() - started))
     return best
+
+
+def count_positions(model) -> list[int]:
+    """A one-element list that adds up the positions (padding included) of every forward of `model` from now on:
+    the work a share of the matmul peak should count, where a packed or prefix-sharing forward computes fewer
+    positions than its rows have tokens."""
+    total = [0]
+    model.get_input_embeddings().register_forward_hook(lambda _module, args, _out: total.__setitem__(0, total[0] + args[0].numel()))
+    return total

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.matmul import DTYPES, matmul_flops  # noqa: E402
+from bench.matmul import DTYPES, count_positions, matmul_flops  # noqa: E402
 from pipeline.allocator import exec_with_allocator  # noqa: E402
 from pipeline.mkl_dispatch import describe  # noqa: E402
 from pipeline.runner import execute_stage  # noqa: E402
@@ -100,8 +100,7 @@ def main() -> None:
     n = min(args.naive_rows, len(prompts))
     prefix = template_prefix(tokenizer)
     reference_logprobs(model, prompts[:4], responses[:4], args.token_budget, progress=False, shared_prefix=prefix)  # warm-up
-    positions = [0]
-    model.get_input_embeddings().register_forward_hook(lambda _m, inputs, _out: positions.__setitem__(0, positions[0] + inputs[0].numel()))
+    positions = count_positions(model)
 
     batched_tps, batched_pps, naive_tps, matmul, diff = [], [], [], [], 0.0
     for _ in range(args.rounds):

@@ -64,6 +64,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.matmul import count_positions  # noqa: E402
 from bench.memory import peak_rss_mb  # noqa: E402
 
 MODES = ("stage", "nll-loop", "alol-loop", "ref-loop", "trl-sft")
@@ -125,13 +126,6 @@ def model_folder(cfg, inputs, shape: str | None, root: Path) -> Path:
         save_model_folder(AutoModelForCausalLM.from_config(config, dtype=torch.float32), load_tokenizer(path), folder)
 
     return build_once(root / f"random-{shape}", build)
-
-
-def count_positions(model) -> list[int]:
-    """A one-element list that adds up the positions (padding included) of every forward of `model` from now on."""
-    total = [0]
-    model.get_input_embeddings().register_forward_hook(lambda _module, args, _out: total.__setitem__(0, total[0] + args[0].numel()))
-    return total
 
 
 def run_stage(cfg, inputs, steps: int) -> list[tuple[int, float, None, None]]:
